@@ -1,0 +1,1164 @@
+#!/usr/bin/env python3
+"""speedrun.py: train a ResNet-9 ("DavidNet") on CIFAR-10 to 94% test accuracy, and time it.
+
+    python speedrun.py                 # one run of the default preset, `davidnet`
+    python speedrun.py --runs 20       # seeds 0..19, with mean, spread and a t-test
+    python speedrun.py --help          # every flag
+
+Method, top to bottom: configuration and presets; data (read once, checksummed, kept on the
+device); augmentation of a whole epoch at once on the device; the network (frozen patch
+whitening, ghost batch norm, CELU, residual layers); optimizer and one-cycle schedule;
+training loop and timer; evaluation with EMA weights and test-time augmentation; statistics
+and reporting; command line.
+
+Timing rule. time_to_target_s = whitening init + every training step (augmentation included)
+up to the end of the first epoch whose evaluated (EMA + TTA) accuracy reaches the target, +
+the time of that one evaluation. Other per-epoch evaluations, data loading and compile
+warm-up are outside the timer and reported separately. CUDA times come from events after a
+synchronisation; other devices use a wall clock after a synchronisation.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import pickle
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# =============================================================================================
+# 1. Configuration and presets
+# =============================================================================================
+
+
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # -- data
+    data_dir: str = _f("", "folder holding CIFAR-10 (default: $CIFAR10_HOME, else ~/.cache/cifar10)")
+    subset: int = _f(0, "train on the first N training images only (0 = all 50,000)")
+    test_subset: int = _f(0, "evaluate on the first M test images only (0 = all 10,000)")
+    # -- augmentation (on the device, one whole epoch at a time)
+    flip: str = _f("random", "horizontal flip: random | alternating (random half at epoch 0, then each image's opposite on odd epochs) | none")
+    crop_pad: int = _f(4, "random crop after reflect padding by this many pixels (0 = no crop)")
+    cutout: int = _f(0, "zero a random square of this side in every training image (0 = off)")
+    # -- model
+    width: float = _f(1.0, "multiplier of every layer's channel count (64/128/256/512 at 1.0)")
+    whiten: bool = _f(True, "frozen 3x3 patch-whitening conv (PCA of training patches) as the first layer")
+    whiten_eps: float = _f(1e-2, "eigenvalue regulariser of the whitening filters")
+    whiten_samples: int = _f(10000, "training images whose 3x3 patches estimate the whitening")
+    activation: str = _f("celu", "activation: celu | relu | gelu | silu")
+    celu_alpha: float = _f(0.3, "alpha of CELU")
+    ghost_bn_splits: int = _f(16, "ghost batch norm: each training batch is normalised in this many groups (1 = plain BN)")
+    bn_scale_frozen: bool = _f(True, "freeze every BN scale at 1 (only the BN bias trains)")
+    bn_momentum: float = _f(0.1, "BN running-statistics momentum (torch convention)")
+    residual: bool = _f(True, "residual blocks after layer1 and layer3")
+    head_scale: float = _f(1 / 16, "multiplier of the logits after the bias-free linear head")
+    # -- optimisation
+    epochs: int = _f(10, "training epochs")
+    batch_size: int = _f(512, "training batch size")
+    optimizer: str = _f("nesterov", "nesterov | sgd | adam | adamw | rmsprop | adagrad | adadelta")
+    lr: float = _f(1.0, "peak learning rate per summed-loss sample: each step uses lr/batch_size")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(5e-4, "weight decay, applied as weight_decay*batch_size to the summed loss")
+    bias_lr_scale: float = _f(64.0, "BN parameters learn this many times faster, with 1/this of the decay")
+    label_smoothing: float = _f(0.2, "label smoothing of the cross-entropy (0 = off)")
+    lr_schedule: str = _f("onecycle", "onecycle (0 -> 1 -> lr_final, piecewise linear) | linear (1 -> 0) | constant")
+    lr_peak_frac: float = _f(0.2, "one-cycle: fraction of training at which the LR peaks")
+    lr_final_frac: float = _f(0.8, "one-cycle: fraction of training at which the LR reaches lr_final, then stays")
+    lr_final: float = _f(0.1, "one-cycle: final LR as a fraction of the peak")
+    ema: bool = _f(True, "evaluate an exponential moving average of the weights and BN statistics")
+    ema_momentum: float = _f(0.99, "EMA momentum per training step")
+    ema_every: int = _f(5, "update the EMA every this many steps (decay ema_momentum**ema_every)")
+    # -- evaluation
+    tta: str = _f("flip", "test-time augmentation: none | flip (image + mirror) | flip_translate (6 views)")
+    target_acc: float = _f(0.94, "test accuracy that stops the clock")
+    eval_batch_size: int = _f(1000, "evaluation batch size")
+    # -- speed and reproducibility
+    device: str = _f("auto", "auto (CUDA, then Apple MPS, then CPU) | cuda | cuda:N | mps | cpu")
+    precision: str = _f("auto", "auto (fp16 on CUDA, else fp32) | fp16 | bf16 | fp32: data storage and autocast")
+    channels_last: bool = _f(True, "channels_last memory format (CUDA only)")
+    compile: bool = _f(False, "torch.compile the network (a warm-up run happens outside the timer)")
+    seed: int = _f(0, "seed of the first run; run k uses seed+k")
+    runs: int = _f(1, "independent runs")
+    deterministic: bool = _f(False, "request deterministic kernels on CUDA (slower); CPU runs are always reproducible")
+
+
+PRESETS: dict[str, dict] = {
+    # Page's final DavidNet recipe ("How to train your ResNet", part 8): 94% in 10 epochs.
+    "davidnet": {},
+    # A small copy for a laptop CPU: minutes, not hours; it shows the machinery, not 94%.
+    "cpu": dict(width=0.5, subset=10000, test_subset=2000, epochs=4, batch_size=128, whiten_samples=5000),
+}
+
+
+def make_config(preset: str = "davidnet", **overrides) -> Config:
+    """The preset's Config with some fields replaced; raises ValueError for unknown names."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {', '.join(unknown)}; see --help for the list")
+    cfg = dataclasses.replace(Config(), **{**PRESETS[preset], **overrides})
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: Config) -> None:
+    choices = dict(flip=("random", "alternating", "none"), activation=("celu", "relu", "gelu", "silu"),
+                   optimizer=("nesterov", "sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta"),
+                   lr_schedule=("onecycle", "linear", "constant"), tta=("none", "flip", "flip_translate"),
+                   precision=("auto", "fp16", "bf16", "fp32"))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    positive = ("epochs", "batch_size", "ghost_bn_splits", "ema_every", "eval_batch_size", "runs", "whiten_samples")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("subset", "test_subset", "crop_pad", "cutout"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be 0 or more, got {getattr(cfg, name)}")
+    if cfg.width <= 0:
+        raise ValueError(f"width must be positive, got {cfg.width}")
+    if cfg.batch_size % cfg.ghost_bn_splits:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by ghost_bn_splits {cfg.ghost_bn_splits}")
+    if cfg.cutout > 32:
+        raise ValueError(f"cutout {cfg.cutout} is larger than the 32-pixel image")
+    if cfg.crop_pad > 31:
+        raise ValueError(f"crop_pad {cfg.crop_pad} must be below 32 (reflect padding needs it)")
+    if not 0 <= cfg.lr_peak_frac <= cfg.lr_final_frac <= 1:
+        raise ValueError("need 0 <= lr_peak_frac <= lr_final_frac <= 1")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if not 0 < cfg.target_acc <= 1:
+        raise ValueError(f"target_acc is a fraction in (0, 1], got {cfg.target_acc}")
+
+
+# =============================================================================================
+# 2. Data: CIFAR-10 from disk or the web, checksummed, onto the device
+# =============================================================================================
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+ARCHIVE_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+               "cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"}
+BIN_MD5 = {"data_batch_1.bin": "5dd7e06a14cb22eb9f671a540d1b7c25", "data_batch_2.bin": "5ea93a67294ea407fff1d09f752e9692",
+           "data_batch_3.bin": "942cd6a4bcdd0dd3c604fbe906cb4421", "data_batch_4.bin": "ae636b3ba5c66a11e91e8cb52e771fcb",
+           "data_batch_5.bin": "53f37980c15c3d472c316c40844f3f0d", "test_batch.bin": "803d5f7f4d78ea53de84dbe85f74fb6d"}
+CACHE_NAME = "cifar10-uint8.npz"
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+
+
+class DataError(RuntimeError):
+    """A data file is missing, damaged or of the wrong form; the message says what to do."""
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("CIFAR10_HOME") or Path.home() / ".cache" / "cifar10")
+
+
+def md5sum(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_target(path: Path):
+    """A temporary file beside `path`; rename it onto `path` once complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call write(tmp_path), then rename tmp onto path, so `path` is either absent or whole."""
+    tmp = _atomic_target(Path(path))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_arrays(x: np.ndarray, y: np.ndarray, n: int | None, source) -> None:
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
+        raise DataError(f"{source}: images have shape {x.shape} and dtype {x.dtype}, expected (N, 32, 32, 3) uint8")
+    if y.shape != (x.shape[0],) or (y.size and (y.min() < 0 or y.max() > 9)):
+        raise DataError(f"{source}: labels have shape {y.shape} or values outside 0..9; expected {x.shape[0]} labels")
+    if n is not None and x.shape[0] != n:
+        raise DataError(f"{source}: holds {x.shape[0]} images, expected {n}")
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles the official batches (dicts of numpy arrays and lists) and nothing else."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_python_batch(path: Path):
+    """One file of cifar-10-batches-py: a pickled dict with b'data' (N, 3072) and b'labels'."""
+    try:
+        with open(path, "rb") as f:
+            d = _ArrayUnpickler(f, encoding="bytes").load()
+        d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+        data, labels = np.asarray(d["data"], dtype=np.uint8), np.asarray(d["labels"], dtype=np.int64)
+        x = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    except FileNotFoundError:
+        raise DataError(f"missing batch file {path}: the folder is incomplete; delete it and run again "
+                        f"to re-extract or re-download") from None
+    except Exception as e:  # truncated pickle, wrong keys, wrong sizes
+        raise DataError(f"{path} is not a readable CIFAR-10 python batch ({type(e).__name__}: {e}); "
+                        f"delete {path.parent} and run again") from None
+    _check_arrays(x, labels, None, path)
+    return np.ascontiguousarray(x), labels
+
+
+def read_binary_batch(path: Path, expected_md5: str | None = None):
+    """One file of cifar-10-batches-bin: records of 1 label byte + 3072 pixel bytes (R, G, B planes)."""
+    if not path.is_file():
+        raise DataError(f"missing batch file {path}: the folder is incomplete; delete it and run again")
+    if expected_md5 is not None and md5sum(path) != expected_md5:
+        raise DataError(f"{path} fails its MD5 check (expected {expected_md5}): the file is damaged; "
+                        f"delete {path.parent} and run again, never train on it")
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % 3073:
+        raise DataError(f"{path} has {raw.size} bytes, not a whole number of 3073-byte records; delete it and run again")
+    raw = raw.reshape(-1, 3073)
+    x = raw[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    labels = raw[:, 0].astype(np.int64)
+    _check_arrays(x, labels, None, path)
+    return np.ascontiguousarray(x), labels
+
+
+def read_folder(folder: Path, kind: str, checksums: dict | None = None):
+    """Both splits from an extracted official folder: kind 'py' (pickles) or 'bin' (binary)."""
+    parts = {}
+    for split, names in (("train", TRAIN_FILES), ("test", ["test_batch"])):
+        if kind == "py":
+            arrays = [read_python_batch(folder / n) for n in names]
+        else:
+            arrays = [read_binary_batch(folder / f"{n}.bin", (checksums or {}).get(f"{n}.bin")) for n in names]
+        parts[split] = (np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays]))
+    return parts["train"] + parts["test"]
+
+
+def extract_archive(archive: Path, dest: Path, expected_md5: str | None) -> None:
+    """Verify the archive's MD5, then extract it into dest through a temporary folder."""
+    if expected_md5 is not None:
+        digest = md5sum(archive)
+        if digest != expected_md5:
+            raise DataError(f"{archive} has MD5 {digest}, expected {expected_md5}: the file is damaged or not "
+                            f"the official archive. Delete it and run again (it will be re-downloaded), or put "
+                            f"a good copy there.")
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
+    try:
+        try:
+            with tarfile.open(archive, "r:gz") as t:
+                if sys.version_info >= (3, 12) or hasattr(tarfile, "data_filter"):
+                    t.extractall(tmp, filter="data")
+                else:  # pragma: no cover - Python without extraction filters
+                    t.extractall(tmp)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise DataError(f"{archive} is truncated or corrupt ({e}); delete it and run again") from None
+        for folder in tmp.iterdir():
+            if folder.name.startswith("cifar-10-batches-") and not (dest / folder.name).exists():
+                os.replace(folder, dest / folder.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def download(url: str, path: Path, expected_md5: str | None, quiet: bool = False) -> None:
+    """Download url to path (through a temporary file), checking its length and MD5."""
+    tmp = _atomic_target(path)
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
+                total = int(resp.headers.get("Content-Length") or 0)
+                done = 0
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+                    done += len(chunk)
+                    if not quiet:
+                        pct = f" ({100 * done / total:.0f}%)" if total else ""
+                        print(f"\rdownloading {url}: {done / 1e6:.1f}/{total / 1e6:.1f} MB{pct}", end="", file=sys.stderr)
+            if not quiet:
+                print(file=sys.stderr)
+        except Exception as e:  # no network, HTTP error, connection dropped
+            raise DataError(f"could not download {url} ({e}). Download it by hand and put it at {path} "
+                            f"(or pass --data-dir to a folder that holds it), then run again.") from None
+        if total and done != total:
+            raise DataError(f"download of {url} was truncated ({done} of {total} bytes); run again")
+        if expected_md5 is not None and md5sum(tmp) != expected_md5:
+            raise DataError(f"the file downloaded from {url} fails its MD5 check; it was discarded. Run again, or "
+                            f"download it by hand to {path}.")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL, quiet: bool = False,
+                 archive_md5: dict | None = None, bin_md5: dict | None = None, expect_sizes=(50000, 10000)):
+    """(train_x, train_y, test_x, test_y) as uint8 NHWC images and int64 labels.
+
+    Sources, in order: the cache this function wrote before; the extracted folders
+    cifar-10-batches-py/ or cifar-10-batches-bin/; the official archives; a download from `url`.
+    The checksums and expected sizes default to the official ones (tests pass their own).
+    """
+    archive_md5 = ARCHIVE_MD5 if archive_md5 is None else archive_md5
+    bin_md5 = BIN_MD5 if bin_md5 is None else bin_md5
+    root = Path(data_dir) if data_dir else default_data_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    cache = root / CACHE_NAME
+    if cache.is_file():
+        try:
+            with np.load(cache) as z:
+                arrays = tuple(z[k] for k in ("train_x", "train_y", "test_x", "test_y"))
+            _check_arrays(*arrays[:2], expect_sizes[0], cache)
+            _check_arrays(*arrays[2:], expect_sizes[1], cache)
+            return arrays
+        except Exception as e:
+            print(f"warning: ignoring unreadable cache {cache} ({e}); rebuilding it", file=sys.stderr)
+
+    def from_folders():
+        if (root / "cifar-10-batches-py").is_dir():
+            return read_folder(root / "cifar-10-batches-py", "py")
+        if (root / "cifar-10-batches-bin").is_dir():
+            return read_folder(root / "cifar-10-batches-bin", "bin", bin_md5)
+        return None
+
+    arrays = from_folders()
+    if arrays is None:
+        for name in ("cifar-10-python.tar.gz", "cifar-10-binary.tar.gz"):
+            if (root / name).is_file():
+                extract_archive(root / name, root, archive_md5.get(name))
+                break
+        else:
+            name = "cifar-10-python.tar.gz"
+            download(url, root / name, archive_md5.get(name), quiet=quiet)
+            extract_archive(root / name, root, archive_md5.get(name))
+        arrays = from_folders()
+        if arrays is None:
+            raise DataError(f"the archive in {root} held no cifar-10-batches-py/ or -bin/ folder; delete it and run again")
+    _check_arrays(*arrays[:2], expect_sizes[0], f"training set in {root}")
+    _check_arrays(*arrays[2:], expect_sizes[1], f"test set in {root}")
+    write_atomic(cache, lambda tmp: np.savez(open(tmp, "wb"), train_x=arrays[0], train_y=arrays[1],
+                                             test_x=arrays[2], test_y=arrays[3]))
+    return arrays
+
+
+@dataclass
+class DeviceData:
+    """The normalised train and test sets, resident on the device for the whole run."""
+    train_x: torch.Tensor  # (N, 3, 32, 32) in the compute dtype
+    train_y: torch.Tensor  # (N,) int64
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    load_s: float          # disk (or cache) to normalised device tensors
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("--device mps was asked for, but MPS is not available; use --device cpu")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    name = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def to_device(images: np.ndarray, device, dtype) -> torch.Tensor:
+    """uint8 NHWC -> normalised NCHW tensor of `dtype` on `device`."""
+    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(dtype).contiguous()
+
+
+def load_data(cfg: Config, device: torch.device | None = None, quiet: bool = False, url: str = CIFAR10_URL) -> DeviceData:
+    device = device or pick_device(cfg.device)
+    t0 = time.perf_counter()
+    train_x, train_y, test_x, test_y = load_cifar10(cfg.data_dir or None, url=url, quiet=quiet)
+    if cfg.subset:
+        train_x, train_y = train_x[:cfg.subset], train_y[:cfg.subset]
+    if cfg.test_subset:
+        test_x, test_y = test_x[:cfg.test_subset], test_y[:cfg.test_subset]
+    dtype = compute_dtype(cfg, device)
+    data = DeviceData(to_device(train_x, device, dtype), torch.from_numpy(train_y).to(device),
+                      to_device(test_x, device, dtype), torch.from_numpy(test_y).to(device), 0.0)
+    synchronize(device)
+    data.load_s = time.perf_counter() - t0
+    return data
+
+
+# =============================================================================================
+# 3. Augmentation: a whole epoch at once on the device, no Python loop over images
+# =============================================================================================
+
+
+def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Reflect-pad every image by `pad`, then cut a 32x32 window at a random offset per image."""
+    if pad == 0:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad,) * 4, mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=gen)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
+    x = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
+    return x.gather(3, cols)
+
+
+def flip_mask(n: int, epoch: int, mode: str, gen: torch.Generator, device, first_epoch_mask=None) -> torch.Tensor:
+    """Which images to mirror this epoch. 'alternating': a random half at epoch 0 and the
+    complement of that half on odd epochs, so every image alternates orientation."""
+    if mode == "none":
+        return torch.zeros(n, dtype=torch.bool, device=device)
+    if mode == "random" or first_epoch_mask is None:
+        return torch.rand(n, device=device, generator=gen) < 0.5
+    return first_epoch_mask ^ bool(epoch % 2)
+
+
+def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero (the dataset mean, after normalisation) one size x size square per image, fully inside it."""
+    if size == 0:
+        return x
+    n, _, h, w = x.shape
+    y0 = torch.randint(0, h - size + 1, (n, 1, 1, 1), device=x.device, generator=gen)
+    x0 = torch.randint(0, w - size + 1, (n, 1, 1, 1), device=x.device, generator=gen)
+    r = torch.arange(h, device=x.device).view(1, 1, h, 1)
+    c = torch.arange(w, device=x.device).view(1, 1, 1, w)
+    inside = (r >= y0) & (r < y0 + size) & (c >= x0) & (c < x0 + size)
+    return x.masked_fill(inside, 0)
+
+
+class EpochAugmenter:
+    """Produces the augmented training set of each epoch: crop, then flip, then cutout."""
+
+    def __init__(self, cfg: Config, gen: torch.Generator):
+        self.cfg, self.gen, self.first_flips = cfg, gen, None
+
+    def __call__(self, x: torch.Tensor, epoch: int) -> torch.Tensor:
+        cfg = self.cfg
+        x = random_crop(x, cfg.crop_pad, self.gen)
+        flips = flip_mask(x.shape[0], epoch, cfg.flip, self.gen, x.device, self.first_flips)
+        if cfg.flip == "alternating" and self.first_flips is None:
+            self.first_flips = flips
+        x = torch.where(flips.view(-1, 1, 1, 1), x.flip(3), x)
+        return cutout(x, cfg.cutout, self.gen)
+
+
+# =============================================================================================
+# 4. Model: ResNet-9 with a frozen whitening layer, ghost batch norm and a scaled linear head
+# =============================================================================================
+
+
+class GhostBatchNorm(nn.BatchNorm2d):
+    """Batch norm that, in training, normalises each batch in `splits` groups (image i belongs
+    to group i % splits). Each group keeps its own running statistics; evaluation uses their mean."""
+
+    def __init__(self, channels: int, splits: int = 1, scale_frozen: bool = False, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__(channels, eps=eps, momentum=momentum)
+        self.splits = splits
+        self.register_buffer("running_mean", torch.zeros(splits * channels))
+        self.register_buffer("running_var", torch.ones(splits * channels))
+        self.weight.requires_grad_(not scale_frozen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        s = self.splits
+        if self.training:
+            if n % s:
+                raise ValueError(f"batch of {n} cannot be cut into {s} ghost-BN groups")
+            y = F.batch_norm(x.reshape(n // s, s * c, h, w), self.running_mean, self.running_var,
+                             self.weight.repeat(s), self.bias.repeat(s), True, self.momentum, self.eps)
+            return y.reshape(n, c, h, w)
+        mean = self.running_mean.view(s, c).mean(0)
+        var = self.running_var.view(s, c).mean(0)
+        return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def make_activation(cfg: Config) -> nn.Module:
+    return {"celu": lambda: nn.CELU(cfg.celu_alpha), "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}[cfg.activation]()
+
+
+def conv_bn(c_in: int, c_out: int, cfg: Config, pool: bool = False, kernel: int = 3) -> nn.Sequential:
+    """conv (no bias) -> [max-pool 2] -> ghost BN -> activation."""
+    layers = [nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    layers += [GhostBatchNorm(c_out, cfg.ghost_bn_splits, cfg.bn_scale_frozen, cfg.bn_momentum), make_activation(cfg)]
+    return nn.Sequential(*layers)
+
+
+class Residual(nn.Module):
+    def __init__(self, *layers: nn.Module):
+        super().__init__()
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class ResNet9(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        c0, c1, c2, c3 = (max(1, round(cfg.width * c)) for c in (64, 128, 256, 512))
+        if cfg.whiten:
+            self.whiten = nn.Conv2d(3, 27, 3, padding=1, bias=False)  # filled by init_whitening
+            self.whiten.weight.requires_grad_(False)
+            self.prep = conv_bn(27, c0, cfg, kernel=1)
+        else:
+            self.whiten = nn.Identity()
+            self.prep = conv_bn(3, c0, cfg)
+
+        def res(c):
+            return [Residual(conv_bn(c, c, cfg), conv_bn(c, c, cfg))] if cfg.residual else []
+        self.layer1 = nn.Sequential(conv_bn(c0, c1, cfg, pool=True), *res(c1))
+        self.layer2 = conv_bn(c1, c2, cfg, pool=True)
+        self.layer3 = nn.Sequential(conv_bn(c2, c3, cfg, pool=True), *res(c3))
+        self.head = nn.Linear(c3, 10, bias=False)
+        self.head_scale = cfg.head_scale
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.prep(self.whiten(x)))))
+        x = torch.amax(x, dim=(2, 3))  # global max-pool
+        return self.head(x) * self.head_scale
+
+
+def whitening_filters(images: torch.Tensor, kernel: int = 3, eps: float = 1e-2) -> torch.Tensor:
+    """PCA whitening filters of the images' kernel x kernel patches: one filter per eigenvector of
+    the uncentred patch covariance, scaled by 1/sqrt(eigenvalue + eps), largest eigenvalue first.
+    Returns conv weights of shape (C*k*k, C, k, k)."""
+    c = images.shape[1]
+    d = c * kernel * kernel
+    cov = torch.zeros(d, d, device=images.device, dtype=torch.float32)
+    count = 0
+    for chunk in images.split(1000):  # bounded memory: patches of 1000 images at a time
+        p = chunk.float().unfold(2, kernel, 1).unfold(3, kernel, 1)  # N, C, H', W', k, k
+        p = p.permute(0, 2, 3, 1, 4, 5).reshape(-1, d)
+        cov += p.T @ p
+        count += p.shape[0]
+    evals, evecs = torch.linalg.eigh(cov.double().cpu() / count)  # ascending
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    filters = evecs.T / torch.sqrt(evals.clamp_min(0) + eps)[:, None]
+    return filters.reshape(d, c, kernel, kernel).float()
+
+
+def init_whitening(model: ResNet9, train_x: torch.Tensor, cfg: Config) -> None:
+    if cfg.whiten:
+        filters = whitening_filters(train_x[:cfg.whiten_samples], 3, cfg.whiten_eps)
+        model.whiten.weight.data.copy_(filters.to(model.whiten.weight.device))
+
+
+def build_model(cfg: Config, device: torch.device | str = "cpu") -> ResNet9:
+    model = ResNet9(cfg).to(device)
+    if torch.device(device).type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+# =============================================================================================
+# 5. Optimizer, schedule, loss and EMA
+# =============================================================================================
+
+
+def lr_factor(cfg: Config, progress: float) -> float:
+    """The schedule's multiplier of the peak LR at `progress` epochs into training."""
+    e = cfg.epochs
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    if cfg.lr_schedule == "linear":
+        return max(0.0, 1.0 - progress / e)
+    knots = [0.0, cfg.lr_peak_frac * e, cfg.lr_final_frac * e, float(e)]
+    return float(np.interp(progress, knots, [0.0, 1.0, cfg.lr_final, cfg.lr_final]))
+
+
+def is_bn_param(name: str, model: nn.Module) -> bool:
+    module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    return isinstance(module, nn.BatchNorm2d)
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """Two groups: weights, and BN parameters at bias_lr_scale x the LR and 1/bias_lr_scale the decay.
+    Each group's 'lr_scale' is what the schedule multiplies; set_lr() writes group['lr']."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    wd = cfg.weight_decay * cfg.batch_size
+    groups = [dict(params=[p for n, p in params if not is_bn_param(n, model)], lr_scale=1.0, weight_decay=wd),
+              dict(params=[p for n, p in params if is_bn_param(n, model)], lr_scale=cfg.bias_lr_scale,
+                   weight_decay=wd / cfg.bias_lr_scale)]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["lr"] = 0.0
+    opt = {"nesterov": lambda: torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=True),
+           "sgd": lambda: torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum),
+           "adam": lambda: torch.optim.Adam(groups, lr=0.0),
+           "adamw": lambda: torch.optim.AdamW([{**g, "weight_decay": g["weight_decay"] / cfg.batch_size} for g in groups], lr=0.0),
+           "rmsprop": lambda: torch.optim.RMSprop(groups, lr=0.0, momentum=cfg.momentum),
+           "adagrad": lambda: torch.optim.Adagrad(groups, lr=0.0),
+           "adadelta": lambda: torch.optim.Adadelta(groups, lr=0.0)}[cfg.optimizer]()
+    return opt
+
+
+def set_lr(opt: torch.optim.Optimizer, cfg: Config, progress: float) -> None:
+    base = cfg.lr * lr_factor(cfg, progress) / cfg.batch_size
+    for g in opt.param_groups:
+        g["lr"] = base * g["lr_scale"]
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Summed over the batch: (1 - s) * NLL + s * mean over classes of -log p."""
+    return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing, reduction="sum")
+
+
+class EMA:
+    """Exponential moving average of a model's weights and BN statistics, used for evaluation.
+    The k-th blend uses decay min(momentum**every, k/(k+1)): a plain mean of the first updates,
+    so that the random initialisation does not linger in short runs."""
+
+    def __init__(self, model: nn.Module, momentum: float, every: int):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.every, self.updates = momentum ** every, every, 0
+        self._pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Called after each optimizer step (counting from 1); blends in every `every` steps."""
+        if step % self.every:
+            return
+        self.updates += 1
+        decay = min(self.decay, self.updates / (self.updates + 1))
+        floats = [(e, m) for e, m in self._pairs if e.is_floating_point()]
+        torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1.0 - decay)
+        for e, m in self._pairs:
+            if not e.is_floating_point():
+                e.copy_(m)
+
+
+# =============================================================================================
+# 6. Training loop and timer
+# =============================================================================================
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+class Stopwatch:
+    """Accumulates device time between start() and stop(); CUDA events on CUDA, else a wall clock."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            self._t0 = torch.cuda.Event(enable_timing=True)
+            self._t0.record()
+        else:
+            synchronize(self.device)
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        """Seconds since start(), after the device has finished the work issued in between."""
+        if self.device.type == "cuda":
+            t1 = torch.cuda.Event(enable_timing=True)
+            t1.record()
+            t1.synchronize()
+            return self._t0.elapsed_time(t1) / 1000
+        synchronize(self.device)
+        return time.perf_counter() - self._t0
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def seed_everything(seed: int, device: torch.device) -> torch.Generator:
+    """Seeds torch's global generators (model init) and returns the augmentation generator."""
+    torch.manual_seed(seed)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def set_determinism(cfg: Config, device: torch.device) -> None:
+    if device.type == "cuda":
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cudnn.deterministic = cfg.deterministic
+        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+
+
+def train_epoch(model, step_fn, opt, ema, x, y, cfg, epoch, gen, step):
+    """One pass over the augmented, shuffled training set in full batches; stays on the device.
+    Returns (summed loss, correct count, images seen, global step) with the sums as tensors."""
+    n_batches = x.shape[0] // cfg.batch_size
+    order = torch.randperm(x.shape[0], device=x.device, generator=gen)
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    for i in range(n_batches):
+        idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        set_lr(opt, cfg, epoch + (i + 1) / n_batches)
+        loss, logits = step_fn(x[idx], y[idx])
+        step += 1
+        if ema is not None:
+            ema.update(step)
+        loss_sum += loss.detach()
+        correct += (logits.detach().argmax(1) == y[idx]).sum()
+    return loss_sum, correct, n_batches * cfg.batch_size, step
+
+
+def make_step_fn(model, opt, cfg, device, dtype):
+    forward = torch.compile(model) if cfg.compile else model
+
+    def step_fn(xb, yb):
+        with autocast(device, dtype):
+            logits = forward(xb)
+        loss = smoothed_cross_entropy(logits, yb, cfg.label_smoothing)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss, logits
+    return step_fn, forward
+
+
+def warm_up_compile(cfg: Config, data: DeviceData, device: torch.device) -> float:
+    """A throwaway run of a few steps and one evaluation so that compilation happens before the timer."""
+    t0 = time.perf_counter()
+    model = build_model(cfg, device)
+    opt = build_optimizer(model, cfg)
+    dtype = compute_dtype(cfg, device)
+    step_fn, forward = make_step_fn(model, opt, cfg, device, dtype)
+    for _ in range(3):
+        step_fn(data.train_x[:cfg.batch_size], data.train_y[:cfg.batch_size])
+    model.eval()
+    predict(forward, data.test_x[:cfg.eval_batch_size], cfg, device, dtype)
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | None = None) -> dict:
+    """One training run; returns its result dict (see the README's JSON section)."""
+    check_config(cfg)
+    device = pick_device(cfg.device)
+    data = data or load_data(cfg, device)
+    seed = cfg.seed if seed is None else seed
+    n_train = data.train_x.shape[0]
+    if n_train < cfg.batch_size:
+        raise ValueError(f"{n_train} training images are fewer than one batch of {cfg.batch_size}; "
+                         f"lower --batch-size or raise --subset")
+    set_determinism(cfg, device)
+    dtype = compute_dtype(cfg, device)
+    gen = seed_everything(seed, device)
+    model = build_model(cfg, device)
+    opt = build_optimizer(model, cfg)
+    step_fn, forward = make_step_fn(model, opt, cfg, device, dtype)
+    augment = EpochAugmenter(cfg, gen)
+    watch = Stopwatch(device)
+
+    watch.start()
+    init_whitening(model, data.train_x, cfg)
+    whitening_s = watch.stop()
+    ema = EMA(model, cfg.ema_momentum, cfg.ema_every) if cfg.ema else None
+    eval_model = ema.model if ema else model
+    eval_forward = torch.compile(eval_model) if cfg.compile else eval_model
+
+    epochs, train_s, step, time_to_target, epochs_to_target = [], 0.0, 0, None, None
+    for epoch in range(cfg.epochs):
+        model.train()
+        watch.start()
+        x = augment(data.train_x, epoch)
+        if device.type == "cuda" and cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss_sum, correct, seen, step = train_epoch(model, step_fn, opt, ema, x, data.train_y, cfg, epoch, gen, step)
+        train_s += watch.stop()
+
+        model.eval()
+        watch.start()
+        logits = predict(eval_forward, data.test_x, cfg, device, dtype)
+        eval_s = watch.stop()
+        tta_acc = (logits.argmax(1) == data.test_y).float().mean().item()
+        raw_acc = (predict(forward, data.test_x, cfg, device, dtype, tta="none").argmax(1) == data.test_y).float().mean().item()
+        if time_to_target is None and tta_acc >= cfg.target_acc:
+            time_to_target, epochs_to_target = whitening_s + train_s + eval_s, epoch + 1
+        row = dict(epoch=epoch + 1, train_loss=loss_sum.item() / seen, train_acc=correct.item() / seen,
+                   test_acc=raw_acc, tta_acc=tta_acc, train_s=whitening_s + train_s, eval_s=eval_s)
+        epochs.append(row)
+        log(format_epoch_row(row, first=epoch == 0))
+
+    result = dict(seed=seed, epochs=epochs, final_acc=epochs[-1]["tta_acc"], time_to_target_s=time_to_target,
+                  epochs_to_target=epochs_to_target, whitening_s=whitening_s, train_s=train_s,
+                  **classification_metrics(logits.argmax(1), data.test_y))
+    result["model"] = eval_model
+    return result
+
+
+# =============================================================================================
+# 7. Evaluation and test-time augmentation
+# =============================================================================================
+
+
+def tta_views(x: torch.Tensor, mode: str):
+    """The views of a batch that TTA averages, with their weights."""
+    if mode == "none":
+        return [x], [1.0]
+    views, weights = [x, x.flip(3)], [0.5, 0.5]
+    if mode == "flip_translate":  # plus 1-pixel shifts up-left and down-right of both
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[..., :-2, :-2], padded[..., 2:, 2:]]
+        views = views + shifted + [s.flip(3) for s in shifted]
+        weights = [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]
+    return views, weights
+
+
+@torch.no_grad()
+def predict(forward, x: torch.Tensor, cfg: Config, device, dtype, tta: str | None = None) -> torch.Tensor:
+    """Float32 logits for every image: the weighted mean of the logits of its TTA views."""
+    tta = cfg.tta if tta is None else tta
+    out = []
+    for chunk in x.split(cfg.eval_batch_size):
+        views, weights = tta_views(chunk, tta)
+        with autocast(device, dtype):
+            logits = forward(torch.cat(views)).float()
+        logits = logits.view(len(views), chunk.shape[0], -1)
+        out.append(torch.einsum("v,vnc->nc", torch.tensor(weights, device=logits.device), logits))
+    return torch.cat(out)
+
+
+def classification_metrics(pred: torch.Tensor, target: torch.Tensor, classes: int = 10) -> dict:
+    """Per-class accuracy (= recall), confusion matrix (rows true, columns predicted), macro P/R/F1."""
+    cm = torch.bincount(target * classes + pred, minlength=classes * classes).view(classes, classes).cpu().double()
+    tp = cm.diag()
+    recall = tp / cm.sum(1).clamp_min(1)
+    precision = tp / cm.sum(0).clamp_min(1)
+    f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+    return dict(per_class_acc={c: recall[i].item() for i, c in enumerate(CLASSES[:classes])},
+                confusion_matrix=cm.long().tolist(), macro_precision=precision.mean().item(),
+                macro_recall=recall.mean().item(), macro_f1=f1.mean().item())
+
+
+# =============================================================================================
+# 8. Statistics and reporting
+# =============================================================================================
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + num * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1 - front * _betacf(b, a, 1 - x) / b
+
+
+def student_t_sf(t: float, df: float) -> float:
+    """P(T > t) for Student's t with df degrees of freedom."""
+    tail = 0.5 * betainc(df / 2, 0.5, df / (df + t * t))
+    return tail if t >= 0 else 1 - tail
+
+
+def student_t_ppf(q: float, df: float) -> float:
+    """The t with P(T <= t) = q (bisection on the survival function)."""
+    lo, hi = -1e3, 1e3
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if 1 - student_t_sf(mid, df) < q:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def mean_std(values) -> tuple[float | None, float | None]:
+    v = [float(x) for x in values]
+    if not v:
+        return None, None
+    m = sum(v) / len(v)
+    s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return m, s
+
+
+def one_sided_t_test(values, mu0: float) -> tuple[float | None, float | None]:
+    """(t, p) for H1: mean(values) > mu0. None with fewer than two values."""
+    n = len(values)
+    m, s = mean_std(values)
+    if n < 2:
+        return None, None
+    if s == 0:
+        return (math.inf, 0.0) if m > mu0 else (-math.inf, 1.0)
+    t = (m - mu0) / (s / math.sqrt(n))
+    return t, student_t_sf(t, n - 1)
+
+
+def confidence_interval(values, level: float = 0.95) -> tuple[float | None, float | None]:
+    n = len(values)
+    m, s = mean_std(values)
+    if n < 2:
+        return m, m
+    half = student_t_ppf(0.5 + level / 2, n - 1) * s / math.sqrt(n)
+    return m - half, m + half
+
+
+def summarize(runs: list[dict], target: float) -> dict:
+    accs = [r["final_acc"] for r in runs]
+    times = [r["time_to_target_s"] for r in runs if r["time_to_target_s"] is not None]
+    acc_mean, acc_std = mean_std(accs)
+    t_mean, t_std = mean_std(times)
+    t, p = one_sided_t_test(accs, target)
+    lo, hi = confidence_interval(accs)
+    return dict(runs=len(runs), target_acc=target, acc_mean=acc_mean, acc_std=acc_std, acc_min=min(accs),
+                acc_max=max(accs), acc_ci95=[lo, hi], frac_at_target=sum(a >= target for a in accs) / len(accs),
+                time_to_target_mean_s=t_mean, time_to_target_std_s=t_std, runs_reaching_target=len(times),
+                t_stat=t, p_value=p)
+
+
+def format_epoch_row(row: dict, first: bool = False) -> str:
+    line = (f"{row['epoch']:>5}  {row['train_loss']:>10.4f}  {100 * row['train_acc']:>9.2f}  "
+            f"{100 * row['test_acc']:>8.2f}  {100 * row['tta_acc']:>12.2f}  {row['train_s']:>9.2f}")
+    if first:
+        head = f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'test acc':>8}  {'EMA+TTA acc':>12}  {'train s':>9}"
+        line = head + "\n" + line
+    return line
+
+
+def verdict(run: dict, cfg: Config) -> str:
+    pct = f"{100 * cfg.target_acc:g}%"
+    if run["time_to_target_s"] is None:
+        reached = f"time-to-{pct}: not reached in {cfg.epochs} epochs"
+    else:
+        reached = f"time-to-{pct}: {run['time_to_target_s']:.2f} s (epoch {run['epochs_to_target']} of {cfg.epochs})"
+    return f"{reached}  final TTA accuracy {100 * run['final_acc']:.2f}%"
+
+
+def summary_lines(s: dict) -> list[str]:
+    pct = f"{100 * s['target_acc']:g}%"
+    lines = [f"{s['runs']} runs: TTA accuracy mean {100 * s['acc_mean']:.2f}% std {100 * s['acc_std']:.2f} "
+             f"min {100 * s['acc_min']:.2f} max {100 * s['acc_max']:.2f} (95% CI {100 * s['acc_ci95'][0]:.2f}"
+             f"..{100 * s['acc_ci95'][1]:.2f}); {100 * s['frac_at_target']:.0f}% of runs at or above {pct}"]
+    if s["p_value"] is not None:
+        lines.append(f"one-sided t-test, mean accuracy > {pct}: t = {s['t_stat']:.2f}, p = {s['p_value']:.3g}")
+    if s["runs_reaching_target"]:
+        lines.append(f"time-to-{pct}: mean {s['time_to_target_mean_s']:.2f} s std {s['time_to_target_std_s']:.2f} s "
+                     f"over the {s['runs_reaching_target']} runs that reached it")
+    else:
+        lines.append(f"time-to-{pct}: no run reached it")
+    return lines
+
+
+def environment(device: torch.device) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        "Apple MPS" if device.type == "mps" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
+    return dict(device=str(device), device_name=name, torch=torch.__version__, python=sys.version.split()[0],
+                cuda=torch.version.cuda, time=datetime.datetime.now().isoformat(timespec="seconds"))
+
+
+def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = CIFAR10_URL) -> dict:
+    """cfg.runs runs with seeds cfg.seed, cfg.seed+1, ...; returns the JSON-ready result with the
+    last run's model under the key 'model' (dropped before saving)."""
+    check_config(cfg)
+    device = pick_device(cfg.device)
+    if device.type == "cpu" and cfg.subset == 0 and log:
+        log("warning: a full CPU run takes hours; for a small one try --preset cpu "
+            "(or e.g. --subset 5000 --width 0.25 --epochs 2)")
+    data = data or load_data(cfg, device, quiet=log is not print, url=url)
+    compile_s = warm_up_compile(cfg, data, device) if cfg.compile else 0.0
+    runs = []
+    for k in range(cfg.runs):
+        if cfg.runs > 1:
+            log(f"\nrun {k + 1} of {cfg.runs} (seed {cfg.seed + k})")
+        run = train(cfg, data, log=log, seed=cfg.seed + k)
+        log(verdict(run, cfg))
+        runs.append(run)
+    model = runs[-1].pop("model")
+    for r in runs:
+        r.pop("model", None)
+    result = dict(config=dataclasses.asdict(cfg), environment=environment(device), data_load_s=data.load_s,
+                  compile_s=compile_s, runs=runs, summary=summarize(runs, cfg.target_acc), model=model)
+    if cfg.runs > 1:
+        for line in summary_lines(result["summary"]):
+            log(line)
+    return result
+
+
+def save_json(result: dict, path: Path) -> None:
+    text = json.dumps({k: v for k, v in result.items() if k != "model"}, indent=2)
+    write_atomic(path, lambda tmp: tmp.write_text(text + "\n"))
+
+
+def save_weights(model: nn.Module, cfg: Config, path: Path) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    write_atomic(path, lambda tmp: torch.save({"config": dataclasses.asdict(cfg), "state_dict": state}, tmp))
+
+
+def load_weights(path: str | Path, device="cpu") -> ResNet9:
+    """Rebuild a network saved with --save (weights of the evaluated, EMA model)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = dataclasses.replace(Config(), **blob["config"])
+    model = ResNet9(cfg)
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval()
+
+
+def default_out_path(root: Path = Path("runs")) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, k = root / f"{stamp}.json", 1
+    while path.exists():
+        path, k = root / f"{stamp}-{k}.json", k + 1
+    return path
+
+
+# =============================================================================================
+# 9. Command line
+# =============================================================================================
+
+
+def _parse_value(f: dataclasses.Field, text: str):
+    kind = type(f.default)
+    if kind is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{f.name} takes true or false, not {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{f.name} takes a {kind.__name__}, not {text!r}") from None
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The trainer's flags: --preset, --set FIELD=VALUE, one flag per Config field, --out, --save.
+    The profile/ and ablations/ scripts start from this parser and add their own flags."""
+    p = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 3)[-1])
+    p.add_argument("--preset", default="davidnet", choices=list(PRESETS),
+                   help="named set of defaults; flags and --set override it (default: davidnet)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set any config field, e.g. --set ema=false --set ghost_bn_splits=1 (repeatable)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON result file (default: a new timestamped file under runs/); never overwritten")
+    p.add_argument("--save", type=Path, default=None, help="write the evaluated (EMA) weights and config here")
+    p.add_argument("--data-url", default=CIFAR10_URL, help="where to download cifar-10-python.tar.gz from if no copy is found")
+    p.add_argument("--quiet", action="store_true", help="print only the final verdict")
+    g = p.add_argument_group("config fields (defaults shown are the davidnet preset's)")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"{f.metadata['help']} (default: {f.default})")
+        else:
+            g.add_argument(flag, dest=f.name, type=type(f.default), default=argparse.SUPPRESS,
+                           metavar=type(f.default).__name__.upper(), help=f"{f.metadata['help']} (default: {f.default:g})"
+                           if isinstance(f.default, float) else f"{f.metadata['help']} (default: {f.default!r})")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Preset, then --set assignments, then dedicated flags; raises ValueError on bad input."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    overrides = {}
+    for item in args.set:
+        name, eq, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not eq or name not in fields:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of the config fields (see --help)")
+        overrides[name] = _parse_value(fields[name], value.strip())
+    overrides.update({k: getattr(args, k) for k in fields if hasattr(args, k)})
+    return make_config(args.preset, **overrides)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        out = args.out or default_out_path()
+        for path, what in ((args.out, "--out"), (args.save, "--save")):
+            if path is not None and path.exists():
+                raise ValueError(f"{what} {path} already exists; choose another path (results are never overwritten)")
+        quiet_log = lambda *a, **k: None  # noqa: E731
+        result = run_many(cfg, log=quiet_log if args.quiet else print, url=args.data_url)
+    except (ValueError, DataError) as e:
+        parser.exit(2, f"error: {e}\n")
+    save_json(result, out)
+    if args.save:
+        save_weights(result["model"], cfg, args.save)
+    if args.quiet:
+        print(summary_lines(result["summary"])[0] if cfg.runs > 1 else verdict(result["runs"][0], cfg))
+    print(f"results written to {out}" + (f", weights to {args.save}" if args.save else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

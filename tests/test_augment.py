@@ -1,0 +1,82 @@
+"""Each augmentation's exact semantics."""
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_config
+import speedrun
+
+
+def images(n=16, seed=0):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_flip_is_an_exact_mirror_of_the_chosen_images():
+    x = images()
+    augment = speedrun.EpochAugmenter(tiny_config(crop_pad=0, cutout=0, flip="random"), torch.Generator().manual_seed(1))
+    y = augment(x, epoch=0)
+    flipped = [torch.equal(y[i], x[i].flip(2)) for i in range(len(x))]
+    kept = [torch.equal(y[i], x[i]) for i in range(len(x))]
+    assert all(f != k for f, k in zip(flipped, kept)), "each image is either mirrored exactly or untouched"
+    assert 0 < sum(flipped) < len(x)
+    assert torch.equal(y[0].flip(2).flip(2), y[0])
+
+
+def test_alternating_flip_mirrors_the_complement_on_odd_epochs():
+    x = images(64)
+    augment = speedrun.EpochAugmenter(tiny_config(crop_pad=0, flip="alternating"), torch.Generator().manual_seed(2))
+    masks = []
+    for epoch in range(4):
+        y = augment(x, epoch)
+        masks.append(torch.tensor([torch.equal(y[i], x[i].flip(2)) for i in range(len(x))]))
+    assert 10 < masks[0].sum() < 54
+    assert torch.equal(masks[1], ~masks[0]) and torch.equal(masks[2], masks[0]) and torch.equal(masks[3], ~masks[0])
+
+
+def test_no_flip_leaves_images_alone():
+    x = images()
+    y = speedrun.EpochAugmenter(tiny_config(crop_pad=0, flip="none"), torch.Generator())(x, 0)
+    assert torch.equal(x, y)
+
+
+def test_crop_is_a_window_of_the_reflect_padded_image_at_every_offset():
+    pad, n = 4, 400
+    x = images(n)
+    y = speedrun.random_crop(x, pad, torch.Generator().manual_seed(3))
+    padded = F.pad(x, (pad,) * 4, mode="reflect")
+    offsets = set()
+    for i in range(n):
+        hits = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                if torch.equal(padded[i, :, dy:dy + 32, dx:dx + 32], y[i])]
+        assert len(hits) == 1
+        offsets.add(hits[0])
+    assert len(offsets) == (2 * pad + 1) ** 2, "every offset occurs with 400 images"
+
+
+def test_crop_with_zero_padding_is_identity():
+    x = images()
+    assert torch.equal(speedrun.random_crop(x, 0, torch.Generator()), x)
+
+
+def test_cutout_zeroes_one_square_inside_each_image():
+    size, n = 8, 200
+    x = torch.rand(n, 3, 32, 32) + 1  # no zeros anywhere
+    y = speedrun.cutout(x, size, torch.Generator().manual_seed(4))
+    corners = set()
+    for i in range(n):
+        zero = y[i] == 0
+        assert torch.equal(zero[0], zero[1]) and torch.equal(zero[0], zero[2]), "same square in every channel"
+        rows, cols = zero[0].nonzero(as_tuple=True)
+        assert zero[0].sum() == size * size
+        assert rows.max() - rows.min() == size - 1 and cols.max() - cols.min() == size - 1
+        assert torch.equal(y[i][~zero], x[i][~zero])
+        corners.add((rows.min().item(), cols.min().item()))
+    assert len(corners) > 100, "positions vary"
+
+
+def test_augmentation_is_seeded():
+    x = images()
+    cfg = tiny_config(cutout=6, flip="random")
+    a = speedrun.EpochAugmenter(cfg, torch.Generator().manual_seed(5))(x, 0)
+    b = speedrun.EpochAugmenter(cfg, torch.Generator().manual_seed(5))(x, 0)
+    c = speedrun.EpochAugmenter(cfg, torch.Generator().manual_seed(6))(x, 0)
+    assert torch.equal(a, b) and not torch.equal(a, c)

@@ -1,0 +1,104 @@
+"""Command line: flags, --set, presets, errors, the JSON result and saved weights."""
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+import speedrun
+
+
+def parse(*argv):
+    return speedrun.config_from_args(speedrun.build_parser().parse_args(list(argv)))
+
+
+def test_help_explains_every_config_field():
+    text = speedrun.build_parser().format_help()
+    for f in dataclasses.fields(speedrun.Config):
+        assert "--" + f.name.replace("_", "-") in text
+    for flag in ("--preset", "--set", "--out", "--save", "--data-url"):
+        assert flag in text
+    assert "time_to_target_s" in text, "the timing rule is part of --help"
+
+
+def test_defaults_are_the_davidnet_preset():
+    assert parse() == speedrun.make_config("davidnet") == speedrun.Config()
+
+
+def test_flags_and_set_override_the_preset():
+    cfg = parse("--preset", "cpu", "--set", "ema=false", "--set", "ghost_bn_splits=1", "--epochs", "3",
+                "--no-whiten", "--lr", "0.5", "--flip", "alternating", "--set", "celu-alpha=0.5")
+    assert (cfg.ema, cfg.ghost_bn_splits, cfg.epochs, cfg.whiten, cfg.lr, cfg.flip, cfg.celu_alpha) == \
+           (False, 1, 3, False, 0.5, "alternating", 0.5)
+    assert cfg.width == speedrun.PRESETS["cpu"]["width"]
+    assert parse("--set", "epochs=4", "--epochs", "6").epochs == 6, "a dedicated flag wins over --set"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--set", "nonsense=1"], "expected FIELD=VALUE"),
+    (["--set", "ema"], "expected FIELD=VALUE"),
+    (["--set", "ema=maybe"], "ema takes true or false"),
+    (["--set", "epochs=ten"], "epochs takes a int"),
+    (["--flip", "sideways"], "flip='sideways' is not one of"),
+    (["--batch-size", "500"], "not divisible by ghost_bn_splits"),
+    (["--epochs", "0"], "epochs must be at least 1"),
+])
+def test_bad_input_is_a_clear_error(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse(*argv)
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, str(ROOT / "speedrun.py"), *argv], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_cli_error_exits_2_with_message():
+    proc = run_cli("--set", "lr_schedule=cosine")
+    assert proc.returncode == 2 and "error: lr_schedule='cosine' is not one of" in proc.stderr
+
+
+TINY = ["--subset", "256", "--test-subset", "200", "--width", "0.125", "--epochs", "2", "--batch-size", "64",
+        "--ghost-bn-splits", "4", "--whiten-samples", "128", "--device", "cpu", "--runs", "2", "--eval-batch-size", "100"]
+
+
+def test_json_result_schema_and_saved_weights(real_data_dir, tmp_path):
+    out, weights = tmp_path / "r.json", tmp_path / "w.pt"
+    proc = run_cli("--data-dir", str(real_data_dir), *TINY, "--out", str(out), "--save", str(weights))
+    assert proc.returncode == 0, proc.stderr
+    assert "EMA+TTA acc" in proc.stdout and "2 runs: TTA accuracy mean" in proc.stdout
+    result = json.loads(out.read_text())
+    assert set(result) == {"config", "environment", "data_load_s", "compile_s", "runs", "summary"}
+    assert result["config"]["width"] == 0.125 and result["config"]["runs"] == 2
+    assert {"device_name", "torch"} <= set(result["environment"])
+    assert [r["seed"] for r in result["runs"]] == [0, 1]
+    run = result["runs"][1]
+    assert {"epochs", "final_acc", "time_to_target_s", "epochs_to_target", "per_class_acc", "confusion_matrix",
+            "macro_precision", "macro_recall", "macro_f1", "whitening_s"} <= set(run)
+    assert [e["epoch"] for e in run["epochs"]] == [1, 2]
+    assert {"train_loss", "train_acc", "test_acc", "tta_acc", "train_s"} <= set(run["epochs"][0])
+    assert sum(map(sum, run["confusion_matrix"])) == 200
+    s = result["summary"]
+    assert s["runs"] == 2 and s["acc_mean"] == pytest.approx(sum(r["final_acc"] for r in result["runs"]) / 2)
+    assert {"acc_std", "acc_min", "acc_max", "frac_at_target", "time_to_target_mean_s", "time_to_target_std_s", "p_value"} <= set(s)
+    # The saved weights are the evaluated model of the last run: they reproduce its accuracy.
+    model = speedrun.load_weights(weights)
+    cfg = speedrun.make_config(**result["config"])
+    x, y = speedrun.load_cifar10(real_data_dir)[2:]
+    test_x = speedrun.to_device(x[:200], "cpu", torch.float32)
+    logits = speedrun.predict(model, test_x, cfg, torch.device("cpu"), torch.float32)
+    acc = (logits.argmax(1) == torch.from_numpy(y[:200])).float().mean().item()
+    assert acc == pytest.approx(run["final_acc"])
+    # Results are never overwritten.
+    again = run_cli("--data-dir", str(real_data_dir), *TINY, "--out", str(out))
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert json.loads(out.read_text()) == result
+
+
+def test_default_out_path_is_new(tmp_path):
+    a = speedrun.default_out_path(tmp_path)
+    a.write_text("{}")
+    b = speedrun.default_out_path(tmp_path)
+    assert a != b and not b.exists()
