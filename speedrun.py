@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import datetime
 import hashlib
+import io
 import json
 import math
 import os
@@ -40,8 +41,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 # =============================================================================================
 # 1. Configuration and presets
@@ -101,6 +104,7 @@ class Config:
     compile: bool = _f(False, "torch.compile the network (a warm-up run happens outside the timer)")
     seed: int = _f(0, "seed of the first run; run k uses seed+k")
     runs: int = _f(1, "independent runs")
+    workers: int = _f(0, "processes that share the runs: 0 = one per visible CUDA GPU (1 on other devices)")
     deterministic: bool = _f(False, "request deterministic kernels on CUDA (slower); CPU runs are always reproducible")
 
 
@@ -134,6 +138,8 @@ def check_config(cfg: Config) -> None:
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
     positive = ("epochs", "batch_size", "ghost_bn_splits", "ema_every", "eval_batch_size", "runs", "whiten_samples")
+    if cfg.workers < 0:
+        raise ValueError(f"workers must be 0 (automatic) or more, got {cfg.workers}")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
@@ -193,6 +199,9 @@ def _atomic_target(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the permissions of an ordinary new file, not mkstemp's 0600
     return Path(tmp)
 
 
@@ -389,6 +398,15 @@ class DeviceData:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The device of name; 'auto' tries CUDA, then MPS, then the CPU. Under torchrun a CUDA
+    device without an index is this process's GPU, cuda:LOCAL_RANK."""
+    dev = _pick_device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return dev
+
+
+def _pick_device(name: str) -> torch.device:
     if name != "auto":
         dev = torch.device(name)
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -437,57 +455,73 @@ def load_data(cfg: Config, device: torch.device | None = None, quiet: bool = Fal
 # =============================================================================================
 
 
-def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Reflect-pad every image by `pad`, then cut a 32x32 window at a random offset per image."""
-    if pad == 0:
-        return x
+@dataclass
+class EpochDraw:
+    """The random choices of one epoch, one entry per training image (None where a step is off)."""
+    crop_dy: torch.Tensor | None
+    crop_dx: torch.Tensor | None
+    flips: torch.Tensor | None
+    cut_y: torch.Tensor | None
+    cut_x: torch.Tensor | None
+
+
+def crop_at(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad: int) -> torch.Tensor:
+    """Reflect-pad every image by `pad`, then cut its 32x32 window at offset (dy, dx)."""
     n, c, h, w = x.shape
     padded = F.pad(x, (pad,) * 4, mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=gen)
     rows = (dy[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
-    x = padded.gather(2, rows)
     cols = (dx[:, None] + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
-    return x.gather(3, cols)
+    return padded.gather(2, rows).gather(3, cols)
 
 
-def flip_mask(n: int, epoch: int, mode: str, gen: torch.Generator, device, first_epoch_mask=None) -> torch.Tensor:
-    """Which images to mirror this epoch. 'alternating': a random half at epoch 0 and the
-    complement of that half on odd epochs, so every image alternates orientation."""
-    if mode == "none":
-        return torch.zeros(n, dtype=torch.bool, device=device)
-    if mode == "random" or first_epoch_mask is None:
-        return torch.rand(n, device=device, generator=gen) < 0.5
-    return first_epoch_mask ^ bool(epoch % 2)
-
-
-def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
-    """Zero (the dataset mean, after normalisation) one size x size square per image, fully inside it."""
-    if size == 0:
-        return x
-    n, _, h, w = x.shape
-    y0 = torch.randint(0, h - size + 1, (n, 1, 1, 1), device=x.device, generator=gen)
-    x0 = torch.randint(0, w - size + 1, (n, 1, 1, 1), device=x.device, generator=gen)
+def cutout_at(x: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero (the dataset mean, after normalisation) the size x size square at (y0, x0) of each image."""
+    h, w = x.shape[2:]
     r = torch.arange(h, device=x.device).view(1, 1, h, 1)
     c = torch.arange(w, device=x.device).view(1, 1, 1, w)
-    inside = (r >= y0) & (r < y0 + size) & (c >= x0) & (c < x0 + size)
-    return x.masked_fill(inside, 0)
+    y0, x0 = y0.view(-1, 1, 1, 1), x0.view(-1, 1, 1, 1)
+    return x.masked_fill((r >= y0) & (r < y0 + size) & (c >= x0) & (c < x0 + size), 0)
 
 
 class EpochAugmenter:
-    """Produces the augmented training set of each epoch: crop, then flip, then cutout."""
+    """Crop, then flip, then cutout, with choices drawn for the whole training set at once.
+
+    Flip 'alternating' mirrors a random half at epoch 0 and the complement of that half on odd
+    epochs, so every image alternates orientation. draw() then apply() lets a process of a
+    distributed run augment only its share while drawing the same numbers as everyone else."""
 
     def __init__(self, cfg: Config, gen: torch.Generator):
         self.cfg, self.gen, self.first_flips = cfg, gen, None
 
+    def draw(self, n: int, epoch: int, device) -> EpochDraw:
+        cfg, gen = self.cfg, self.gen
+        dy = dx = flips = cy = cx = None
+        if cfg.crop_pad:
+            dy, dx = (torch.randint(0, 2 * cfg.crop_pad + 1, (n,), device=device, generator=gen) for _ in range(2))
+        if cfg.flip == "random" or (cfg.flip == "alternating" and self.first_flips is None):
+            flips = torch.rand(n, device=device, generator=gen) < 0.5
+            if cfg.flip == "alternating":
+                self.first_flips = flips
+        elif cfg.flip == "alternating":
+            flips = self.first_flips ^ bool(epoch % 2)
+        if cfg.cutout:
+            cy, cx = (torch.randint(0, 32 - cfg.cutout + 1, (n,), device=device, generator=gen) for _ in range(2))
+        return EpochDraw(dy, dx, flips, cy, cx)
+
+    def apply(self, x: torch.Tensor, d: EpochDraw, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The augmented images x[idx] (all of x when idx is None), in the order of idx."""
+        pick = (lambda t: t) if idx is None else (lambda t: t[idx])  # noqa: E731
+        x = pick(x)
+        if d.crop_dy is not None:
+            x = crop_at(x, pick(d.crop_dy), pick(d.crop_dx), self.cfg.crop_pad)
+        if d.flips is not None:
+            x = torch.where(pick(d.flips).view(-1, 1, 1, 1), x.flip(3), x)
+        if d.cut_y is not None:
+            x = cutout_at(x, pick(d.cut_y), pick(d.cut_x), self.cfg.cutout)
+        return x
+
     def __call__(self, x: torch.Tensor, epoch: int) -> torch.Tensor:
-        cfg = self.cfg
-        x = random_crop(x, cfg.crop_pad, self.gen)
-        flips = flip_mask(x.shape[0], epoch, cfg.flip, self.gen, x.device, self.first_flips)
-        if cfg.flip == "alternating" and self.first_flips is None:
-            self.first_flips = flips
-        x = torch.where(flips.view(-1, 1, 1, 1), x.flip(3), x)
-        return cutout(x, cfg.cutout, self.gen)
+        return self.apply(x, self.draw(x.shape[0], epoch, x.device))
 
 
 # =============================================================================================
@@ -696,9 +730,9 @@ class Stopwatch:
         self.device = device
 
     def start(self) -> None:
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # on the stream of the device being timed, not the current device's
             self._t0 = torch.cuda.Event(enable_timing=True)
-            self._t0.record()
+            self._t0.record(torch.cuda.current_stream(self.device))
         else:
             synchronize(self.device)
             self._t0 = time.perf_counter()
@@ -707,7 +741,7 @@ class Stopwatch:
         """Seconds since start(), after the device has finished the work issued in between."""
         if self.device.type == "cuda":
             t1 = torch.cuda.Event(enable_timing=True)
-            t1.record()
+            t1.record(torch.cuda.current_stream(self.device))
             t1.synchronize()
             return self._t0.elapsed_time(t1) / 1000
         synchronize(self.device)
@@ -737,42 +771,127 @@ def set_determinism(cfg: Config, device: torch.device) -> None:
         torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
 
 
-def train_epoch(model, step_fn, opt, ema, x, y, cfg, epoch, gen, step):
-    """One pass over the augmented, shuffled training set in full batches; stays on the device.
-    Returns (summed loss, correct count, images seen, global step) with the sums as tensors."""
-    n_batches = x.shape[0] // cfg.batch_size
-    order = torch.randperm(x.shape[0], device=x.device, generator=gen)
+# -- several processes (torchrun): each trains on its share of every batch -------------------
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job: rank 0 of 1 when it runs alone."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def process_group() -> Distributed:
+    if dist.is_available() and dist.is_initialized():
+        return Distributed(dist.get_rank(), dist.get_world_size())
+    return Distributed()
+
+
+def init_distributed(cfg: Config) -> Distributed:
+    """Join the torchrun job this process was started in, if any: NCCL on CUDA, gloo on the CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Distributed()
+    device = pick_device(cfg.device)
+    if device.type == "mps":
+        raise ValueError("several processes on Apple MPS are not supported; use --device cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))
+    return process_group()
+
+
+def local_positions(n_batches: int, cfg: Config, ctx: Distributed) -> torch.Tensor:
+    """Positions, in the epoch's shuffled order, of the images this process trains on, batch by batch.
+
+    Each process takes whole ghost-BN groups of every global batch: with S groups per batch
+    (image p of a batch is in group p % S) and W processes, process r takes groups
+    r*S/W .. (r+1)*S/W - 1, in an order that keeps their group numbers modulo S/W. So every
+    group normalises exactly the images it would normalise in a single process."""
+    b, s, w = cfg.batch_size, cfg.ghost_bn_splits, ctx.world
+    pos = torch.arange(n_batches * b)
+    return pos if w == 1 else pos.view(n_batches, b // s, w, s // w)[:, :, ctx.rank].reshape(-1)
+
+
+def average_bn_statistics(model: nn.Module, world: int) -> None:
+    """Average the ghost-BN running statistics over the processes. This keeps their mean over
+    groups, which is what evaluation uses, and makes the statistics identical everywhere."""
+    bufs = [b for m in model.modules() if isinstance(m, GhostBatchNorm) for b in (m.running_mean, m.running_var)]
+    flat = torch.cat([b.reshape(-1) for b in bufs])
+    dist.all_reduce(flat)
+    flat /= world
+    for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
+        b.copy_(v.view_as(b))
+
+
+def ranks_agree(*models: nn.Module) -> bool:
+    """True when every process holds bit-identical weights and statistics in `models`."""
+    flat = torch.cat([v.detach().reshape(-1).double() for m in models for v in m.state_dict().values()])
+    top = flat.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    same = torch.tensor(float(torch.equal(top, flat)), device=flat.device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    return bool(same.item())
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+
+def train_epoch(step_fn, opt, ema, x, y, cfg, epoch, step, batch, sync_bn=None):
+    """One pass over this process's augmented images `x`, already in batch order, `batch` at a time;
+    stays on the device. Returns (summed loss, correct count, global step), the sums as tensors."""
+    n_batches = x.shape[0] // batch
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     for i in range(n_batches):
-        idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        xb, yb = x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]
         set_lr(opt, cfg, epoch + (i + 1) / n_batches)
-        loss, logits = step_fn(x[idx], y[idx])
+        loss, logits = step_fn(xb, yb)
         step += 1
-        if ema is not None:
-            ema.update(step)
+        if ema is not None and step % cfg.ema_every == 0:
+            with record_function("speedrun: ema"):
+                if sync_bn:
+                    sync_bn()
+                ema.update(step)
         loss_sum += loss.detach()
-        correct += (logits.detach().argmax(1) == y[idx]).sum()
-    return loss_sum, correct, n_batches * cfg.batch_size, step
+        correct += (logits.detach().argmax(1) == yb).sum()
+    return loss_sum, correct, step
 
 
-def make_step_fn(model, opt, cfg, device, dtype):
-    forward = torch.compile(model) if cfg.compile else model
+def make_step_fn(model, opt, cfg, device, dtype, world: int = 1):
+    """step_fn(images, labels) -> (summed loss, logits): forward, backward and optimizer step.
+    With several processes the model is wrapped in DistributedDataParallel, and each process's
+    summed loss is multiplied by the number of processes, so that DDP's mean of the gradients
+    equals the gradient of the loss summed over the whole batch, as in a single process."""
+    module = model
+    if world > 1:
+        module = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                     broadcast_buffers=False)
+    forward = torch.compile(module) if cfg.compile else module
 
     def step_fn(xb, yb):
         with autocast(device, dtype):
             logits = forward(xb)
         loss = smoothed_cross_entropy(logits, yb, cfg.label_smoothing)
-        loss.backward()
+        (loss * world if world > 1 else loss).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss, logits
     return step_fn, forward
 
 
-def warm_up_compile(cfg: Config, data: DeviceData, device: torch.device) -> float:
-    """A throwaway run of a few steps and one evaluation so that compilation happens before the timer."""
+def needs_warm_up(cfg: Config, device: torch.device) -> bool:
+    return cfg.compile or device.type == "cuda"
+
+
+def warm_up(cfg: Config, data: DeviceData, device: torch.device) -> float:
+    """A throwaway run of a few steps and one evaluation, so that compilation and cuDNN's
+    choice of kernels happen before the timer. Returns its seconds."""
     t0 = time.perf_counter()
+    set_determinism(cfg, device)
     model = build_model(cfg, device)
     opt = build_optimizer(model, cfg)
     dtype = compute_dtype(cfg, device)
@@ -786,26 +905,40 @@ def warm_up_compile(cfg: Config, data: DeviceData, device: torch.device) -> floa
 
 
 def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | None = None) -> dict:
-    """One training run; returns its result dict (see the README's JSON section)."""
+    """One training run; returns its result dict (see the README's JSON section). Under torchrun
+    every process calls it; only rank 0 evaluates, logs and returns the full result."""
     check_config(cfg)
+    ctx = process_group()
     device = pick_device(cfg.device)
     data = data or load_data(cfg, device)
     seed = cfg.seed if seed is None else seed
     n_train = data.train_x.shape[0]
-    if n_train < cfg.batch_size:
+    n_batches = n_train // cfg.batch_size
+    if n_batches == 0:
         raise ValueError(f"{n_train} training images are fewer than one batch of {cfg.batch_size}; "
                          f"lower --batch-size or raise --subset")
+    if cfg.ghost_bn_splits % ctx.world:
+        raise ValueError(f"ghost_bn_splits {cfg.ghost_bn_splits} is not a multiple of the {ctx.world} processes: "
+                         f"each process normalises whole groups of the batch; set --ghost-bn-splits to a multiple of {ctx.world}")
     set_determinism(cfg, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dtype = compute_dtype(cfg, device)
     gen = seed_everything(seed, device)
-    model = build_model(cfg, device)
+    # each process normalises its share of the batch in ghost_bn_splits / world groups
+    model = build_model(dataclasses.replace(cfg, ghost_bn_splits=cfg.ghost_bn_splits // ctx.world), device)
     opt = build_optimizer(model, cfg)
-    step_fn, forward = make_step_fn(model, opt, cfg, device, dtype)
+    step_fn, forward = make_step_fn(model, opt, cfg, device, dtype, ctx.world)
     augment = EpochAugmenter(cfg, gen)
+    positions = local_positions(n_batches, cfg, ctx).to(device)
+    sync_bn = (lambda: average_bn_statistics(model, ctx.world)) if ctx.active else None
     watch = Stopwatch(device)
 
     watch.start()
-    init_whitening(model, data.train_x, cfg)
+    with record_function("speedrun: whitening"):
+        init_whitening(model, data.train_x, cfg)
+        if ctx.active and cfg.whiten:
+            dist.broadcast(model.whiten.weight.data, 0)
     whitening_s = watch.stop()
     ema = EMA(model, cfg.ema_momentum, cfg.ema_every) if cfg.ema else None
     eval_model = ema.model if ema else model
@@ -815,28 +948,50 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
     for epoch in range(cfg.epochs):
         model.train()
         watch.start()
-        x = augment(data.train_x, epoch)
-        if device.type == "cuda" and cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        loss_sum, correct, seen, step = train_epoch(model, step_fn, opt, ema, x, data.train_y, cfg, epoch, gen, step)
+        with record_function("speedrun: augmentation"):
+            draw = augment.draw(n_train, epoch, device)
+            idx = torch.randperm(n_train, device=device, generator=gen)[positions]
+            x = augment.apply(data.train_x, draw, idx)
+            if device.type == "cuda" and cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+        loss_sum, correct, step = train_epoch(step_fn, opt, ema, x, data.train_y[idx], cfg, epoch, step,
+                                              cfg.batch_size // ctx.world, sync_bn)
+        if sync_bn:
+            sync_bn()
         train_s += watch.stop()
+        if ctx.active:
+            totals = torch.stack([loss_sum, correct.to(loss_sum.dtype)])
+            dist.all_reduce(totals)
+            loss_sum, correct = totals[0], totals[1]
+        if ctx.rank != 0:
+            continue
 
         model.eval()
         watch.start()
-        logits = predict(eval_forward, data.test_x, cfg, device, dtype)
+        with record_function("speedrun: evaluation"):
+            logits = predict(eval_forward, data.test_x, cfg, device, dtype)
         eval_s = watch.stop()
         tta_acc = (logits.argmax(1) == data.test_y).float().mean().item()
-        raw_acc = (predict(forward, data.test_x, cfg, device, dtype, tta="none").argmax(1) == data.test_y).float().mean().item()
+        raw_forward = model if ctx.active else forward
+        raw_acc = (predict(raw_forward, data.test_x, cfg, device, dtype, tta="none").argmax(1) == data.test_y).float().mean().item()
         if time_to_target is None and tta_acc >= cfg.target_acc:
             time_to_target, epochs_to_target = whitening_s + train_s + eval_s, epoch + 1
+        seen = n_batches * cfg.batch_size
         row = dict(epoch=epoch + 1, train_loss=loss_sum.item() / seen, train_acc=correct.item() / seen,
                    test_acc=raw_acc, tta_acc=tta_acc, train_s=whitening_s + train_s, eval_s=eval_s)
         epochs.append(row)
         log(format_epoch_row(row, first=epoch == 0))
 
+    agree = ranks_agree(model, eval_model) if ctx.active else None
+    if ctx.rank != 0:
+        return dict(seed=seed, model=eval_model)
     result = dict(seed=seed, epochs=epochs, final_acc=epochs[-1]["tta_acc"], time_to_target_s=time_to_target,
                   epochs_to_target=epochs_to_target, whitening_s=whitening_s, train_s=train_s,
                   **classification_metrics(logits.argmax(1), data.test_y))
+    if ctx.active:
+        result["distributed"] = dict(world_size=ctx.world, backend=dist.get_backend(), weights_identical=agree)
+        if not agree:
+            log("warning: the processes' weights differ at the end of training")
     result["model"] = eval_model
     return result
 
@@ -1021,28 +1176,187 @@ def environment(device: torch.device) -> dict:
                 cuda=torch.version.cuda, time=datetime.datetime.now().isoformat(timespec="seconds"))
 
 
+def _quiet(*args, **kwargs):
+    pass
+
+
+# -- independent runs: in this process, or spread over worker processes ----------------------
+
+
+class RunCache:
+    """Runs (config, seed) jobs on one device, loading each distinct data set once and warming
+    up each distinct config once, outside any timer."""
+
+    def __init__(self, device: torch.device, url: str = CIFAR10_URL, quiet: bool = True):
+        self.device, self.url, self.quiet = device, url, quiet
+        self.load_s = self.warmup_s = 0.0
+        self._data, self._warm = {}, set()
+
+    def data(self, cfg: Config, given: DeviceData | None = None) -> DeviceData:
+        key = (cfg.data_dir, cfg.subset, cfg.test_subset, compute_dtype(cfg, self.device))
+        if key not in self._data:
+            self._data[key] = given or load_data(cfg, self.device, quiet=self.quiet, url=self.url)
+            self.load_s += self._data[key].load_s
+        return self._data[key]
+
+    def run(self, cfg: Config, seed: int, log=_quiet) -> dict:
+        cfg = dataclasses.replace(cfg, device=str(self.device))
+        data = self.data(cfg)
+        kind = repr(dataclasses.replace(cfg, seed=0, runs=1))
+        if needs_warm_up(cfg, self.device) and kind not in self._warm:
+            self.warmup_s += warm_up(cfg, data, self.device)
+            self._warm.add(kind)
+        return train(cfg, data, log=log, seed=seed)
+
+
+def _state_bytes(model: nn.Module) -> bytes:
+    # bytes, not tensors: tensors in a queue would outlive their process as shared memory
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    return buf.getvalue()
+
+
+def _pool_worker(device: str, threads: int | None, url: str, jobs, results) -> None:
+    """A worker process of run_jobs: runs (index, config, seed, keep weights) jobs until it gets None."""
+    if threads:
+        torch.set_num_threads(threads)
+    cache = RunCache(torch.device(device), url)
+    while (job := jobs.get()) is not None:
+        index, cfg, seed, keep = job
+        try:
+            result = cache.run(cfg, seed)
+            model = result.pop("model")
+            result["weights"] = _state_bytes(model) if keep else None
+            results.put(("run", index, result, device))
+        except BaseException as e:  # reported to the parent, which stops the others
+            import traceback
+            results.put(("error", index, (f"{type(e).__name__}: {e}", traceback.format_exc()), device))
+            return
+    results.put(("done", -1, (cache.load_s, cache.warmup_s), device))
+
+
+def run_jobs(jobs: list, devices: list[str], on_result, url: str = CIFAR10_URL, threads: int | None = None,
+             keep=(), log=_quiet, data: DeviceData | None = None) -> dict:
+    """Run each (config, seed) of `jobs`: in this process when `devices` has one entry, else in
+    one worker process per entry, each taking the next job from a shared queue. Calls
+    on_result(index, result, device) here as each run ends, in finishing order. result['model']
+    is the evaluated network: always in this process, from workers only for indices in `keep`
+    (else None). A failed or dead worker stops them all and raises RuntimeError.
+    Returns {'data_load_s', 'warmup_s'}: the most that any one device spent on each."""
+    if len(devices) == 1:
+        previous = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            cache = RunCache(torch.device(devices[0]), url, quiet=log is _quiet)
+            if data is not None and jobs:
+                cache.data(jobs[0][0], data)
+            for index, (cfg, seed) in enumerate(jobs):
+                on_result(index, cache.run(cfg, seed, log), devices[0])
+        finally:
+            torch.set_num_threads(previous)
+        return dict(data_load_s=cache.load_s, warmup_s=cache.warmup_s)
+
+    import multiprocessing
+    import queue
+    if threads is None and all(d == "cpu" for d in devices):
+        threads = max(1, torch.get_num_threads() // len(devices))
+    ctx = multiprocessing.get_context("spawn")
+    job_queue, results = ctx.Queue(), ctx.Queue()
+    for index, (cfg, seed) in enumerate(jobs):
+        job_queue.put((index, dataclasses.replace(cfg, workers=1), seed, index in keep))
+    for _ in devices:
+        job_queue.put(None)
+    procs = [ctx.Process(target=_pool_worker, args=(d, threads, url, job_queue, results), daemon=True) for d in devices]
+    for p in procs:
+        p.start()
+    totals = dict(data_load_s=0.0, warmup_s=0.0)
+    try:
+        pending, running = len(jobs), len(procs)
+        while pending or running:
+            try:
+                kind, index, payload, where = results.get(timeout=2)
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs) or not any(p.is_alive() for p in procs):
+                    raise RuntimeError(f"a worker process ended (exit codes {[p.exitcode for p in procs]}) "
+                                       f"with {pending} runs still to do") from None
+                continue
+            if kind == "error":
+                cfg, seed = jobs[index]
+                short, trace = payload
+                if "DataError" not in short and "ValueError" not in short:
+                    print(trace, file=sys.stderr)
+                raise RuntimeError(f"the worker on {where} failed in run {index + 1} (seed {seed}): {short}")
+            if kind == "done":
+                running -= 1
+                totals = dict(data_load_s=max(totals["data_load_s"], payload[0]), warmup_s=max(totals["warmup_s"], payload[1]))
+                continue
+            weights = payload.pop("weights")
+            model = None
+            if weights is not None:
+                model = ResNet9(jobs[index][0])
+                model.load_state_dict(torch.load(io.BytesIO(weights), weights_only=True))
+            pending -= 1
+            on_result(index, {**payload, "model": model}, where)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+    return totals
+
+
+def worker_devices(cfg: Config, device: torch.device, jobs: int | None = None) -> list[str]:
+    """One entry per worker process for `jobs` runs (default cfg.runs); one entry: no workers.
+    cfg.workers 0 means one per visible CUDA GPU, and one on other devices."""
+    jobs = cfg.runs if jobs is None else jobs
+    n = min(cfg.workers or (torch.cuda.device_count() if device.type == "cuda" else 1), max(1, jobs))
+    if n <= 1 or process_group().active:
+        return [str(device)]
+    if device.type == "cuda":
+        if n > torch.cuda.device_count():
+            raise ValueError(f"{n} workers asked for, but only {torch.cuda.device_count()} CUDA GPUs are visible")
+        return [f"cuda:{k}" for k in range(n)]
+    return [str(device)] * n
+
+
 def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = CIFAR10_URL) -> dict:
-    """cfg.runs runs with seeds cfg.seed, cfg.seed+1, ...; returns the JSON-ready result with the
-    last run's model under the key 'model' (dropped before saving)."""
+    """cfg.runs runs with seeds cfg.seed, cfg.seed+1, ..., in this process or spread over worker
+    processes (cfg.workers); returns the JSON-ready result with the last seed's evaluated model
+    under the key 'model' (dropped before saving). Under torchrun, ranks other than 0 get {}."""
     check_config(cfg)
     device = pick_device(cfg.device)
-    if device.type == "cpu" and cfg.subset == 0 and log:
+    if device.type == "cpu" and cfg.subset == 0:
         log("warning: a full CPU run takes hours; for a small one try --preset cpu "
             "(or e.g. --subset 5000 --width 0.25 --epochs 2)")
-    data = data or load_data(cfg, device, quiet=log is not print, url=url)
-    compile_s = warm_up_compile(cfg, data, device) if cfg.compile else 0.0
-    runs = []
-    for k in range(cfg.runs):
-        if cfg.runs > 1:
-            log(f"\nrun {k + 1} of {cfg.runs} (seed {cfg.seed + k})")
-        run = train(cfg, data, log=log, seed=cfg.seed + k)
-        log(verdict(run, cfg))
-        runs.append(run)
-    model = runs[-1].pop("model")
+    devices = worker_devices(cfg, device)
+    seeds = [cfg.seed + k for k in range(cfg.runs)]
+    runs = [None] * cfg.runs
+    rank0 = process_group().rank == 0
+    if len(devices) > 1:
+        log(f"{cfg.runs} runs over {len(devices)} worker processes ({', '.join(sorted(set(devices)))})")
+
+    def on_result(index, run, where):
+        runs[index] = run
+        if len(devices) > 1:
+            done = sum(r is not None for r in runs)
+            log(f"run {done} of {cfg.runs} (seed {run['seed']}, {where}): {verdict(run, cfg)}")
+        elif rank0:
+            log(verdict(run, cfg))
+            if index + 1 < cfg.runs:
+                log(f"\nrun {index + 2} of {cfg.runs} (seed {seeds[index + 1]})")
+
+    if cfg.runs > 1 and len(devices) == 1:
+        log(f"run 1 of {cfg.runs} (seed {seeds[0]})")
+    totals = run_jobs([(cfg, s) for s in seeds], devices, on_result, url=url, keep={cfg.runs - 1},
+                      log=log if len(devices) == 1 else _quiet, data=data)
+    model = runs[-1]["model"]
     for r in runs:
         r.pop("model", None)
-    result = dict(config=dataclasses.asdict(cfg), environment=environment(device), data_load_s=data.load_s,
-                  compile_s=compile_s, runs=runs, summary=summarize(runs, cfg.target_acc), model=model)
+    if not rank0:
+        return {}
+    result = dict(config=dataclasses.asdict(cfg), environment=environment(device), **totals,
+                  runs=runs, summary=summarize(runs, cfg.target_acc), model=model)
     if cfg.runs > 1:
         for line in summary_lines(result["summary"]):
             log(line)
@@ -1056,7 +1370,10 @@ def save_json(result: dict, path: Path) -> None:
 
 def save_weights(model: nn.Module, cfg: Config, path: Path) -> None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    write_atomic(path, lambda tmp: torch.save({"config": dataclasses.asdict(cfg), "state_dict": state}, tmp))
+    # a process of a distributed run holds the statistics of ghost_bn_splits / world groups
+    splits = next((m.splits for m in model.modules() if isinstance(m, GhostBatchNorm)), cfg.ghost_bn_splits)
+    config = dataclasses.asdict(dataclasses.replace(cfg, ghost_bn_splits=splits))
+    write_atomic(path, lambda tmp: torch.save({"config": config, "state_dict": state}, tmp))
 
 
 def load_weights(path: str | Path, device="cpu") -> ResNet9:
@@ -1081,7 +1398,8 @@ def default_out_path(root: Path = Path("runs")) -> Path:
 # =============================================================================================
 
 
-def _parse_value(f: dataclasses.Field, text: str):
+def parse_field_value(f: dataclasses.Field, text: str):
+    """A config field's value from its text, e.g. 'false' for a bool, '512' for an int."""
     kind = type(f.default)
     if kind is bool:
         low = text.lower()
@@ -1133,7 +1451,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         name = name.strip().replace("-", "_")
         if not eq or name not in fields:
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of the config fields (see --help)")
-        overrides[name] = _parse_value(fields[name], value.strip())
+        overrides[name] = parse_field_value(fields[name], value.strip())
     overrides.update({k: getattr(args, k) for k in fields if hasattr(args, k)})
     return make_config(args.preset, **overrides)
 
@@ -1141,16 +1459,27 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    ctx = Distributed()
     try:
         cfg = config_from_args(args)
         out = args.out or default_out_path()
         for path, what in ((args.out, "--out"), (args.save, "--save")):
             if path is not None and path.exists():
                 raise ValueError(f"{what} {path} already exists; choose another path (results are never overwritten)")
-        quiet_log = lambda *a, **k: None  # noqa: E731
-        result = run_many(cfg, log=quiet_log if args.quiet else print, url=args.data_url)
-    except (ValueError, DataError) as e:
-        parser.exit(2, f"error: {e}\n")
+        ctx = init_distributed(cfg)
+        log = print if ctx.rank == 0 and not args.quiet else _quiet
+        if ctx.active:
+            log(f"{ctx.world} processes ({dist.get_backend()}): global batch {cfg.batch_size}, "
+                f"{cfg.batch_size // ctx.world} images and {cfg.ghost_bn_splits // ctx.world} ghost-BN groups per process")
+        result = run_many(cfg, log=log, url=args.data_url)
+    except (ValueError, DataError, RuntimeError) as e:
+        where = f"rank {ctx.rank}: " if ctx.active else ""
+        parser.exit(2, f"{where}error: {e}\n")
+    finally:
+        if ctx.active:
+            dist.destroy_process_group()
+    if ctx.rank != 0:
+        return 0
     save_json(result, out)
     if args.save:
         save_weights(result["model"], cfg, args.save)

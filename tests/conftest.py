@@ -1,5 +1,4 @@
 """Shared helpers: tiny CIFAR-10-shaped data in the official file formats, and the real data."""
-import io
 import os
 import pickle
 import subprocess

@@ -41,7 +41,8 @@ def test_no_flip_leaves_images_alone():
 def test_crop_is_a_window_of_the_reflect_padded_image_at_every_offset():
     pad, n = 4, 400
     x = images(n)
-    y = speedrun.random_crop(x, pad, torch.Generator().manual_seed(3))
+    cfg = tiny_config(crop_pad=pad, flip="none", cutout=0)
+    y = speedrun.EpochAugmenter(cfg, torch.Generator().manual_seed(3))(x, 0)
     padded = F.pad(x, (pad,) * 4, mode="reflect")
     offsets = set()
     for i in range(n):
@@ -54,13 +55,15 @@ def test_crop_is_a_window_of_the_reflect_padded_image_at_every_offset():
 
 def test_crop_with_zero_padding_is_identity():
     x = images()
-    assert torch.equal(speedrun.random_crop(x, 0, torch.Generator()), x)
+    cfg = tiny_config(crop_pad=0, flip="none", cutout=0)
+    assert torch.equal(speedrun.EpochAugmenter(cfg, torch.Generator())(x, 0), x)
 
 
 def test_cutout_zeroes_one_square_inside_each_image():
     size, n = 8, 200
     x = torch.rand(n, 3, 32, 32) + 1  # no zeros anywhere
-    y = speedrun.cutout(x, size, torch.Generator().manual_seed(4))
+    cfg = tiny_config(crop_pad=0, flip="none", cutout=size)
+    y = speedrun.EpochAugmenter(cfg, torch.Generator().manual_seed(4))(x, 0)
     corners = set()
     for i in range(n):
         zero = y[i] == 0
@@ -80,3 +83,14 @@ def test_augmentation_is_seeded():
     b = speedrun.EpochAugmenter(cfg, torch.Generator().manual_seed(5))(x, 0)
     c = speedrun.EpochAugmenter(cfg, torch.Generator().manual_seed(6))(x, 0)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_augmenting_a_share_equals_augmenting_all_then_picking_it():
+    """What lets each process of a distributed run augment only its own images."""
+    x = images(64)
+    cfg = tiny_config(cutout=5, flip="alternating", crop_pad=3)
+    aug = speedrun.EpochAugmenter(cfg, torch.Generator().manual_seed(7))
+    for epoch in range(2):
+        draw = aug.draw(len(x), epoch, x.device)
+        idx = torch.randperm(64)[:20]
+        assert torch.equal(aug.apply(x, draw, idx), aug.apply(x, draw)[idx])

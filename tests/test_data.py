@@ -131,6 +131,16 @@ def test_unreadable_cache_is_rebuilt(tmp_path, capsys):
     assert_same(speedrun.load_cifar10(tmp_path, expect_sizes=SIZES), arrays)  # now a good cache
 
 
+def test_atomic_write_gives_an_ordinary_file(tmp_path):
+    import os
+    umask = os.umask(0o022)
+    try:
+        speedrun.write_atomic(tmp_path / "x.json", lambda tmp: tmp.write_text("{}"))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "x.json").read_text() == "{}" and (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
+
+
 def test_atomic_write_leaves_old_file_when_writer_fails(tmp_path):
     target = tmp_path / "result.json"
     target.write_text("old")

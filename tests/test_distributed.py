@@ -1,0 +1,97 @@
+"""Several processes: torchrun with gloo on the CPU, and independent runs spread over workers."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, random_device_data, tiny_config
+import speedrun
+
+TINY = ["--subset", "512", "--test-subset", "200", "--width", "0.125", "--epochs", "2", "--batch-size", "64",
+        "--ghost-bn-splits", "4", "--whiten-samples", "128", "--device", "cpu", "--eval-batch-size", "100"]
+
+
+def torchrun(*argv, nproc=2, timeout=240, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, argv)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_each_process_takes_whole_ghost_bn_groups_of_every_batch():
+    cfg = tiny_config(batch_size=64, ghost_bn_splits=8)
+    alone = speedrun.local_positions(3, cfg, speedrun.Distributed(0, 1))
+    assert torch.equal(alone, torch.arange(192))
+    shares = [speedrun.local_positions(3, cfg, speedrun.Distributed(r, 4)) for r in range(4)]
+    assert torch.equal(torch.sort(torch.cat(shares)).values, torch.arange(192)), "every image once"
+    for r, share in enumerate(shares):
+        batch, within = share // 64, share % 64
+        assert torch.equal(batch, torch.arange(3).repeat_interleave(16)), "16 images of each batch, in batch order"
+        local_group = torch.arange(len(share)) % 2  # 8 groups over 4 processes: 2 groups each
+        assert torch.equal(within % 8, r * 2 + local_group), "the same images as single-process group r*2 + j"
+
+
+def test_two_processes_train_like_one(real_data_dir, tmp_path):
+    proc = torchrun(ROOT / "tests" / "ddp_worker.py", real_data_dir, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0), "ranks' weights differ"
+    ddp = torch.load(tmp_path / "result.pt", weights_only=False)
+    assert ddp["distributed"] == {"world_size": 2, "backend": "gloo", "weights_identical": True}
+    torch.set_num_threads(1)
+    cfg = speedrun.make_config(data_dir=str(real_data_dir), subset=512, test_subset=200, width=0.125, epochs=2,
+                               batch_size=64, ghost_bn_splits=4, whiten_samples=128, device="cpu", eval_batch_size=100)
+    single = speedrun.train(cfg, log=lambda *a: None)
+    # Same images, batches and BN groups: only the order of floating-point sums differs.
+    for a, b in zip(ddp["epochs"], single["epochs"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-3)
+    assert abs(ddp["final_acc"] - single["final_acc"]) <= 0.03
+
+
+def test_torchrun_cli_rank_zero_alone_writes_results(real_data_dir, tmp_path):
+    out, weights = tmp_path / "r.json", tmp_path / "w.pt"
+    proc = torchrun("speedrun.py", "--data-dir", real_data_dir, *TINY, "--out", out, "--save", weights)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "w.pt"]
+    assert proc.stdout.count("results written to") == 1 and proc.stdout.count("EMA+TTA acc") == 1
+    assert "2 processes (gloo): global batch 64, 32 images and 2 ghost-BN groups per process" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["runs"][0]["distributed"]["weights_identical"] is True
+    model = speedrun.load_weights(weights)  # the saved network rebuilds and evaluates
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_a_crashing_rank_ends_the_job_with_an_error(real_data_dir, tmp_path):
+    proc = torchrun(ROOT / "tests" / "ddp_worker.py", real_data_dir, tmp_path, env={"CRASH_RANK": "1"}, timeout=180)
+    assert proc.returncode != 0
+    assert "injected failure on rank 1" in proc.stderr
+    assert not (tmp_path / "result.pt").exists()
+
+
+def test_ghost_bn_groups_must_split_over_the_processes(monkeypatch):
+    monkeypatch.setattr(speedrun, "process_group", lambda: speedrun.Distributed(0, 2))
+    with pytest.raises(ValueError, match="ghost_bn_splits 1 is not a multiple of the 2 processes"):
+        speedrun.train(tiny_config(ghost_bn_splits=1), random_device_data(), log=lambda *a: None)
+
+
+def test_runs_spread_over_worker_processes(real_data_dir, tmp_path):
+    base = [sys.executable, "speedrun.py", "--data-dir", str(real_data_dir), *TINY, "--runs", "2"]
+    spread = subprocess.run(base + ["--workers", "2", "--out", str(tmp_path / "w2.json")], capture_output=True, text=True, cwd=ROOT)
+    assert spread.returncode == 0, spread.stderr[-3000:]
+    assert "2 runs over 2 worker processes" in spread.stdout
+    alone = subprocess.run(base + ["--out", str(tmp_path / "w1.json")], capture_output=True, text=True, cwd=ROOT)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("w2.json", "w1.json"))
+    assert [r["seed"] for r in a["runs"]] == [r["seed"] for r in b["runs"]] == [0, 1]
+    for x, y in zip(a["runs"], b["runs"]):  # same seeds; only the CPU thread count differs
+        assert x["epochs"][-1]["train_loss"] == pytest.approx(y["epochs"][-1]["train_loss"], rel=1e-3)
+    assert a["summary"]["runs"] == 2
+
+
+def test_a_failing_worker_is_reported(tmp_path):
+    bad = subprocess.run([sys.executable, "speedrun.py", "--data-dir", str(tmp_path / "nothing"), "--data-url",
+                          "http://127.0.0.1:9/none.tar.gz", *TINY, "--runs", "2", "--workers", "2"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "error: the worker on cpu failed in run" in bad.stderr and "could not download" in bad.stderr
