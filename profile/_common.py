@@ -1,0 +1,113 @@
+"""What the profile/ scripts share: the trainer's command line, data loading with clear errors,
+output paths, a one-line description of the machine, and the optional bar chart.
+
+This folder must never get an __init__.py: it would shadow the standard library's `profile`
+module, which cProfile imports. The scripts run as `python profile/NAME.py`, so this module
+puts the repository root on sys.path to import speedrun.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import speedrun  # noqa: E402
+
+CHART_HINT = "pip install matplotlib"
+
+
+def parse_args(description: str, add_flags, argv=None, uses=("out", "save")):
+    """speedrun's parser plus the script's own flags (add_flags(parser)); returns
+    (parser, args, cfg, device). Bad input exits with status 2 and a one-line message.
+    `uses` names the trainer's output flags (--out, --save) that this script honours;
+    the others are refused, since silently ignoring them would lose the user's file."""
+    parser = speedrun.build_parser(description)
+    add_flags(parser.add_argument_group("this script's own flags"))
+    args = parser.parse_args(argv)
+    try:
+        for name in ("out", "save"):
+            if name not in uses and getattr(args, name) is not None:
+                raise ValueError(f"--{name} is not used by this script (its own output flags are listed in --help)")
+        cfg = speedrun.config_from_args(args)
+        device = speedrun.pick_device(cfg.device)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    return parser, args, cfg, device
+
+
+def load_data(parser, cfg, device, args):
+    """speedrun.load_data, with a data problem turned into a clean exit."""
+    try:
+        return speedrun.load_data(cfg, device, quiet=args.quiet, url=args.data_url)
+    except (speedrun.DataError, ValueError) as e:
+        parser.exit(2, f"error: {e}\n")
+
+
+def timestamp() -> str:
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(device: torch.device) -> str:
+    """e.g. 'CPU AMD EPYC (2 cores, 2 torch threads), torch 2.13.0+cpu, Python 3.11.7'."""
+    if device.type == "cuda":
+        where = f"GPU {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    elif device.type == "mps":
+        where = "Apple MPS"
+    else:
+        threads = torch.get_num_threads()
+        where = f"CPU {cpu_model()} ({os.cpu_count()} cores, {threads} torch thread{'s' if threads != 1 else ''})"
+    return f"{where}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def command_line() -> str:
+    return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv else "?", *sys.argv[1:]])
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def write_text(path: Path, text: str) -> None:
+    speedrun.write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def bar_chart(path: Path, labels, values, title: str, xlabel: str) -> str:
+    """Horizontal bars, largest at the top, written atomically as a PNG. Returns the line to print:
+    where the chart went, or how to get one when matplotlib (optional) is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"no chart: matplotlib is not installed ({CHART_HINT} to get {path.name})"
+    pairs = sorted(zip(values, labels))
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(pairs) + 1.5))
+    bars = ax.barh([p[1] for p in pairs], [p[0] for p in pairs], color="tab:blue")
+    total = sum(values) or 1.0
+    for bar, (value, _) in zip(bars, pairs):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {100 * value / total:.1f}%", va="center", fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlim(0, max(values, default=1.0) * 1.15 or 1.0)
+    fig.tight_layout()
+    speedrun.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return f"chart written to {path}"

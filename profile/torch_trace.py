@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Profile a few training steps with torch.profiler: a Chrome/Perfetto trace, a TensorBoard
+trace, and a table and bar chart of time by operator category.
+
+    python profile/torch_trace.py --preset cpu                 # writes traces/trace-<time>/
+    python profile/torch_trace.py --trace-steps 20 --trace-dir traces/h100
+
+The profiled window is one of each kind of work a run does, after a warm-up: the whitening
+init, the augmentation and shuffle of one epoch, --trace-steps training steps (speedrun.train_epoch on
+the first batches, EMA included) and one EMA+TTA evaluation of
+--trace-eval-images test images. The table gives each category's time in that window and an
+estimate for one timed run (whitening + every epoch + one evaluation of the whole test set),
+each row scaled by how often its work happens in a run.
+
+Time of a category: on CPU, the time spent in its operators' own code (children excluded);
+on CUDA, the GPU time of the kernels its operators launched. With --compile, fused kernels
+run under the compiled graph rather than named operators and land in "other training-step ops".
+Open trace.json at https://ui.perfetto.dev or chrome://tracing, and the tensorboard/ folder
+with `tensorboard --logdir DIR/tensorboard` (pip install torch-tb-profiler).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import _common
+from _common import speedrun
+
+WINDOW = "speedrun: profiled window"
+REGIONS = {"speedrun: whitening": "whitening", "speedrun: augmentation": "augment",
+           "speedrun: ema": "ema", "speedrun: evaluation": "eval"}
+OPTIMIZER_PREFIXES = ("Optimizer.step#", "Optimizer.zero_grad#")
+# Operator-name fragments (lower case) of each category; the first match up the call chain wins.
+KEYWORDS = [("conv", ("conv", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "mmbackward")),
+            ("bn", ("batch_norm", "batchnorm")),
+            ("act", ("elu", "relu", "silu")),  # 'elu' also matches celu and gelu
+            ("pool", ("max_pool", "maxpool", "amax")),
+            ("loss", ("cross_entropy", "log_softmax", "logsoftmax", "nll_loss", "nllloss"))]
+CATEGORIES = {"conv": "convolutions (+ linear head)", "bn": "batch norm", "act": "activations", "pool": "pooling",
+              "loss": "loss", "other": "other training-step ops", "optimizer": "optimizer step", "ema": "EMA",
+              "augment": "augmentation", "eval": "evaluation / TTA", "whitening": "whitening init",
+              "host": "host overhead / idle gaps"}
+PER_STEP = ("conv", "bn", "act", "pool", "loss", "other", "optimizer", "ema", "host")
+ADD_UP_TOLERANCE = 0.05  # the rows must sum to the window's wall-clock time within 5%
+HOST_MEANING = {
+    "cpu": "on CPU every operator runs on the host: 'host overhead / idle gaps' is the window's wall time "
+           "inside no recorded operator (Python, the loop, dispatch between ops); idle cannot be told apart from it",
+    "cuda": "on CUDA 'host overhead / idle gaps' is the window's wall time in which no kernel or copy ran on the GPU "
+            "(the GPU waiting for Python, kernel launches or a synchronisation)",
+}
+
+
+def add_flags(group) -> None:
+    group.add_argument("--trace-steps", type=int, metavar="N", default=10, help="training steps in the profiled window (default: 10)")
+    group.add_argument("--trace-warmup", type=int, metavar="N", default=3, help="untraced training steps before the window (default: 3)")
+    group.add_argument("--trace-eval-images", type=int, metavar="N", default=0,
+                       help="test images evaluated in the window (default 0: one evaluation batch)")
+    group.add_argument("--trace-dir", type=Path, metavar="DIR", default=None,
+                       help="folder for the traces, table and chart (default: traces/trace-<time>); must be new or empty")
+
+
+def category_of(event) -> str:
+    """The category of an operator: its innermost enclosing region if any (augmentation, EMA,
+    optimizer, ...), else the first name up its call chain that matches a keyword, else 'other'."""
+    chain = []
+    node = event
+    while node is not None:
+        chain.append(node.name)
+        node = node.cpu_parent
+    for name in chain:
+        if name in REGIONS:
+            return REGIONS[name]
+        if name.startswith(OPTIMIZER_PREFIXES):
+            return "optimizer"
+    for name in chain:
+        low = name.lower()
+        for category, fragments in KEYWORDS:
+            if any(f in low for f in fragments):
+                return category
+    return "other"
+
+
+def union_length(intervals) -> float:
+    total, end = 0.0, -float("inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def breakdown(events, device_type: str) -> dict:
+    """Microseconds per category in the profiled window, from the profiler's events."""
+    window = next(e for e in events if e.name == WINDOW)
+    w0, w1 = window.time_range.start, window.time_range.end
+    times = dict.fromkeys(CATEGORIES, 0.0)
+    inside = [e for e in events if e.device_type == DeviceType.CPU and e is not window
+              and w0 <= e.time_range.start and e.time_range.end <= w1]
+    if device_type == "cuda":
+        for e in inside:
+            own_kernels = sum(k.duration for k in e.kernels if k.name not in REGIONS and k.name != WINDOW)
+            times[category_of(e)] += own_kernels
+        gpu = [(max(e.time_range.start, w0), min(e.time_range.end, w1)) for e in events
+               if e.device_type == DeviceType.CUDA and e.name not in REGIONS and e.name != WINDOW
+               and not e.name.startswith(OPTIMIZER_PREFIXES)]
+        times["host"] = (w1 - w0) - union_length([(a, b) for a, b in gpu if b > a])
+    else:
+        for e in inside:
+            if e.thread == window.thread:
+                times[category_of(e)] += e.self_cpu_time_total
+        times["host"] = window.self_cpu_time_total
+    return times
+
+
+def profile_window(cfg, data, device, steps: int, warmup: int, eval_images: int):
+    """Runs the warm-up, then the profiled window; returns (profiler, window wall seconds)."""
+    speedrun.set_determinism(cfg, device)
+    dtype = speedrun.compute_dtype(cfg, device)
+    gen = speedrun.seed_everything(cfg.seed, device)
+    model = speedrun.build_model(cfg, device)
+    opt = speedrun.build_optimizer(model, cfg)
+    step_fn, _ = speedrun.make_step_fn(model, opt, cfg, device, dtype)
+    augment = speedrun.EpochAugmenter(cfg, gen)
+    ema = speedrun.EMA(model, cfg.ema_momentum, cfg.ema_every) if cfg.ema else None
+    eval_model = ema.model if ema else model
+    eval_forward = torch.compile(eval_model) if cfg.compile else eval_model
+    n_train = data.train_x.shape[0]
+    test_x = data.test_x[:eval_images]
+
+    model.train()
+    for i in range(warmup):  # first-call allocations, cuDNN autotuning, compilation
+        step_fn(data.train_x[:cfg.batch_size], data.train_y[:cfg.batch_size])
+    speedrun.predict(eval_forward, test_x[:cfg.eval_batch_size], cfg, device, dtype)
+    speedrun.synchronize(device)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        with record_function(WINDOW):
+            with record_function("speedrun: whitening"):
+                speedrun.init_whitening(model, data.train_x, cfg)
+            with record_function("speedrun: augmentation"):
+                order = torch.randperm(n_train, device=device, generator=gen)
+                x, y = augment(data.train_x, 0)[order], data.train_y[order]
+                if device.type == "cuda" and cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+            speedrun.train_epoch(step_fn, opt, ema, x[:steps * cfg.batch_size], y[:steps * cfg.batch_size],
+                                 cfg, 0, warmup, cfg.batch_size)
+            with record_function("speedrun: evaluation"):
+                speedrun.predict(eval_forward, test_x, cfg, device, dtype)
+            speedrun.synchronize(device)
+        wall_s = time.perf_counter() - t0
+    return prof, wall_s
+
+
+def full_run_factors(cfg, data, steps: int, eval_images: int) -> dict:
+    """How many times each category's window work happens in one timed run."""
+    run_steps = cfg.epochs * (data.train_x.shape[0] // cfg.batch_size)
+    factors = {c: run_steps / steps for c in PER_STEP}
+    factors.update(augment=cfg.epochs, eval=data.test_x.shape[0] / eval_images, whitening=1.0)
+    return factors
+
+
+def format_table(times_us: dict, factors: dict, wall_s: float, device_type: str) -> list[str]:
+    total_ms = sum(times_us.values()) / 1e3
+    run_s = {c: times_us[c] * factors[c] / 1e6 for c in CATEGORIES}
+    run_total = sum(run_s.values()) or 1e-12
+    lines = [f"{'category':<30} {'window ms':>10} {'window %':>9} {'run est. s':>11} {'run %':>7}"]
+    for c, label in CATEGORIES.items():
+        ms = times_us[c] / 1e3
+        lines.append(f"{label:<30} {ms:10.2f} {100 * ms / (total_ms or 1e-12):9.1f} {run_s[c]:11.3f} "
+                     f"{100 * run_s[c] / run_total:7.1f}")
+    gap = abs(total_ms / 1e3 - wall_s) / wall_s
+    lines += [f"{'sum of the rows':<30} {total_ms:10.2f} {100.0:9.1f} {run_total:11.3f} {100.0:7.1f}",
+              f"{'wall clock of the window':<30} {1e3 * wall_s:10.2f}",
+              f"the rows add up to the window's wall-clock time within {100 * gap:.2f}% "
+              f"(tolerance {100 * ADD_UP_TOLERANCE:.0f}%)",
+              HOST_MEANING.get(device_type, HOST_MEANING["cpu"])]
+    return lines
+
+
+def write_traces(prof, trace_dir: Path) -> tuple[Path, Path]:
+    chrome = trace_dir / "trace.json"
+    speedrun.write_atomic(chrome, lambda tmp: prof.export_chrome_trace(os.fspath(tmp)))
+    # The TensorBoard profiler plugin reads <logdir>/<run>/<worker>.pt.trace.json.
+    board = trace_dir / "tensorboard" / "speedrun" / f"{socket.gethostname()}_{os.getpid()}.pt.trace.json"
+    speedrun.write_atomic(board, lambda tmp: shutil.copyfile(chrome, tmp))
+    return chrome, board
+
+
+def main(argv=None) -> int:
+    parser, args, cfg, device = _common.parse_args(__doc__.split("\n\n")[0], add_flags, argv, uses=())
+    trace_dir = args.trace_dir or Path("traces") / f"trace-{_common.timestamp()}"
+    if trace_dir.exists() and (not trace_dir.is_dir() or any(trace_dir.iterdir())):
+        parser.exit(2, f"error: --trace-dir {trace_dir} exists and is not an empty folder; choose another\n")
+    for name, least in (("trace_steps", 1), ("trace_warmup", 0), ("trace_eval_images", 0)):
+        if getattr(args, name) < least:
+            parser.exit(2, f"error: --{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}\n")
+    data = _common.load_data(parser, cfg, device, args)
+    n_train, n_test = data.train_x.shape[0], data.test_x.shape[0]
+    if args.trace_steps * cfg.batch_size > n_train:
+        parser.exit(2, f"error: --trace-steps {args.trace_steps} x batch size {cfg.batch_size} needs {args.trace_steps * cfg.batch_size} "
+                       f"training images, but there are {n_train}; lower --trace-steps or raise --subset\n")
+    eval_images = min(args.trace_eval_images or cfg.eval_batch_size, n_test)
+
+    prof, wall_s = profile_window(cfg, data, device, args.trace_steps, args.trace_warmup, eval_images)
+    times_us = breakdown(prof.events(), device.type)
+    factors = full_run_factors(cfg, data, args.trace_steps, eval_images)
+    chrome, board = write_traces(prof, trace_dir)
+
+    tta = f"{cfg.tta} TTA" if cfg.tta != "none" else "no TTA"
+    lines = [_common.describe_machine(device), f"command: {_common.command_line()}",
+             f"profiled window: whitening init ({min(cfg.whiten_samples, n_train) if cfg.whiten else 0} images), "
+             f"augmentation of one epoch ({n_train} images), {args.trace_steps} training steps of {cfg.batch_size}, "
+             f"evaluation of {eval_images} test images ({tta}); 'run est.' = one timed run of {_common.plural(cfg.epochs, 'epoch')} "
+             f"on {n_train} images + one evaluation of {n_test}", ""]
+    lines += format_table(times_us, factors, wall_s, device.type)
+    text = "\n".join(lines)
+    print(text)
+    _common.write_text(trace_dir / "breakdown.txt", text + "\n")
+    record = dict(device=str(device), machine=_common.describe_machine(device), command=_common.command_line(),
+                  window_wall_s=wall_s, window_us=times_us, run_factors=factors,
+                  add_up_tolerance=ADD_UP_TOLERANCE, labels=CATEGORIES)
+    _common.write_text(trace_dir / "breakdown.json", json.dumps(record, indent=2) + "\n")
+    run_s = [times_us[c] * factors[c] / 1e6 for c in CATEGORIES]
+    chart = _common.bar_chart(trace_dir / "breakdown.png", list(CATEGORIES.values()), run_s,
+                              f"Estimated time of one run by category\n{_common.describe_machine(device)}",
+                              "seconds per run (estimate)")
+    print(f"\n{chart}\ntrace for Perfetto (https://ui.perfetto.dev) or chrome://tracing: {chrome}"
+          f"\ntrace for TensorBoard: tensorboard --logdir {board.parent.parent}   (pip install torch-tb-profiler)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
