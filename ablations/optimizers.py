@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Optimizers compared on the same network, data, schedule and epoch budget.
+
+    python ablations/optimizers.py --runs 3                              # all seven at their starting LRs
+    python ablations/optimizers.py --lr-multipliers 0.25,0.5,1,2,4       # a tuning sweep around them
+    python ablations/optimizers.py --optimizers nesterov,adam --lr-for adam=0.5
+
+Learning rates are in speedrun's unit (`--lr`: per summed-loss sample; each step uses lr/batch_size).
+Nesterov and SGD start from the recipe's --lr; the adaptive optimizers from the step LRs in
+ADAPTIVE_STEP_LR (common starting points, not tuned here) and with bias_lr_scale 1, since the
+recipe's 64x LR on BN parameters is far too high for them. --lr-for gives an LR outright. With
+several multipliers, the best per optimizer is chosen on the same seeds (an optimistic estimate);
+the curves show each optimizer at its best LR.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ablations import study  # noqa: E402
+import speedrun  # noqa: E402
+
+OPTIMIZERS = ("nesterov", "sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
+ADAPTIVE_STEP_LR = dict(adam=2e-3, adamw=2e-3, rmsprop=2e-4, adagrad=1e-2, adadelta=1.0)
+
+
+def parse_list(text: str, flag: str, kind=str) -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        values = [kind(t) for t in items]
+    except ValueError:
+        raise study.StudyError(f"{flag} {text!r}: expected a comma-separated list of {kind.__name__}") from None
+    if not values:
+        raise study.StudyError(f"{flag} is empty")
+    return values
+
+
+def parse_given_lrs(text: str | None) -> dict[str, float]:
+    """'adam=0.5,sgd=2' -> {'adam': 0.5, 'sgd': 2.0}."""
+    given = {}
+    for item in parse_list(text, "--lr-for") if text else []:
+        name, eq, value = item.partition("=")
+        if not eq or name.strip() not in OPTIMIZERS:
+            raise study.StudyError(f"--lr-for {item!r}: expected OPTIMIZER=LR with OPTIMIZER one of {', '.join(OPTIMIZERS)}")
+        try:
+            given[name.strip()] = float(value)
+        except ValueError:
+            raise study.StudyError(f"--lr-for {item!r}: {value!r} is not a number") from None
+    return given
+
+
+def make_study(args, base: speedrun.Config) -> study.Study:
+    names = parse_list(args.optimizers, "--optimizers")
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if unknown:
+        raise study.StudyError(f"--optimizers: unknown {', '.join(unknown)}; choose from {', '.join(OPTIMIZERS)}")
+    multipliers = parse_list(args.lr_multipliers, "--lr-multipliers", float)
+    if any(m <= 0 for m in multipliers):
+        raise study.StudyError("--lr-multipliers must be positive")
+    given = parse_given_lrs(args.lr_for)
+    reference = "nesterov" if len(multipliers) == 1 else "nesterov x1"
+    if "nesterov" not in names or 1.0 not in multipliers or "nesterov" in given:
+        reference = None
+    variants = []
+    for opt in names:
+        adaptive = opt in ADAPTIVE_STEP_LR
+        start = given.get(opt, ADAPTIVE_STEP_LR[opt] * base.batch_size if adaptive else base.lr)
+        for m in multipliers:
+            lr = start * m
+            name = opt if len(multipliers) == 1 else f"{opt} x{m:g}"
+            source = "given" if opt in given else ("starting LR" if adaptive else "recipe LR")
+            fields = dict(optimizer=opt, lr=lr, bias_lr_scale=1.0 if adaptive else base.bias_lr_scale)
+            variants.append(study.make_variant(
+                base, name, f"{opt}, lr {lr:.4g} ({m:g} x {source}), step lr {lr / base.batch_size:.3g}",
+                reference=reference if name != reference else None,
+                tags=dict(optimizer=opt, lr=lr, step_lr=lr / base.batch_size, multiplier=m), **fields))
+    notes = [f"Δ columns: variant minus `{reference}` (the recipe)" if reference else "Δ columns: none (no Nesterov run at the recipe's LR)",
+             "same network, data, one-cycle schedule, weight decay and epochs for every optimizer; "
+             "adaptive optimizers use bias_lr_scale 1"]
+    return study.Study("optimizers", "Optimizers on the same network and budget", variants, notes)
+
+
+def build_parser():
+    p = study.build_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS), metavar="A,B,...",
+                   help=f"optimizers to compare (default: {','.join(OPTIMIZERS)})")
+    p.add_argument("--lr-for", default=None, metavar="OPT=LR,...", help="learning rates given outright, in --lr units")
+    p.add_argument("--lr-multipliers", default="1", metavar="M1,M2,...",
+                   help="try each optimizer at these multiples of its LR; the best is reported (default: 1)")
+    return p
+
+
+def main(argv=None) -> int:
+    return study.main(build_parser(), make_study, "optimizers", "ablations/optimizers.py", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

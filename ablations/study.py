@@ -1,0 +1,682 @@
+"""The shared runner of the ablation studies: variants x seeds of speedrun.train, resumable and shardable.
+
+A study is a list of variants (a name, a Config, the variant its differences are measured against)
+run with the same seeds each (paired comparison). Everything lives in one study folder:
+
+    study.json    what the study is (every variant's config) and who ran it (command, hardware)
+    results.csv   one line per finished run, appended and fsynced; the resume mechanism
+    summary.md    the Markdown table; summary.json holds the same numbers unrounded
+    *.png         bar charts, curves, heatmaps (when matplotlib is installed)
+
+Jobs are ordered seed-major (every variant at the first seed, then the next seed, ...), so an
+interrupted study holds complete pairs for its early seeds. `--shard i/n` keeps jobs i, i+n, ...
+(1-based) of that order; merge.py unions the shards' CSV files. `--workers N` (a speedrun flag) runs
+N worker processes, one per visible CUDA GPU by default; only this parent process writes the CSV.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import functools
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+import speedrun  # noqa: E402
+
+CSV_COLUMNS = ("variant", "seed", "final_acc", "time_to_target_s", "epochs_to_target", "timed_s",
+               "acc_by_epoch", "seconds_by_epoch", "device_name", "finished")
+# Config fields that say where or how often to run, not what a variant is.
+UNSTORED_FIELDS = ("data_dir", "device", "seed", "runs", "workers")
+DEFAULT_RUNS = 5
+PLOT_NOTICE = "plots skipped: matplotlib is not installed (pip install matplotlib, then rerun or run merge.py to draw them)"
+
+
+class StudyError(ValueError):
+    """A study folder or a request that cannot be used; the message says what to do."""
+
+
+# =============================================================================================
+# Variants and studies
+# =============================================================================================
+
+
+@dataclass
+class Variant:
+    name: str
+    change: str                      # what differs from the base recipe, in words
+    config: speedrun.Config
+    reference: str | None = None     # the variant its differences are measured against, seed by seed
+    tags: dict = field(default_factory=dict)  # kind-specific facts (grid coordinates, optimizer and LR)
+
+
+@dataclass
+class Study:
+    kind: str                        # tricks | cumulative | grid | optimizers
+    title: str
+    variants: list[Variant]
+    notes: list[str] = field(default_factory=list)
+    axes: dict = field(default_factory=dict)  # grid: {"x": [field, values], "y": [field, values]}
+
+    def definition(self) -> dict:
+        """The JSON form of the study, without seeds: two runs of the same study have equal definitions."""
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise StudyError(f"variant names repeat: {', '.join(names)}")
+        variants = []
+        for v in self.variants:
+            cfg = {k: val for k, val in dataclasses.asdict(v.config).items() if k not in UNSTORED_FIELDS}
+            variants.append(dict(name=v.name, change=v.change, reference=v.reference, tags=v.tags, config=cfg))
+        definition = dict(kind=self.kind, title=self.title, notes=self.notes, axes=self.axes, variants=variants)
+        return json.loads(json.dumps(definition))  # the form it has after a trip through study.json
+
+
+def make_variant(base: speedrun.Config, name: str, change: str, reference: str | None = None,
+                 tags: dict | None = None, **fields) -> Variant:
+    """The base config with `fields` replaced, checked; a bad combination names the variant."""
+    try:
+        cfg = dataclasses.replace(base, **fields)
+        speedrun.check_config(cfg)
+        if cfg.subset and cfg.subset < cfg.batch_size:
+            raise ValueError(f"--subset {cfg.subset} is smaller than one batch of {cfg.batch_size}")
+    except (TypeError, ValueError) as e:
+        raise StudyError(f"variant {name!r}: {e}") from None
+    return Variant(name, change, cfg, reference, tags or {})
+
+
+def pick_variants(variants: list[Variant], wanted: str | None) -> list[Variant]:
+    """The variants named in the comma-separated `wanted` (all when None), in the study's order."""
+    if not wanted:
+        return variants
+    names = [w.strip() for w in wanted.split(",") if w.strip()]
+    known = {v.name for v in variants}
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise StudyError(f"unknown variant(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(v.name for v in variants)}")
+    picked = [v for v in variants if v.name in names]
+    kept = {v.name for v in picked}
+    return [v if v.reference in kept else dataclasses.replace(v, reference=None) for v in picked]
+
+
+# =============================================================================================
+# results.csv: one line per finished run
+# =============================================================================================
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)  # round-trips exactly
+    if isinstance(value, (list, tuple)):
+        return " ".join(repr(float(x)) for x in value)
+    return str(value)
+
+
+def _parse_row(cells: list[str], where: str) -> dict:
+    if len(cells) != len(CSV_COLUMNS):
+        raise StudyError(f"{where} has {len(cells)} fields, expected {len(CSV_COLUMNS)}: the file is damaged")
+    raw = dict(zip(CSV_COLUMNS, cells))
+    try:
+        opt = lambda text, kind: kind(text) if text != "" else None  # noqa: E731
+        return dict(variant=raw["variant"], seed=int(raw["seed"]), final_acc=float(raw["final_acc"]),
+                    time_to_target_s=opt(raw["time_to_target_s"], float),
+                    epochs_to_target=opt(raw["epochs_to_target"], int), timed_s=float(raw["timed_s"]),
+                    acc_by_epoch=[float(x) for x in raw["acc_by_epoch"].split()],
+                    seconds_by_epoch=[float(x) for x in raw["seconds_by_epoch"].split()],
+                    device_name=raw["device_name"], finished=raw["finished"])
+    except ValueError as e:
+        raise StudyError(f"{where} cannot be read ({e}): the file is damaged") from None
+
+
+class ResultsFile:
+    """results.csv. Appends whole lines with one write and an fsync; on reading, a last line without
+    its newline (a crash in mid-write) is ignored, and cut off when `repair` is set."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def read(self, repair: bool = False, log=print) -> list[dict]:
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            if log:
+                log(f"note: {self.path}: ignoring a half-written last line (a run interrupted while saving); "
+                    f"that run will be done again")
+            if repair:
+                os.truncate(self.path, cut)
+            data = data[:cut]
+        lines = list(csv.reader(io.StringIO(data.decode("utf-8"))))
+        if not lines:
+            return []
+        if tuple(lines[0]) != CSV_COLUMNS:
+            raise StudyError(f"{self.path} does not start with the header of a study's results.csv "
+                             f"({','.join(CSV_COLUMNS)}); is this the right folder?")
+        return [_parse_row(cells, f"{self.path} line {k + 2}") for k, cells in enumerate(lines[1:])]
+
+    def _ensure_header(self) -> None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            speedrun.write_atomic(self.path, lambda tmp: tmp.write_text(",".join(CSV_COLUMNS) + "\n"))
+
+    def append(self, row: dict) -> None:
+        self._ensure_header()
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow([_cell(row[c]) for c in CSV_COLUMNS])
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, buf.getvalue().encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def write_all(self, rows: list[dict]) -> None:
+        """Replace the file with exactly these rows (merge.py)."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for row in rows:
+            writer.writerow([_cell(row[c]) for c in CSV_COLUMNS])
+        speedrun.write_atomic(self.path, lambda tmp: tmp.write_text(buf.getvalue()))
+
+
+def result_row(variant: str, result: dict, device_name: str) -> dict:
+    """The CSV row of one speedrun.train result. timed_s = whitening + all training epochs."""
+    return dict(variant=variant, seed=result["seed"], final_acc=result["final_acc"],
+                time_to_target_s=result["time_to_target_s"], epochs_to_target=result["epochs_to_target"],
+                timed_s=result["whitening_s"] + result["train_s"],
+                acc_by_epoch=[e["tta_acc"] for e in result["epochs"]],
+                seconds_by_epoch=[e["train_s"] for e in result["epochs"]], device_name=device_name,
+                finished=datetime.datetime.now().isoformat(timespec="seconds"))
+
+
+# =============================================================================================
+# Jobs, shards, workers
+# =============================================================================================
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'i/n' with 1 <= i <= n -> (i, n); None -> (1, 1)."""
+    if text is None:
+        return 1, 1
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise StudyError(f"--shard {text!r}: expected i/n, e.g. 1/2 (the first of two shards)") from None
+    if not 1 <= i <= n:
+        raise StudyError(f"--shard {text!r}: need 1 <= i <= n")
+    return i, n
+
+
+def job_list(variants: list[Variant], seeds: list[int]) -> list[tuple[Variant, int]]:
+    return [(v, s) for s in seeds for v in variants]
+
+
+def shard_jobs(jobs: list, shard: tuple[int, int]) -> list:
+    i, n = shard
+    return [job for k, job in enumerate(jobs) if k % n == i - 1]
+
+
+def worker_devices(cfg: speedrun.Config, jobs: int) -> list[str]:
+    """One device per worker process, as speedrun chooses them for `jobs` runs: --workers 0 means
+    one per visible CUDA GPU (one on other devices); a single entry means no worker processes."""
+    return speedrun.worker_devices(cfg, speedrun.pick_device(cfg.device), jobs)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _run_line(k: int, total: int, row: dict, target: float, started: float) -> str:
+    elapsed = time.perf_counter() - started
+    eta = elapsed / k * (total - k)
+    ttt = row["time_to_target_s"]
+    reached = f"{ttt:.2f} s" if ttt is not None else "not reached"
+    return (f"run {k} of {total}: variant {row['variant']}, seed {row['seed']}: acc {100 * row['final_acc']:.2f}%, "
+            f"time-to-{100 * target:g}% {reached} ({row['timed_s']:.2f} s timed) | elapsed {_clock(elapsed)}, ETA {_clock(eta)}")
+
+
+def execute(jobs: list[tuple[Variant, int]], devices: list[str], on_row, threads: int | None = None,
+            url: str = speedrun.CIFAR10_URL) -> None:
+    """Run the jobs with speedrun.run_jobs, calling on_row(row) here as each finishes (in finishing order)."""
+    names = {}
+
+    def on_result(index, result, device):
+        if device not in names:
+            names[device] = speedrun.environment(torch.device(device))["device_name"]
+        on_row(result_row(jobs[index][0].name, result, names[device]))
+
+    speedrun.run_jobs([(v.config, seed) for v, seed in jobs], devices, on_result, url=url, threads=threads)
+
+
+def run_study(study: Study, folder: Path, seeds: list[int], base: speedrun.Config, shard=(1, 1),
+              max_runs: int | None = None, threads: int | None = None, argv: list[str] | None = None,
+              url: str = speedrun.CIFAR10_URL, log=print) -> dict:
+    """Run the study's missing (variant, seed) jobs of this shard into `folder`, on the device and
+    workers of `base` (its device and workers fields), then write the reports; returns the summary.
+    A folder made for another study is refused."""
+    folder = Path(folder)
+    definition = study.definition()
+    meta_path = folder / "study.json"
+    sessions = []
+    if meta_path.exists():
+        meta = read_meta(folder)
+        if meta["definition"] != definition:
+            raise StudyError(f"{folder} holds a different study (its variants or their configs differ from "
+                             f"this command's); pass a new --study folder, or the same flags as before")
+        sessions = meta["sessions"]
+    results = ResultsFile(folder / "results.csv")
+    rows = results.read(repair=True, log=log)
+    known = {v.name for v in study.variants}
+    strangers = sorted({r["variant"] for r in rows} - known)
+    if strangers:
+        raise StudyError(f"{results.path} has rows of variants this study does not define: {', '.join(strangers)}")
+    done = {(r["variant"], r["seed"]) for r in rows}
+    jobs = shard_jobs(job_list(study.variants, seeds), shard)
+    todo = [(v, s) for v, s in jobs if (v.name, s) not in done]
+    if max_runs is not None:
+        todo = todo[:max_runs]
+    devices = worker_devices(base, len(todo))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    session = dict(argv=argv if argv is not None else sys.argv, shard=f"{shard[0]}/{shard[1]}", seeds=seeds,
+                   environment=speedrun.environment(torch.device(devices[0])), workers=devices)
+    write_meta(folder, definition, sessions + [session])
+    where = f" (shard {shard[0]}/{shard[1]})" if shard != (1, 1) else ""
+    if log:
+        already = sum((v.name, s) in done for v, s in jobs)
+        log(f"study folder {folder}{where}: {len(jobs)} runs, {already} already done, {len(todo)} to run now "
+            f"on {', '.join(devices)}; resume with --study {folder}")
+        if len(devices) > 1 and all(d == "cpu" for d in devices):
+            log("note: several CPU workers share the cores, so their times are not comparable with single-worker times")
+
+    started, count = time.perf_counter(), 0
+
+    def on_row(row):
+        nonlocal count
+        results.append(row)
+        rows.append(row)
+        count += 1
+        if log:
+            target = next(v.config.target_acc for v in study.variants if v.name == row["variant"])
+            log(_run_line(count, len(todo), row, target, started))
+
+    try:
+        execute(todo, devices, on_row, threads=threads, url=url)
+    finally:
+        summary = write_reports(folder, definition, rows, sessions + [session], log=log)
+    return summary
+
+
+def read_meta(folder: Path) -> dict:
+    path = Path(folder) / "study.json"
+    try:
+        meta = json.loads(path.read_text())
+        meta["definition"], meta["sessions"]
+    except FileNotFoundError:
+        raise StudyError(f"{folder} is not a study folder (no study.json)") from None
+    except (ValueError, KeyError, TypeError):
+        raise StudyError(f"{path} is damaged (not the JSON a study writes)") from None
+    return meta
+
+
+def write_meta(folder: Path, definition: dict, sessions: list[dict]) -> None:
+    text = json.dumps(dict(definition=definition, sessions=sessions), indent=2)
+    speedrun.write_atomic(Path(folder) / "study.json", lambda tmp: tmp.write_text(text + "\n"))
+
+
+# =============================================================================================
+# Statistics
+# =============================================================================================
+
+
+def _interval(values) -> list[float] | None:
+    return list(speedrun.confidence_interval(values)) if len(values) >= 2 else None
+
+
+def paired_difference(rows: list[dict], ref_rows: list[dict], key: str) -> dict:
+    """Mean of the per-seed differences rows[key] - ref_rows[key], over seeds where both have a value,
+    with a 95% paired t-interval (the t-interval of the differences)."""
+    ref = {r["seed"]: r[key] for r in ref_rows if r[key] is not None}
+    diffs = [r[key] - ref[r["seed"]] for r in rows if r[key] is not None and r["seed"] in ref]
+    mean, std = speedrun.mean_std(diffs)
+    return dict(pairs=len(diffs), mean=mean, std=std, ci95=_interval(diffs))
+
+
+def variant_stats(rows: list[dict], ref_rows: list[dict] | None, target: float) -> dict:
+    accs = [r["final_acc"] for r in rows]
+    times = [r["time_to_target_s"] for r in rows if r["time_to_target_s"] is not None]
+    epochs = [r["epochs_to_target"] for r in rows if r["epochs_to_target"] is not None]
+    timed = [r["timed_s"] for r in rows]
+    acc_mean, acc_std = speedrun.mean_std(accs)
+    t_mean, t_std = speedrun.mean_std(times)
+    timed_mean, timed_std = speedrun.mean_std(timed)
+    stats = dict(runs=len(rows), seeds=sorted(r["seed"] for r in rows), target_acc=target,
+                 acc_mean=acc_mean, acc_std=acc_std, acc_ci95=_interval(accs),
+                 frac_at_target=sum(a >= target for a in accs) / len(accs) if accs else None,
+                 runs_reaching_target=len(times), time_to_target_mean_s=t_mean, time_to_target_std_s=t_std,
+                 time_to_target_ci95=_interval(times), epochs_to_target_mean=speedrun.mean_std(epochs)[0],
+                 timed_mean_s=timed_mean, timed_std_s=timed_std, timed_ci95=_interval(timed))
+    if ref_rows is not None:
+        stats["delta_acc"] = paired_difference(rows, ref_rows, "final_acc")
+        stats["delta_time_to_target_s"] = paired_difference(rows, ref_rows, "time_to_target_s")
+        stats["delta_timed_s"] = paired_difference(rows, ref_rows, "timed_s")
+    return stats
+
+
+def mean_curves(rows: list[dict]) -> dict | None:
+    """Mean over runs of accuracy and cumulative timed seconds at each epoch."""
+    if not rows:
+        return None
+    n = min(len(r["acc_by_epoch"]) for r in rows)
+    acc = [sum(r["acc_by_epoch"][e] for r in rows) / len(rows) for e in range(n)]
+    sec = [sum(r["seconds_by_epoch"][e] for r in rows) / len(rows) for e in range(n)]
+    return dict(epoch=list(range(1, n + 1)), acc=acc, seconds=sec)
+
+
+def build_summary(definition: dict, rows: list[dict], sessions: list[dict]) -> dict:
+    by_variant = {v["name"]: [] for v in definition["variants"]}
+    for r in rows:
+        by_variant[r["variant"]].append(r)
+    variants = []
+    for v in definition["variants"]:
+        own, ref = by_variant[v["name"]], v["reference"]
+        entry = dict(name=v["name"], change=v["change"], reference=ref, tags=v["tags"])
+        if own:
+            entry.update(variant_stats(own, by_variant.get(ref) if ref else None, v["config"]["target_acc"]))
+            entry["curves"] = mean_curves(own)
+        else:
+            entry["runs"] = 0
+        variants.append(entry)
+    torch_versions = sorted({s["environment"]["torch"] for s in sessions})
+    return dict(kind=definition["kind"], title=definition["title"], notes=definition["notes"],
+                axes=definition["axes"], runs_total=len(rows), seeds=sorted({r["seed"] for r in rows}),
+                hardware=sorted({r["device_name"] for r in rows}), torch=torch_versions,
+                commands=[" ".join(["python", *s["argv"]]) if s["argv"] else "" for s in sessions],
+                variants=variants)
+
+
+# =============================================================================================
+# Reports: summary.md, summary.json, charts
+# =============================================================================================
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.2f}"
+
+
+def _sec(x) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def _range(ci, scale=1.0) -> str:
+    return "—" if ci is None else f"{scale * ci[0]:.2f} .. {scale * ci[1]:.2f}"
+
+
+def _delta(d: dict | None, scale: float) -> str:
+    if not d or d["pairs"] == 0:
+        return "—"
+    text = f"{scale * d['mean']:+.2f}"
+    return text + (f" ({_range(d['ci95'], scale)})" if d["ci95"] else " (1 pair)")
+
+
+def variant_table(summary: dict) -> list[str]:
+    target = next((v["target_acc"] for v in summary["variants"] if v["runs"]), 0.94)
+    pct = f"{100 * target:g}%"
+    lines = [f"| variant | change | runs | acc % mean (std) | acc % 95% CI | at {pct} | time-to-{pct} s (runs) "
+             f"| epochs-to-{pct} | timed s | Δ acc pp (95% CI) | Δ time-to-{pct} s (95% CI) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for v in summary["variants"]:
+        if not v["runs"]:
+            lines.append(f"| {v['name']} | {v['change']} | 0 | not run yet | | | | | | | |")
+            continue
+        ttt = "—" if not v["runs_reaching_target"] else f"{v['time_to_target_mean_s']:.2f} ({v['runs_reaching_target']})"
+        ett = "—" if v["epochs_to_target_mean"] is None else f"{v['epochs_to_target_mean']:.1f}"
+        std = _pct(v["acc_std"]) if v["runs"] > 1 else "—"
+        lines.append(f"| {v['name']} | {v['change']} | {v['runs']} | {_pct(v['acc_mean'])} ({std}) "
+                     f"| {_range(v['acc_ci95'], 100)} | {100 * v['frac_at_target']:.0f}% | {ttt} | {ett} "
+                     f"| {_sec(v['timed_mean_s'])} | {_delta(v.get('delta_acc'), 100)} "
+                     f"| {_delta(v.get('delta_time_to_target_s'), 1)} |")
+    return lines
+
+
+def grid_tables(summary: dict) -> list[str]:
+    (xf, xs), (yf, ys) = summary["axes"]["x"], summary["axes"]["y"]
+    cell = {(v["tags"]["x"], v["tags"]["y"]): v for v in summary["variants"]}
+    out = []
+    for title, show in (("mean accuracy %", lambda v: _pct(v["acc_mean"])),
+                        ("mean time-to-target s (runs reaching it)", lambda v: "—" if not v["runs_reaching_target"]
+                         else f"{v['time_to_target_mean_s']:.2f} ({v['runs_reaching_target']})"),
+                        ("mean timed s (whole budget)", lambda v: _sec(v["timed_mean_s"]))):
+        out += ["", f"{title}, rows {yf}, columns {xf}:", "",
+                f"| {yf} \\ {xf} | " + " | ".join(str(x) for x in xs) + " |", "|---" * (len(xs) + 1) + "|"]
+        for y in ys:
+            out.append(f"| {y} | " + " | ".join(show(cell[x, y]) if cell[x, y]["runs"] else "—" for x in xs) + " |")
+    return out
+
+
+def best_per_optimizer(summary: dict) -> dict:
+    """optimizer -> the variant with the highest mean accuracy among its LRs."""
+    best = {}
+    for v in summary["variants"]:
+        opt = v["tags"].get("optimizer")
+        if v["runs"] and (opt not in best or v["acc_mean"] > best[opt]["acc_mean"]):
+            best[opt] = v
+    return best
+
+
+def summary_markdown(summary: dict) -> str:
+    seeds = summary["seeds"]
+    lines = [f"# {summary['title']}", "",
+             f"- hardware: {'; '.join(summary['hardware']) or '—'}; torch {', '.join(summary['torch'])}",
+             *[f"- command: `{c}`" for c in dict.fromkeys(summary["commands"]) if c],
+             f"- runs: {summary['runs_total']} in results.csv; seeds {', '.join(map(str, seeds)) or '—'}, "
+             f"the same seeds for every variant (paired comparison)",
+             "- acc: final EMA+TTA test accuracy; timed s: whitening + every training epoch (speedrun's timer); "
+             "time-to-target: mean over the runs that reached it (their count in brackets); "
+             "Δ: mean of the per-seed differences from the reference variant, with a 95% paired t-interval",
+             *[f"- {n}" for n in summary["notes"]], ""]
+    lines += variant_table(summary)
+    if summary["kind"] == "grid":
+        lines += grid_tables(summary)
+    if summary["kind"] == "optimizers":
+        lines += ["", "Best learning rate per optimizer (chosen on the same seeds, so its accuracy is optimistic):", "",
+                  "| optimizer | lr | step lr | acc % mean | time-to-target s |", "|---|---|---|---|---|"]
+        for opt, v in best_per_optimizer(summary).items():
+            ttt = "—" if not v["runs_reaching_target"] else f"{v['time_to_target_mean_s']:.2f}"
+            lines.append(f"| {opt} | {v['tags']['lr']:g} | {v['tags']['step_lr']:.3g} | {_pct(v['acc_mean'])} | {ttt} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(folder: Path, definition: dict, rows: list[dict], sessions: list[dict], log=print) -> dict:
+    summary = build_summary(definition, rows, sessions)
+    folder = Path(folder)
+    speedrun.write_atomic(folder / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+    text = summary_markdown(summary)
+    speedrun.write_atomic(folder / "summary.md", lambda tmp: tmp.write_text(text))
+    if not rows:
+        return summary
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if log:
+            log(PLOT_NOTICE)
+        plt = None
+    charts = draw_charts(folder, summary, plt) if plt else []
+    if log:
+        log("\n" + text.rstrip())
+        log(f"written: {folder / 'results.csv'}, {folder / 'summary.md'}, {folder / 'summary.json'}"
+            + "".join(f", {p.name}" for p in charts))
+    return summary
+
+
+def _time_measure(variants: list[dict]) -> tuple[str, str]:
+    """Which time to chart: time-to-target when some variant reached it, else the whole budget."""
+    if any(v["runs_reaching_target"] for v in variants):
+        return "time_to_target", "time-to-target, s (mean of runs reaching it)"
+    return "timed", "timed s for the whole budget (no run reached the target)"
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    speedrun.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return path
+
+
+def _half_width(ci, mean):
+    return 0.0 if ci is None else ci[1] - mean
+
+
+def draw_charts(folder: Path, summary: dict, plt) -> list[Path]:
+    ran = [v for v in summary["variants"] if v["runs"]]
+    names = [v["name"] for v in ran]
+    paths = []
+    # accuracy and time bars, error bars = 95% t-interval half-widths
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(ran) + 1.5))
+    means = [100 * v["acc_mean"] for v in ran]
+    errs = [100 * _half_width(v["acc_ci95"], v["acc_mean"]) for v in ran]
+    ax.barh(names, means, xerr=errs, capsize=3, color="tab:blue")
+    target = 100 * ran[0]["target_acc"]
+    ax.axvline(target, color="gray", ls="--", lw=1)
+    low, high = min(m - e for m, e in zip(means, errs)), max(max(m + e for m, e in zip(means, errs)), target)
+    ax.set_xlim(max(0.0, low - 2), min(100.0, high + 1))
+    ax.invert_yaxis()
+    ax.set_xlabel("final EMA+TTA test accuracy, % (95% CI)")
+    ax.set_title(summary["title"])
+    paths.append(_save(fig, folder / "accuracy.png", plt))
+
+    # time bars: time-to-target (runs that reached it) and the whole budget's timed seconds
+    fig, (ax_target, ax_budget) = plt.subplots(1, 2, sharey=True, figsize=(10, 0.45 * len(ran) + 1.5))
+    ax_target.barh(names, [v["time_to_target_mean_s"] or 0.0 for v in ran], capsize=3, color="tab:orange",
+                   xerr=[_half_width(v["time_to_target_ci95"], v["time_to_target_mean_s"]) for v in ran])
+    for k, v in enumerate(ran):
+        if not v["runs_reaching_target"]:
+            ax_target.text(0, k, " not reached", va="center")
+    ax_target.set_xlabel(f"time-to-{100 * ran[0]['target_acc']:g}%, s (mean of runs reaching it, 95% CI)")
+    ax_budget.barh(names, [v["timed_mean_s"] for v in ran], capsize=3, color="tab:green",
+                   xerr=[_half_width(v["timed_ci95"], v["timed_mean_s"]) for v in ran])
+    ax_budget.set_xlabel("timed s for the whole budget (95% CI)")
+    ax_target.invert_yaxis()
+    fig.suptitle(summary["title"])
+    paths.append(_save(fig, folder / "time.png", plt))
+
+    # accuracy curves against epoch and against timed seconds
+    curves = ran
+    if summary["kind"] == "optimizers":
+        curves = list(best_per_optimizer(summary).values())
+    for xkey, xlabel, name in (("epoch", "epoch", "curves_epoch.png"), ("seconds", "timed seconds", "curves_seconds.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for v in curves:
+            ax.plot(v["curves"][xkey], [100 * a for a in v["curves"]["acc"]], marker="o", ms=3, label=v["name"])
+        ax.axhline(100 * ran[0]["target_acc"], color="gray", ls="--", lw=1)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("EMA+TTA test accuracy, % (mean over seeds)")
+        ax.set_title(summary["title"])
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, folder / name, plt))
+
+    if summary["kind"] == "grid":
+        (xf, xs), (yf, ys) = summary["axes"]["x"], summary["axes"]["y"]
+        cell = {(v["tags"]["x"], v["tags"]["y"]): v for v in summary["variants"]}
+        measure, label = _time_measure(ran)
+        for name, title, get in (
+                ("heatmap_accuracy.png", "mean final accuracy, %", lambda v: 100 * v["acc_mean"]),
+                ("heatmap_time.png", label, lambda v: v["time_to_target_mean_s"] if measure == "time_to_target"
+                 else v["timed_mean_s"])):
+            grid = [[(get(cell[x, y]) if cell[x, y]["runs"] else None) for x in xs] for y in ys]
+            values = [[math.nan if g is None else g for g in row] for row in grid]
+            fig, ax = plt.subplots(figsize=(1.3 * len(xs) + 2.5, 1.0 * len(ys) + 1.8))
+            im = ax.imshow(values, cmap="viridis", aspect="auto")
+            ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+            ax.set_yticks(range(len(ys)), [str(y) for y in ys])
+            ax.set_xlabel(xf)
+            ax.set_ylabel(yf)
+            for i, row in enumerate(grid):
+                for j, g in enumerate(row):
+                    ax.text(j, i, "—" if g is None else f"{g:.2f}", ha="center", va="center", color="w", fontsize=8)
+            fig.colorbar(im, ax=ax)
+            ax.set_title(title, fontsize=9)
+            paths.append(_save(fig, folder / name, plt))
+    return paths
+
+
+# =============================================================================================
+# Command line, shared by tricks.py, grid.py and optimizers.py
+# =============================================================================================
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """speedrun's parser (every Config flag) plus the study flags."""
+    p = speedrun.build_parser(description)
+    g = p.add_argument_group("study")
+    g.add_argument("--study", type=Path, default=None,
+                   help="study folder (default: a new studies/<name>-<timestamp>/); rerun with the same folder to resume")
+    g.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only jobs I, I+N, I+2N, ... of the study (1-based); merge the shards with ablations/merge.py")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per run (default: torch's, shared out among CPU workers); --workers sets the processes")
+    g.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs (resume later)")
+    return p
+
+
+def default_study_folder(name: str, root: Path = Path("studies")) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, k = root / f"{name}-{stamp}", 1
+    while path.exists():
+        path, k = root / f"{name}-{stamp}-{k}", k + 1
+    return path
+
+
+def base_config(args) -> speedrun.Config:
+    """The Config of the flags; --runs defaults to DEFAULT_RUNS (seeds shared by every variant)."""
+    cfg = speedrun.config_from_args(args)
+    runs_given = hasattr(args, "runs") or any(s.partition("=")[0].strip().replace("-", "_") == "runs" for s in args.set)
+    return cfg if runs_given else dataclasses.replace(cfg, runs=DEFAULT_RUNS)
+
+
+def main(parser, make_study, name, script: str, argv=None) -> int:
+    """Parse, build the study with make_study(args, base_config), run it; errors exit with status 2.
+    `name` (a string, or a function of the parsed arguments) names the default study folder;
+    `script` is how the command is written in the summary."""
+    args = parser.parse_args(argv)
+    log = (lambda *a, **k: None) if args.quiet else functools.partial(print, flush=True)
+    try:
+        if args.out is not None or args.save is not None:
+            raise StudyError("--out and --save belong to speedrun.py; a study writes into its --study folder")
+        if args.max_runs is not None and args.max_runs < 0:
+            raise StudyError(f"--max-runs must be 0 or more, got {args.max_runs}")
+        if args.threads is not None and args.threads < 1:
+            raise StudyError(f"--threads must be at least 1, got {args.threads}")
+        cfg = base_config(args)
+        shard = parse_shard(args.shard)
+        study = make_study(args, cfg)
+        if speedrun.pick_device(cfg.device).type == "cpu" and cfg.subset == 0:
+            log("warning: a full CPU run takes hours, and a study is many runs; try e.g. "
+                "--subset 5000 --test-subset 1000 --width 0.25 --epochs 2")
+        folder = args.study or default_study_folder(name(args) if callable(name) else name)
+        seeds = list(range(cfg.seed, cfg.seed + cfg.runs))
+        argv_used = [script, *(sys.argv[1:] if argv is None else argv)]
+        run_study(study, folder, seeds, cfg, shard=shard, max_runs=args.max_runs, threads=args.threads,
+                  argv=argv_used, url=args.data_url, log=log)
+    except (ValueError, RuntimeError, speedrun.DataError) as e:
+        parser.exit(2, f"error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted: finished runs are saved; rerun the same command with --study to resume\n")
+    return 0
