@@ -180,8 +180,8 @@ def test_flops_takes_time_and_epochs_from_a_speedrun_result():
     flops = load_script("flops")
     cfg = tiny_config(epochs=3)
     result = dict(config=dataclasses.asdict(cfg), runs=[
-        dict(time_to_target_s=2.5, epochs_to_target=2, whitening_s=0.1, train_s=3.0, epochs=[dict(eval_s=0.2)] * 3),
-        dict(time_to_target_s=None, epochs_to_target=None, whitening_s=0.1, train_s=3.0, epochs=[dict(eval_s=0.2)] * 3)])
+        dict(time_to_target_s=2.5, epochs_to_target=2, full_budget_s=3.3),
+        dict(time_to_target_s=None, epochs_to_target=None, full_budget_s=3.3)])
     assert flops.config_of_result(result) == cfg
     (s1, e1, _), (s2, e2, _) = flops.timed_runs(result, cfg)
     assert (s1, e1) == (2.5, 2) and (s2, e2) == (pytest.approx(3.3), 3)

@@ -121,6 +121,8 @@ def test_time_to_target_follows_the_timing_rule():
     # whitening + training of epoch 1 (cumulative train_s) + that epoch's one evaluation
     assert reached["time_to_target_s"] == pytest.approx(first["train_s"] + first["eval_s"])
     assert first["train_s"] >= reached["whitening_s"] > 0
+    last = reached["epochs"][-1]  # the whole budget: whitening + every epoch + the last evaluation
+    assert reached["full_budget_s"] == pytest.approx(last["train_s"] + last["eval_s"])
     never = speedrun.train(tiny_config(target_acc=1.0), data, log=quiet)
     assert never["time_to_target_s"] is None and never["epochs_to_target"] is None
 
