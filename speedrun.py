@@ -66,15 +66,21 @@ class Config:
     crop_pad: int = _f(4, "random crop after reflect padding by this many pixels (0 = no crop)")
     cutout: int = _f(0, "zero a random square of this side in every training image (0 = off)")
     # -- model
-    width: float = _f(1.0, "multiplier of every layer's channel count (64/128/256/512 at 1.0)")
-    whiten: bool = _f(True, "frozen 3x3 patch-whitening conv (PCA of training patches) as the first layer")
+    arch: str = _f("resnet9", "network: resnet9 (Page's ResNet-9) | airbench (three conv-pool-BN-act-conv-BN-act groups, no residuals)")
+    width: float = _f(1.0, "multiplier of every layer's channel count (resnet9 64/128/256/512, airbench 64/256/256 at 1.0)")
+    whiten: bool = _f(True, "frozen patch-whitening conv (PCA of training patches) as the first layer")
+    whiten_kernel: int = _f(3, "side of the whitened patches (3: 27 filters, 2: 12 filters)")
+    whiten_negatives: bool = _f(False, "also use each whitening filter's negative (twice the channels)")
+    whiten_bias_epochs: float = _f(0.0, "give the whitening conv a bias, trained for this many epochs and then frozen (0 = no bias)")
     whiten_eps: float = _f(1e-2, "eigenvalue regulariser of the whitening filters")
-    whiten_samples: int = _f(10000, "training images whose 3x3 patches estimate the whitening")
+    whiten_samples: int = _f(10000, "training images whose patches estimate the whitening")
+    conv_init: str = _f("default", "3x3 conv init: default (PyTorch's) | dirac (the first in-channels filters start as the identity)")
     activation: str = _f("celu", "activation: celu | relu | gelu | silu")
     celu_alpha: float = _f(0.3, "alpha of CELU")
     ghost_bn_splits: int = _f(16, "ghost batch norm: each training batch is normalised in this many groups (1 = plain BN)")
     bn_scale_frozen: bool = _f(True, "freeze every BN scale at 1 (only the BN bias trains)")
     bn_momentum: float = _f(0.1, "BN running-statistics momentum (torch convention)")
+    bn_eps: float = _f(1e-5, "BN epsilon")
     residual: bool = _f(True, "residual blocks after layer1 and layer3")
     head_scale: float = _f(1 / 16, "multiplier of the logits after the bias-free linear head")
     # -- optimisation
@@ -86,11 +92,14 @@ class Config:
     weight_decay: float = _f(5e-4, "weight decay, applied as weight_decay*batch_size to the summed loss")
     bias_lr_scale: float = _f(64.0, "BN parameters learn this many times faster, with 1/this of the decay")
     label_smoothing: float = _f(0.2, "label smoothing of the cross-entropy (0 = off)")
-    lr_schedule: str = _f("onecycle", "onecycle (0 -> 1 -> lr_final, piecewise linear) | linear (1 -> 0) | constant")
+    lr_schedule: str = _f("onecycle", "onecycle (lr_start -> 1 -> lr_final, piecewise linear) | linear (1 -> 0) | constant")
+    lr_start: float = _f(0.0, "one-cycle: first LR as a fraction of the peak")
     lr_peak_frac: float = _f(0.2, "one-cycle: fraction of training at which the LR peaks")
     lr_final_frac: float = _f(0.8, "one-cycle: fraction of training at which the LR reaches lr_final, then stays")
     lr_final: float = _f(0.1, "one-cycle: final LR as a fraction of the peak")
-    ema: bool = _f(True, "evaluate an exponential moving average of the weights and BN statistics")
+    ema: bool = _f(True, "keep an exponential moving average (EMA) of the weights and BN statistics")
+    ema_mode: str = _f("average", "average (evaluate the EMA) | lookahead (pull the weights back to the EMA at each update, "
+                                  "with decay ramped by (step/total)^3; the weights end as the EMA)")
     ema_momentum: float = _f(0.99, "EMA momentum per training step")
     ema_every: int = _f(5, "update the EMA every this many steps (decay ema_momentum**ema_every)")
     # -- evaluation
@@ -112,6 +121,15 @@ class Config:
 PRESETS: dict[str, dict] = {
     # Page's final DavidNet recipe ("How to train your ResNet", part 8): 94% in 10 epochs.
     "davidnet": {},
+    # The record chaser: airbench94's public recipe in this file's switches (2x2 whitening with
+    # negatives and a bias trained for 3 epochs, no residuals, identity init, plain BN, GELU,
+    # lookahead EMA, alternating flip, translate 2, 6-view TTA; its step LR 11.5/7851 and
+    # per-step decay 0.002 at batch 1024, momentum 0.85). Not yet measured on a GPU.
+    "fast": dict(arch="airbench", whiten_kernel=2, whiten_negatives=True, whiten_bias_epochs=3.0, whiten_eps=5e-4,
+                 whiten_samples=5000, conv_init="dirac", activation="gelu", ghost_bn_splits=1, bn_momentum=0.4,
+                 bn_eps=1e-12, head_scale=1 / 9, batch_size=1024, momentum=0.85, lr=1.5, weight_decay=1.33e-3,
+                 lr_start=0.2, lr_peak_frac=0.23, lr_final_frac=1.0, lr_final=0.07, ema_mode="lookahead",
+                 ema_momentum=0.95, flip="alternating", crop_pad=2, tta="flip_translate"),
     # A small copy for a laptop CPU: minutes, not hours; it shows the machinery, not 94%.
     "cpu": dict(width=0.5, subset=10000, test_subset=2000, epochs=4, batch_size=128, whiten_samples=5000),
 }
@@ -132,13 +150,15 @@ def make_config(preset: str = "davidnet", **overrides) -> Config:
 
 def check_config(cfg: Config) -> None:
     choices = dict(flip=("random", "alternating", "none"), activation=("celu", "relu", "gelu", "silu"),
+                   arch=("resnet9", "airbench"), conv_init=("default", "dirac"), ema_mode=("average", "lookahead"),
+                   whiten_kernel=(2, 3),
                    optimizer=("nesterov", "sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta"),
                    lr_schedule=("onecycle", "linear", "constant"), tta=("none", "flip", "flip_translate"),
                    precision=("auto", "fp16", "bf16", "fp32"),
                    compile_mode=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+            raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(map(str, allowed))}")
     positive = ("epochs", "batch_size", "ghost_bn_splits", "ema_every", "eval_batch_size", "runs", "whiten_samples")
     if cfg.workers < 0:
         raise ValueError(f"workers must be 0 (automatic) or more, got {cfg.workers}")
@@ -156,6 +176,8 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"cutout {cfg.cutout} is larger than the 32-pixel image")
     if cfg.crop_pad > 31:
         raise ValueError(f"crop_pad {cfg.crop_pad} must be below 32 (reflect padding needs it)")
+    if cfg.whiten_bias_epochs < 0:
+        raise ValueError(f"whiten_bias_epochs must be 0 or more, got {cfg.whiten_bias_epochs}")
     if not 0 <= cfg.lr_peak_frac <= cfg.lr_final_frac <= 1:
         raise ValueError("need 0 <= lr_peak_frac <= lr_final_frac <= 1")
     if not 0 <= cfg.label_smoothing < 1:
@@ -572,7 +594,8 @@ def conv_bn(c_in: int, c_out: int, cfg: Config, pool: bool = False, kernel: int 
     layers = [nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False)]
     if pool:
         layers.append(nn.MaxPool2d(2))
-    layers += [GhostBatchNorm(c_out, cfg.ghost_bn_splits, cfg.bn_scale_frozen, cfg.bn_momentum), make_activation(cfg)]
+    layers += [GhostBatchNorm(c_out, cfg.ghost_bn_splits, cfg.bn_scale_frozen, cfg.bn_momentum, cfg.bn_eps),
+               make_activation(cfg)]
     return nn.Sequential(*layers)
 
 
@@ -585,23 +608,45 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
+def whitening_layer(cfg: Config) -> tuple[nn.Module, int]:
+    """The frozen whitening conv (filled by init_whitening) and its channel count; the identity
+    and 3 channels when whitening is off. Its bias, if any, trains for whiten_bias_epochs."""
+    if not cfg.whiten:
+        return nn.Identity(), 3
+    k = cfg.whiten_kernel
+    channels = 3 * k * k * (2 if cfg.whiten_negatives else 1)
+    conv = nn.Conv2d(3, channels, k, padding=(k - 1) // 2, bias=cfg.whiten_bias_epochs > 0)
+    conv.weight.requires_grad_(False)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return conv, channels
+
+
 class ResNet9(nn.Module):
+    """Page's network: whitening, a prep conv, three pooled layers (the first and last with a
+    residual of two conv-BN-act), global max-pool, a scaled bias-free linear head.
+    With arch 'airbench' it is instead whitening -> act -> three groups of
+    conv-pool-BN-act-conv-BN-act (64/256/256), without prep conv or residuals."""
+
     def __init__(self, cfg: Config):
         super().__init__()
-        c0, c1, c2, c3 = (max(1, round(cfg.width * c)) for c in (64, 128, 256, 512))
-        if cfg.whiten:
-            self.whiten = nn.Conv2d(3, 27, 3, padding=1, bias=False)  # filled by init_whitening
-            self.whiten.weight.requires_grad_(False)
-            self.prep = conv_bn(27, c0, cfg, kernel=1)
-        else:
-            self.whiten = nn.Identity()
-            self.prep = conv_bn(3, c0, cfg)
+        self.whiten, c_white = whitening_layer(cfg)
+        if cfg.arch == "airbench":
+            c1, c2, c3 = (max(1, round(cfg.width * c)) for c in (64, 256, 256))
+            self.prep = make_activation(cfg) if cfg.whiten else nn.Identity()
 
-        def res(c):
-            return [Residual(conv_bn(c, c, cfg), conv_bn(c, c, cfg))] if cfg.residual else []
-        self.layer1 = nn.Sequential(conv_bn(c0, c1, cfg, pool=True), *res(c1))
-        self.layer2 = conv_bn(c1, c2, cfg, pool=True)
-        self.layer3 = nn.Sequential(conv_bn(c2, c3, cfg, pool=True), *res(c3))
+            def group(c_in, c_out):
+                return nn.Sequential(conv_bn(c_in, c_out, cfg, pool=True), conv_bn(c_out, c_out, cfg))
+            self.layer1, self.layer2, self.layer3 = group(c_white, c1), group(c1, c2), group(c2, c3)
+        else:
+            c0, c1, c2, c3 = (max(1, round(cfg.width * c)) for c in (64, 128, 256, 512))
+            self.prep = conv_bn(c_white, c0, cfg, kernel=1) if cfg.whiten else conv_bn(3, c0, cfg)
+
+            def res(c):
+                return [Residual(conv_bn(c, c, cfg), conv_bn(c, c, cfg))] if cfg.residual else []
+            self.layer1 = nn.Sequential(conv_bn(c0, c1, cfg, pool=True), *res(c1))
+            self.layer2 = conv_bn(c1, c2, cfg, pool=True)
+            self.layer3 = nn.Sequential(conv_bn(c2, c3, cfg, pool=True), *res(c3))
         self.head = nn.Linear(c3, 10, bias=False)
         self.head_scale = cfg.head_scale
 
@@ -632,12 +677,20 @@ def whitening_filters(images: torch.Tensor, kernel: int = 3, eps: float = 1e-2) 
 
 def init_whitening(model: ResNet9, train_x: torch.Tensor, cfg: Config) -> None:
     if cfg.whiten:
-        filters = whitening_filters(train_x[:cfg.whiten_samples], 3, cfg.whiten_eps)
+        filters = whitening_filters(train_x[:cfg.whiten_samples], cfg.whiten_kernel, cfg.whiten_eps)
+        if cfg.whiten_negatives:
+            filters = torch.cat([filters, -filters])
         model.whiten.weight.data.copy_(filters.to(model.whiten.weight.device))
 
 
 def build_model(cfg: Config, device: torch.device | str = "cpu") -> ResNet9:
-    model = ResNet9(cfg).to(device)
+    model = ResNet9(cfg)
+    if cfg.conv_init == "dirac":
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.Conv2d) and m is not model.whiten and m.kernel_size == (3, 3):
+                    nn.init.dirac_(m.weight[:min(m.in_channels, m.out_channels)])
+    model = model.to(device)
     if torch.device(device).type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -656,7 +709,7 @@ def lr_factor(cfg: Config, progress: float) -> float:
     if cfg.lr_schedule == "linear":
         return max(0.0, 1.0 - progress / e)
     knots = [0.0, cfg.lr_peak_frac * e, cfg.lr_final_frac * e, float(e)]
-    return float(np.interp(progress, knots, [0.0, 1.0, cfg.lr_final, cfg.lr_final]))
+    return float(np.interp(progress, knots, [cfg.lr_start, 1.0, cfg.lr_final, cfg.lr_final]))
 
 
 def is_bn_param(name: str, model: nn.Module) -> bool:
@@ -665,13 +718,19 @@ def is_bn_param(name: str, model: nn.Module) -> bool:
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """Two groups: weights, and BN parameters at bias_lr_scale x the LR and 1/bias_lr_scale the decay.
-    Each group's 'lr_scale' is what the schedule multiplies; set_lr() writes group['lr']."""
+    """Parameter groups: weights; BN parameters at bias_lr_scale x the LR and 1/bias_lr_scale the
+    decay; the whitening bias likewise, but only until whiten_bias_epochs. Each group's 'lr_scale'
+    and 'until' (epochs) are what set_lr() uses to write group['lr']."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    whiten_bias = getattr(model.whiten, "bias", None)
     wd = cfg.weight_decay * cfg.batch_size
-    groups = [dict(params=[p for n, p in params if not is_bn_param(n, model)], lr_scale=1.0, weight_decay=wd),
-              dict(params=[p for n, p in params if is_bn_param(n, model)], lr_scale=cfg.bias_lr_scale,
-                   weight_decay=wd / cfg.bias_lr_scale)]
+    biases = [p for n, p in params if is_bn_param(n, model)]
+    weights = [p for n, p in params if not is_bn_param(n, model) and p is not whiten_bias]
+    groups = [dict(params=weights, lr_scale=1.0, weight_decay=wd, until=math.inf),
+              dict(params=biases, lr_scale=cfg.bias_lr_scale, weight_decay=wd / cfg.bias_lr_scale, until=math.inf)]
+    if whiten_bias is not None:
+        groups.append(dict(params=[whiten_bias], lr_scale=cfg.bias_lr_scale, weight_decay=wd / cfg.bias_lr_scale,
+                           until=cfg.whiten_bias_epochs))
     groups = [g for g in groups if g["params"]]
     for g in groups:
         g["lr"] = 0.0
@@ -686,9 +745,10 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 def set_lr(opt: torch.optim.Optimizer, cfg: Config, progress: float) -> None:
+    """The LR of every group at `progress` epochs; a group past its 'until' is frozen (LR 0)."""
     base = cfg.lr * lr_factor(cfg, progress) / cfg.batch_size
     for g in opt.param_groups:
-        g["lr"] = base * g["lr_scale"]
+        g["lr"] = base * g["lr_scale"] if progress <= g.get("until", math.inf) else 0.0
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -697,14 +757,20 @@ def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothin
 
 
 class EMA:
-    """Exponential moving average of a model's weights and BN statistics, used for evaluation.
-    The k-th blend uses decay min(momentum**every, k/(k+1)): a plain mean of the first updates,
-    so that the random initialisation does not linger in short runs."""
+    """Exponential moving average of a model's weights and BN statistics.
 
-    def __init__(self, model: nn.Module, momentum: float, every: int):
+    'average' (Page): the EMA is a separate copy that evaluation uses; the k-th blend has decay
+    min(momentum**every, k/(k+1)), a plain mean at first, so that the random initialisation does
+    not linger in short runs. 'lookahead' (airbench): blend with decay momentum**every *
+    (step/total_steps)**3, then copy the EMA back into the model; finish() leaves the model at
+    the EMA, and evaluation uses the model itself."""
+
+    def __init__(self, model: nn.Module, momentum: float, every: int, mode: str = "average", total_steps: int = 0):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.every, self.updates = momentum ** every, every, 0
+        self.lookahead, self.total_steps = mode == "lookahead", total_steps
         self._pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
+        self._floats = [(e, m) for e, m in self._pairs if e.is_floating_point()]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
@@ -712,12 +778,23 @@ class EMA:
         if step % self.every:
             return
         self.updates += 1
-        decay = min(self.decay, self.updates / (self.updates + 1))
-        floats = [(e, m) for e, m in self._pairs if e.is_floating_point()]
-        torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1.0 - decay)
-        for e, m in self._pairs:
+        if self.lookahead:
+            decay = self.decay * (step / self.total_steps) ** 3
+        else:
+            decay = min(self.decay, self.updates / (self.updates + 1))
+        torch._foreach_lerp_([e for e, _ in self._floats], [m for _, m in self._floats], 1.0 - decay)
+        if self.lookahead:
+            for e, m in self._floats:
+                m.copy_(e)
+        for e, m in self._pairs:  # counters such as num_batches_tracked follow the model
             if not e.is_floating_point():
                 e.copy_(m)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """At the end of training: a lookahead model takes the EMA's values."""
+        for e, m in self._floats if self.lookahead else []:
+            m.copy_(e)
 
 
 # =============================================================================================
@@ -949,8 +1026,8 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
         if ctx.active and cfg.whiten:
             dist.broadcast(model.whiten.weight.data, 0)
     whitening_s = watch.stop()
-    ema = EMA(model, cfg.ema_momentum, cfg.ema_every) if cfg.ema else None
-    eval_model = ema.model if ema else model
+    ema = EMA(model, cfg.ema_momentum, cfg.ema_every, cfg.ema_mode, cfg.epochs * n_batches) if cfg.ema else None
+    eval_model = ema.model if ema and not ema.lookahead else model
     eval_forward = torch.compile(eval_model, mode=cfg.compile_mode) if cfg.compile else eval_model
 
     epochs, train_s, step, time_to_target, epochs_to_target = [], 0.0, 0, None, None
@@ -967,6 +1044,8 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
                                               cfg.batch_size // ctx.world, sync_bn)
         if sync_bn:
             sync_bn()
+        if ema is not None and epoch == cfg.epochs - 1:
+            ema.finish()
         train_s += watch.stop()
         if ctx.active:
             totals = torch.stack([loss_sum, correct.to(loss_sum.dtype)])
@@ -981,7 +1060,7 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
             logits = predict(eval_forward, data.test_x, cfg, device, dtype)
         eval_s = watch.stop()
         tta_acc = (logits.argmax(1) == data.test_y).float().mean().item()
-        raw_forward = model if ctx.active else forward
+        raw_forward = model if ctx.active else forward  # the trained weights, without EMA or TTA
         raw_acc = (predict(raw_forward, data.test_x, cfg, device, dtype, tta="none").argmax(1) == data.test_y).float().mean().item()
         if time_to_target is None and tta_acc >= cfg.target_acc:
             time_to_target, epochs_to_target = whitening_s + train_s + eval_s, epoch + 1

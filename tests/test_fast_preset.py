@@ -1,0 +1,132 @@
+"""The switches behind --preset fast: 2x2 whitening with negatives and a briefly trained bias,
+the airbench-style network, identity init, a one-cycle start above zero, lookahead EMA."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import random_device_data, tiny_config
+from test_model import correlated_images
+import speedrun
+
+
+def fast_config(**overrides):
+    """The fast preset, shrunk to train in seconds on a CPU."""
+    small = dict(width=0.125, epochs=2, batch_size=32, whiten_samples=64, eval_batch_size=64, device="cpu", precision="fp32")
+    return speedrun.make_config("fast", **{**small, **overrides})
+
+
+def test_two_by_two_whitening_with_negatives():
+    cfg = fast_config(whiten_eps=1e-6, whiten_samples=300)
+    x = correlated_images()
+    model = speedrun.build_model(cfg)
+    speedrun.init_whitening(model, x, cfg)
+    w = model.whiten.weight
+    assert w.shape == (24, 3, 2, 2) and not w.requires_grad
+    torch.testing.assert_close(w[12:], -w[:12])
+    out = F.conv2d(x, w[:12]).permute(0, 2, 3, 1).reshape(-1, 12).double()
+    torch.testing.assert_close(out.T @ out / out.shape[0], torch.eye(12, dtype=torch.float64), atol=2e-3, rtol=0)
+
+
+def test_whitening_bias_trains_for_its_epochs_then_freezes():
+    cfg = fast_config(whiten_bias_epochs=1.0, lr_schedule="constant")
+    model = speedrun.build_model(cfg)
+    opt = speedrun.build_optimizer(model, cfg)
+    bias = model.whiten.bias
+    assert bias is not None and bias.requires_grad and torch.equal(bias, torch.zeros(24))
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+
+    def step(progress):
+        speedrun.set_lr(opt, cfg, progress)
+        speedrun.smoothed_cross_entropy(model(x), y, 0.2).backward()
+        opt.step()
+        opt.zero_grad()
+        return bias.detach().clone()
+
+    during = step(0.5)
+    assert not torch.equal(during, torch.zeros(24)), "trained in its first epoch"
+    step(1.5)
+    after = step(1.9)
+    assert torch.equal(step(1.7), after), "frozen once past whiten_bias_epochs"
+    group = next(g for g in opt.param_groups if any(p is bias for p in g["params"]))
+    assert group["lr"] == 0.0 and group["until"] == 1.0
+    assert not any(p is bias for g in opt.param_groups if g is not group for p in g["params"])
+
+
+def test_airbench_network_shape():
+    model = speedrun.build_model(speedrun.make_config("fast"))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [(m.in_channels, m.out_channels, m.kernel_size) for m in convs] == [
+        (3, 24, (2, 2)), (24, 64, (3, 3)), (64, 64, (3, 3)), (64, 256, (3, 3)), (256, 256, (3, 3)),
+        (256, 256, (3, 3)), (256, 256, (3, 3))]
+    assert not any(isinstance(m, speedrun.Residual) for m in model.modules())
+    assert isinstance(model.prep, nn.GELU) and model.head.in_features == 256
+    bns = [m for m in model.modules() if isinstance(m, speedrun.GhostBatchNorm)]
+    assert all(m.splits == 1 and m.eps == 1e-12 and m.momentum == 0.4 and not m.weight.requires_grad for m in bns)
+    assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_dirac_init_passes_the_first_channels_through():
+    cfg = fast_config(conv_init="dirac")
+    model = speedrun.build_model(cfg)
+    conv = model.layer2[1][0]  # 64 -> 64 at width 1/8: 32 -> 32 channels
+    x = torch.randn(2, conv.in_channels, 8, 8)
+    torch.testing.assert_close(conv(x)[:, :conv.in_channels], x)
+    widening = model.layer1[0][0]  # 24 -> 8: the first 8 filters pass input channels 0..7 through
+    z = torch.randn(2, widening.in_channels, 8, 8)
+    torch.testing.assert_close(widening(z), z[:, :widening.out_channels])
+    default = speedrun.build_model(fast_config(conv_init="default")).layer2[1][0]
+    assert not torch.allclose(default(x)[:, :conv.in_channels], x)
+
+
+def test_one_cycle_can_start_above_zero():
+    cfg = speedrun.make_config("fast", epochs=10)
+    f = [speedrun.lr_factor(cfg, e) for e in (0.0, 2.3, 10.0)]
+    assert f == pytest.approx([0.2, 1.0, 0.07])
+    assert speedrun.lr_factor(cfg, 1.15) == pytest.approx(0.6)
+
+
+def test_lookahead_ema_pulls_the_weights_back_and_ends_at_the_average():
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = speedrun.EMA(model, momentum=0.9, every=2, mode="lookahead", total_steps=8)
+    for step in range(1, 9):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        before_ema = copy.deepcopy(ema.model.state_dict())
+        live = copy.deepcopy(model.state_dict())
+        ema.update(step)
+        if step % 2:
+            assert all(torch.equal(live[k], v) for k, v in model.state_dict().items())
+            continue
+        d = 0.9 ** 2 * (step / 8) ** 3
+        for k, v in ema.model.state_dict().items():
+            if v.is_floating_point():
+                torch.testing.assert_close(v, d * before_ema[k] + (1 - d) * live[k])
+                assert torch.equal(model.state_dict()[k], v), "the model is pulled back to the EMA"
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.finish()
+    assert torch.equal(model[0].weight, ema.model[0].weight)
+
+
+def test_fast_preset_trains_end_to_end_and_reproducibly():
+    data = random_device_data(n_train=128, n_test=64)
+    a = speedrun.train(fast_config(), data, log=lambda *x: None, seed=2)
+    b = speedrun.train(fast_config(), data, log=lambda *x: None, seed=2)
+    assert [e["train_loss"] for e in a["epochs"]] == [e["train_loss"] for e in b["epochs"]]
+    assert a["model"].whiten.weight.shape == (24, 3, 2, 2)
+    # lookahead: the evaluated model is the trained one, which ends at the EMA's values
+    assert isinstance(a["model"], speedrun.ResNet9) and a["model"].training is False
+
+
+def test_new_switches_are_checked():
+    with pytest.raises(ValueError, match="arch='vgg' is not one of"):
+        speedrun.make_config(arch="vgg")
+    with pytest.raises(ValueError, match="whiten_kernel=4 is not one of"):
+        speedrun.make_config(whiten_kernel=4)
+    with pytest.raises(ValueError, match="ema_mode='polyak' is not one of"):
+        speedrun.make_config(ema_mode="polyak")
+    assert tiny_config().arch == "resnet9"
