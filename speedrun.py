@@ -86,9 +86,12 @@ class Config:
     # -- optimisation
     epochs: int = _f(10, "training epochs")
     batch_size: int = _f(512, "training batch size")
-    optimizer: str = _f("nesterov", "nesterov | sgd | adam | adamw | rmsprop | adagrad | adadelta")
+    optimizer: str = _f("nesterov", "nesterov | sgd | muon (conv filters by Muon, the rest by Nesterov SGD) | adam | adamw | rmsprop | adagrad | adadelta")
     lr: float = _f(1.0, "peak learning rate per summed-loss sample: each step uses lr/batch_size")
     momentum: float = _f(0.9, "SGD momentum")
+    muon_lr: float = _f(0.24, "optimizer muon: peak LR of the conv filters (per step, not per sample)")
+    muon_momentum: float = _f(0.6, "optimizer muon: Nesterov momentum of the conv filters")
+    muon_ns_steps: int = _f(5, "optimizer muon: Newton-Schulz iterations per step")
     weight_decay: float = _f(5e-4, "weight decay, applied as weight_decay*batch_size to the summed loss")
     bias_lr_scale: float = _f(64.0, "BN parameters learn this many times faster, with 1/this of the decay")
     label_smoothing: float = _f(0.2, "label smoothing of the cross-entropy (0 = off)")
@@ -104,6 +107,7 @@ class Config:
     ema_every: int = _f(5, "update the EMA every this many steps (decay ema_momentum**ema_every)")
     # -- evaluation
     tta: str = _f("flip", "test-time augmentation: none | flip (image + mirror) | flip_translate (6 views)")
+    tta_unsure_frac: float = _f(1.0, "give the TTA views only to this fraction of the test images, those the plain view is least sure of")
     target_acc: float = _f(0.94, "test accuracy that stops the clock")
     eval_batch_size: int = _f(1000, "evaluation batch size")
     # -- speed and reproducibility
@@ -152,14 +156,15 @@ def check_config(cfg: Config) -> None:
     choices = dict(flip=("random", "alternating", "none"), activation=("celu", "relu", "gelu", "silu"),
                    arch=("resnet9", "airbench"), conv_init=("default", "dirac"), ema_mode=("average", "lookahead"),
                    whiten_kernel=(2, 3),
-                   optimizer=("nesterov", "sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta"),
+                   optimizer=("nesterov", "sgd", "muon", "adam", "adamw", "rmsprop", "adagrad", "adadelta"),
                    lr_schedule=("onecycle", "linear", "constant"), tta=("none", "flip", "flip_translate"),
                    precision=("auto", "fp16", "bf16", "fp32"),
                    compile_mode=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(map(str, allowed))}")
-    positive = ("epochs", "batch_size", "ghost_bn_splits", "ema_every", "eval_batch_size", "runs", "whiten_samples")
+    positive = ("epochs", "batch_size", "ghost_bn_splits", "ema_every", "eval_batch_size", "runs", "whiten_samples",
+                "muon_ns_steps")
     if cfg.workers < 0:
         raise ValueError(f"workers must be 0 (automatic) or more, got {cfg.workers}")
     for name in positive:
@@ -176,6 +181,8 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"cutout {cfg.cutout} is larger than the 32-pixel image")
     if cfg.crop_pad > 31:
         raise ValueError(f"crop_pad {cfg.crop_pad} must be below 32 (reflect padding needs it)")
+    if not 0 <= cfg.tta_unsure_frac <= 1:
+        raise ValueError(f"tta_unsure_frac is a fraction in [0, 1], got {cfg.tta_unsure_frac}")
     if cfg.whiten_bias_epochs < 0:
         raise ValueError(f"whiten_bias_epochs must be 0 or more, got {cfg.whiten_bias_epochs}")
     if not 0 <= cfg.lr_peak_frac <= cfg.lr_final_frac <= 1:
@@ -717,25 +724,70 @@ def is_bn_param(name: str, model: nn.Module) -> bool:
     return isinstance(module, nn.BatchNorm2d)
 
 
+def orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """Approximately U V^T for g = U S V^T: Newton-Schulz iterations of the quintic
+    x <- a x + (b A + c A^2) x with A = x x^T and (a, b, c) = (3.4445, -4.7750, 2.0315), which
+    push every singular value into roughly [0.7, 1.2] in a few steps (bfloat16 on CUDA)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16() if g.is_cuda else g.float()
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        A = x @ x.T
+        x = a * x + (b * A + c * A @ A) @ x
+    return (x.T if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov SGD in which the groups marked 'orthogonalize' (the conv filter banks) step along
+    the orthogonalised momentum of each bank, seen as a (filters, fan-in) matrix and scaled by
+    sqrt(max(1, filters / fan-in)): every direction of the bank moves at the same rate."""
+
+    def __init__(self, groups, momentum: float, ns_steps: int):
+        super().__init__(groups, dict(lr=0.0, momentum=momentum, weight_decay=0.0, orthogonalize=False, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad.add(p, alpha=g["weight_decay"]) if g["weight_decay"] else p.grad
+                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                buf.mul_(g["momentum"]).add_(d)
+                d = d.add(buf, alpha=g["momentum"])
+                if g["orthogonalize"]:
+                    m = d.reshape(d.shape[0], -1)
+                    d = orthogonalize(m, g["ns_steps"]).view_as(p) * max(1.0, m.shape[0] / m.shape[1]) ** 0.5
+                p.add_(d, alpha=-g["lr"])
+
+
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """Parameter groups: weights; BN parameters at bias_lr_scale x the LR and 1/bias_lr_scale the
-    decay; the whitening bias likewise, but only until whiten_bias_epochs. Each group's 'lr_scale'
-    and 'until' (epochs) are what set_lr() uses to write group['lr']."""
+    """Parameter groups: weights at lr/batch_size; BN parameters at bias_lr_scale x that with
+    1/bias_lr_scale the decay; the whitening bias likewise, but only until whiten_bias_epochs;
+    with optimizer 'muon', the 3x3 conv filters in a Muon group at muon_lr. Each group's
+    'peak_lr' and 'until' (epochs) are what set_lr() uses to write group['lr']."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     whiten_bias = getattr(model.whiten, "bias", None)
-    wd = cfg.weight_decay * cfg.batch_size
+    base, wd = cfg.lr / cfg.batch_size, cfg.weight_decay * cfg.batch_size
+    filters = [p for n, p in params if cfg.optimizer == "muon" and p.ndim == 4]
     biases = [p for n, p in params if is_bn_param(n, model)]
-    weights = [p for n, p in params if not is_bn_param(n, model) and p is not whiten_bias]
-    groups = [dict(params=weights, lr_scale=1.0, weight_decay=wd, until=math.inf),
-              dict(params=biases, lr_scale=cfg.bias_lr_scale, weight_decay=wd / cfg.bias_lr_scale, until=math.inf)]
+    claimed = {id(p) for p in filters + biases + [whiten_bias]}
+    weights = [p for n, p in params if id(p) not in claimed]
+    groups = [dict(params=weights, peak_lr=base, weight_decay=wd, until=math.inf),
+              dict(params=biases, peak_lr=base * cfg.bias_lr_scale, weight_decay=wd / cfg.bias_lr_scale, until=math.inf),
+              dict(params=filters, peak_lr=cfg.muon_lr, weight_decay=0.0, until=math.inf, orthogonalize=True,
+                   momentum=cfg.muon_momentum)]
     if whiten_bias is not None:
-        groups.append(dict(params=[whiten_bias], lr_scale=cfg.bias_lr_scale, weight_decay=wd / cfg.bias_lr_scale,
+        groups.append(dict(params=[whiten_bias], peak_lr=base * cfg.bias_lr_scale, weight_decay=wd / cfg.bias_lr_scale,
                            until=cfg.whiten_bias_epochs))
     groups = [g for g in groups if g["params"]]
     for g in groups:
         g["lr"] = 0.0
     opt = {"nesterov": lambda: torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=True),
            "sgd": lambda: torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum),
+           "muon": lambda: Muon(groups, momentum=cfg.momentum, ns_steps=cfg.muon_ns_steps),
            "adam": lambda: torch.optim.Adam(groups, lr=0.0),
            "adamw": lambda: torch.optim.AdamW([{**g, "weight_decay": g["weight_decay"] / cfg.batch_size} for g in groups], lr=0.0),
            "rmsprop": lambda: torch.optim.RMSprop(groups, lr=0.0, momentum=cfg.momentum),
@@ -745,10 +797,10 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 def set_lr(opt: torch.optim.Optimizer, cfg: Config, progress: float) -> None:
-    """The LR of every group at `progress` epochs; a group past its 'until' is frozen (LR 0)."""
-    base = cfg.lr * lr_factor(cfg, progress) / cfg.batch_size
+    """Every group's LR at `progress` epochs; a group past its 'until' is frozen (LR 0)."""
+    factor = lr_factor(cfg, progress)
     for g in opt.param_groups:
-        g["lr"] = base * g["lr_scale"] if progress <= g.get("until", math.inf) else 0.0
+        g["lr"] = g["peak_lr"] * factor if progress <= g["until"] else 0.0
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -1105,16 +1157,28 @@ def tta_views(x: torch.Tensor, mode: str):
 
 @torch.no_grad()
 def predict(forward, x: torch.Tensor, cfg: Config, device, dtype, tta: str | None = None) -> torch.Tensor:
-    """Float32 logits for every image: the weighted mean of the logits of its TTA views."""
+    """Float32 logits for every image: the weighted mean of the logits of its TTA views. With
+    tta_unsure_frac below 1, only that fraction of the images, those whose plain view is least
+    confident (lowest top softmax probability), get the other views too."""
     tta = cfg.tta if tta is None else tta
-    out = []
-    for chunk in x.split(cfg.eval_batch_size):
-        views, weights = tta_views(chunk, tta)
-        with autocast(device, dtype):
-            logits = forward(torch.cat(views)).float()
-        logits = logits.view(len(views), chunk.shape[0], -1)
-        out.append(torch.einsum("v,vnc->nc", torch.tensor(weights, device=logits.device), logits))
-    return torch.cat(out)
+
+    def logits_of(images, mode):
+        out = []
+        for chunk in images.split(cfg.eval_batch_size):
+            views, weights = tta_views(chunk, mode)
+            with autocast(device, dtype):
+                logits = forward(torch.cat(views)).float()
+            logits = logits.view(len(views), chunk.shape[0], -1)
+            out.append(torch.einsum("v,vnc->nc", torch.tensor(weights, device=logits.device), logits))
+        return torch.cat(out)
+
+    if tta == "none" or cfg.tta_unsure_frac >= 1:
+        return logits_of(x, tta)
+    logits = logits_of(x, "none")
+    unsure = logits.softmax(1).amax(1).topk(math.ceil(cfg.tta_unsure_frac * x.shape[0]), largest=False).indices
+    if len(unsure):
+        logits[unsure] = logits_of(x[unsure], tta)
+    return logits
 
 
 def classification_metrics(pred: torch.Tensor, target: torch.Tensor, classes: int = 10) -> dict:

@@ -130,3 +130,59 @@ def test_new_switches_are_checked():
     with pytest.raises(ValueError, match="ema_mode='polyak' is not one of"):
         speedrun.make_config(ema_mode="polyak")
     assert tiny_config().arch == "resnet9"
+
+
+def test_orthogonalize_approaches_the_polar_factor():
+    g = torch.randn(64, 144, generator=torch.Generator().manual_seed(0))
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    for m, polar in ((g, u @ vh), (g.T, (u @ vh).T)):  # wide and tall
+        o = speedrun.orthogonalize(m, 5)
+        s = torch.linalg.svdvals(o)
+        assert 0.5 < s.min() and s.max() < 1.3, "every singular value pushed near 1"
+        cosine = (o * polar).sum() / (o.norm() * polar.norm())
+        assert cosine > 0.95, "the same singular vectors as the input"
+    torch.testing.assert_close(speedrun.orthogonalize(g, 0), g / g.norm(), rtol=1e-4, atol=1e-7)  # zero steps: normalise
+
+
+def test_muon_steps_filters_along_orthogonal_directions_and_the_rest_by_sgd():
+    cfg = fast_config(optimizer="muon", lr_schedule="constant", muon_lr=0.1, whiten_bias_epochs=0.0)
+    model = speedrun.build_model(cfg)
+    opt = speedrun.build_optimizer(model, cfg)
+    assert isinstance(opt, speedrun.Muon)
+    muon = next(g for g in opt.param_groups if g.get("orthogonalize"))
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m is not model.whiten]
+    assert {id(p) for p in muon["params"]} == {id(p) for p in convs}
+    assert muon["momentum"] == cfg.muon_momentum and muon["weight_decay"] == 0.0
+    speedrun.set_lr(opt, cfg, 0.5)
+    assert muon["lr"] == pytest.approx(0.1)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    before = [p.detach().clone() for p in convs] + [model.head.weight.detach().clone()]
+    speedrun.smoothed_cross_entropy(model(x), y, 0.2).backward()
+    head_grad = model.head.weight.grad.clone()
+    opt.step()
+    for p, b in zip(convs, before):
+        step = ((b - p) / 0.1).reshape(p.shape[0], -1)
+        expected_norm = max(1.0, step.shape[0] / step.shape[1]) ** 0.5
+        s = torch.linalg.svdvals(step / expected_norm)
+        assert 0.5 < s.max() < 1.3, "a filter bank moves by an orthogonalised step"
+    head_group = next(g for g in opt.param_groups if any(p is model.head.weight for p in g["params"]))
+    wd, lr = head_group["weight_decay"], head_group["lr"]
+    d = head_grad + wd * before[-1]
+    torch.testing.assert_close(model.head.weight, before[-1] - lr * (d + cfg.momentum * d), rtol=1e-5, atol=1e-7)
+
+
+def test_tta_only_for_the_least_confident_images():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    x = torch.randn(40, 3, 32, 32)
+    cpu, f32 = torch.device("cpu"), torch.float32
+    plain = speedrun.predict(net, x, tiny_config(tta="flip"), cpu, f32, tta="none")
+    full = speedrun.predict(net, x, tiny_config(tta="flip"), cpu, f32)
+    half = speedrun.predict(net, x, tiny_config(tta="flip", tta_unsure_frac=0.25), cpu, f32)
+    unsure = plain.softmax(1).amax(1).argsort()[:10]
+    sure = plain.softmax(1).amax(1).argsort()[10:]
+    torch.testing.assert_close(half[unsure], full[unsure])
+    torch.testing.assert_close(half[sure], plain[sure])
+    torch.testing.assert_close(speedrun.predict(net, x, tiny_config(tta="flip", tta_unsure_frac=0.0), cpu, f32), plain)
+    with pytest.raises(ValueError, match="tta_unsure_frac is a fraction"):
+        speedrun.make_config(tta_unsure_frac=1.5)
