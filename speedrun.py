@@ -23,6 +23,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import gc
 import hashlib
 import io
 import json
@@ -36,6 +37,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -942,6 +944,14 @@ def init_distributed(cfg: Config) -> Distributed:
     return process_group()
 
 
+def leave_distributed() -> None:
+    """Leave the torchrun job, if in one. DDP's gloo work objects are freed first, while the
+    interpreter is whole: freed during interpreter exit they can abort the process."""
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
+
+
 def local_positions(n_batches: int, cfg: Config, ctx: Distributed) -> torch.Tensor:
     """Positions, in the epoch's shuffled order, of the images this process trains on, batch by batch.
 
@@ -1001,13 +1011,16 @@ def train_epoch(step_fn, opt, ema, x, y, cfg, epoch, step, batch, sync_bn=None):
 
 def make_step_fn(model, opt, cfg, device, dtype, world: int = 1):
     """step_fn(images, labels) -> (summed loss, logits): forward, backward and optimizer step.
-    With several processes the model is wrapped in DistributedDataParallel, and each process's
-    summed loss is multiplied by the number of processes, so that DDP's mean of the gradients
+    Returns (step_fn, forward, module): forward is module, compiled if cfg.compile; module is the
+    model, or with several processes its DistributedDataParallel wrapper. Each process's summed
+    loss is then multiplied by the number of processes, so that DDP's mean of the gradients
     equals the gradient of the loss summed over the whole batch, as in a single process."""
     module = model
     if world > 1:
-        module = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                     broadcast_buffers=False)
+        with warnings.catch_warnings():  # newer torch renames broadcast_buffers; torch 2.4 knows only this name
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers", category=FutureWarning)
+            module = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                         broadcast_buffers=False)
     forward = torch.compile(module, mode=cfg.compile_mode) if cfg.compile else module
 
     def step_fn(xb, yb):
@@ -1018,38 +1031,38 @@ def make_step_fn(model, opt, cfg, device, dtype, world: int = 1):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss, logits
-    return step_fn, forward
+    return step_fn, forward, module
 
 
-def needs_warm_up(cfg: Config, device: torch.device) -> bool:
-    return cfg.compile or device.type == "cuda"
+@dataclass
+class TrainingSetup:
+    """What one run trains with. train() builds it with prepare_training(), and so do the tools
+    that time or profile pieces of a run (warm_up, profile/, ablations/scaling.py)."""
+    device: torch.device
+    dtype: torch.dtype
+    ctx: Distributed
+    gen: torch.Generator          # the augmentation and shuffle generator
+    model: nn.Module              # this process's network (ghost_bn_splits / world BN groups)
+    opt: torch.optim.Optimizer
+    step_fn: object               # step_fn(images, labels) -> (summed loss, logits)
+    forward: nn.Module            # module, compiled if asked
+    module: nn.Module             # model, or its DistributedDataParallel wrapper
+    augment: EpochAugmenter
+    positions: torch.Tensor       # see local_positions
+    n_batches: int                # global batches per epoch
+    local_batch: int              # images per step in this process
+    sync_bn: object               # averages BN statistics over the processes; None when alone
+
+    def make_ema(self, cfg: Config) -> EMA | None:
+        """The EMA, made once the model is initialised (after the whitening)."""
+        return EMA(self.model, cfg.ema_momentum, cfg.ema_every, cfg.ema_mode, cfg.epochs * self.n_batches) if cfg.ema else None
 
 
-def warm_up(cfg: Config, data: DeviceData, device: torch.device) -> float:
-    """A throwaway run of a few steps and one evaluation, so that compilation and cuDNN's
-    choice of kernels happen before the timer. Returns its seconds."""
-    t0 = time.perf_counter()
-    set_determinism(cfg, device)
-    model = build_model(cfg, device)
-    opt = build_optimizer(model, cfg)
-    dtype = compute_dtype(cfg, device)
-    step_fn, forward = make_step_fn(model, opt, cfg, device, dtype)
-    for _ in range(3):
-        step_fn(data.train_x[:cfg.batch_size], data.train_y[:cfg.batch_size])
-    model.eval()
-    predict(forward, data.test_x[:cfg.eval_batch_size], cfg, device, dtype)
-    synchronize(device)
-    return time.perf_counter() - t0
-
-
-def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | None = None) -> dict:
-    """One training run; returns its result dict (see the README's JSON section). Under torchrun
-    every process calls it; only rank 0 evaluates, logs and returns the full result."""
+def prepare_training(cfg: Config, data: DeviceData, device: torch.device, seed: int) -> TrainingSetup:
+    """Check the config against the data and the processes, seed, and build the network,
+    optimizer, step function and augmenter of one run."""
     check_config(cfg)
     ctx = process_group()
-    device = pick_device(cfg.device)
-    data = data or load_data(cfg, device)
-    seed = cfg.seed if seed is None else seed
     n_train = data.train_x.shape[0]
     n_batches = n_train // cfg.batch_size
     if n_batches == 0:
@@ -1066,10 +1079,39 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
     # each process normalises its share of the batch in ghost_bn_splits / world groups
     model = build_model(dataclasses.replace(cfg, ghost_bn_splits=cfg.ghost_bn_splits // ctx.world), device)
     opt = build_optimizer(model, cfg)
-    step_fn, forward = make_step_fn(model, opt, cfg, device, dtype, ctx.world)
-    augment = EpochAugmenter(cfg, gen)
-    positions = local_positions(n_batches, cfg, ctx).to(device)
+    step_fn, forward, module = make_step_fn(model, opt, cfg, device, dtype, ctx.world)
     sync_bn = (lambda: average_bn_statistics(model, ctx.world)) if ctx.active else None
+    return TrainingSetup(device, dtype, ctx, gen, model, opt, step_fn, forward, module, EpochAugmenter(cfg, gen),
+                         local_positions(n_batches, cfg, ctx).to(device), n_batches, cfg.batch_size // ctx.world, sync_bn)
+
+
+def needs_warm_up(cfg: Config, device: torch.device) -> bool:
+    return cfg.compile or device.type == "cuda"
+
+
+def warm_up(cfg: Config, data: DeviceData, device: torch.device) -> float:
+    """A throwaway run of a few steps and one evaluation, so that compilation and cuDNN's
+    choice of kernels happen before the timer. Returns its seconds."""
+    t0 = time.perf_counter()
+    setup = prepare_training(cfg, data, device, cfg.seed)
+    b = setup.local_batch
+    for _ in range(3):
+        setup.step_fn(data.train_x[:b], data.train_y[:b])
+    setup.model.eval()
+    predict(setup.model if setup.ctx.active else setup.forward, data.test_x[:cfg.eval_batch_size], cfg, device, setup.dtype)
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | None = None) -> dict:
+    """One training run; returns its result dict (see the README's JSON section). Under torchrun
+    every process calls it; only rank 0 evaluates, logs and returns the full result."""
+    device = pick_device(cfg.device)
+    data = data or load_data(cfg, device)
+    seed = cfg.seed if seed is None else seed
+    setup = prepare_training(cfg, data, device, seed)
+    ctx, dtype, gen, model, forward = setup.ctx, setup.dtype, setup.gen, setup.model, setup.forward
+    n_train, n_batches, sync_bn = data.train_x.shape[0], setup.n_batches, setup.sync_bn
     watch = Stopwatch(device)
 
     watch.start()
@@ -1078,7 +1120,7 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
         if ctx.active and cfg.whiten:
             dist.broadcast(model.whiten.weight.data, 0)
     whitening_s = watch.stop()
-    ema = EMA(model, cfg.ema_momentum, cfg.ema_every, cfg.ema_mode, cfg.epochs * n_batches) if cfg.ema else None
+    ema = setup.make_ema(cfg)
     eval_model = ema.model if ema and not ema.lookahead else model
     eval_forward = torch.compile(eval_model, mode=cfg.compile_mode) if cfg.compile else eval_model
 
@@ -1087,13 +1129,13 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
         model.train()
         watch.start()
         with record_function("speedrun: augmentation"):
-            draw = augment.draw(n_train, epoch, device)
-            idx = torch.randperm(n_train, device=device, generator=gen)[positions]
-            x = augment.apply(data.train_x, draw, idx)
+            draw = setup.augment.draw(n_train, epoch, device)
+            idx = torch.randperm(n_train, device=device, generator=gen)[setup.positions]
+            x = setup.augment.apply(data.train_x, draw, idx)
             if device.type == "cuda" and cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-        loss_sum, correct, step = train_epoch(step_fn, opt, ema, x, data.train_y[idx], cfg, epoch, step,
-                                              cfg.batch_size // ctx.world, sync_bn)
+        loss_sum, correct, step = train_epoch(setup.step_fn, setup.opt, ema, x, data.train_y[idx], cfg, epoch, step,
+                                              setup.local_batch, sync_bn)
         if sync_bn:
             sync_bn()
         if ema is not None and epoch == cfg.epochs - 1:
@@ -1567,9 +1609,10 @@ def parse_field_value(f: dataclasses.Field, text: str):
         raise ValueError(f"{f.name} takes a {kind.__name__}, not {text!r}") from None
 
 
-def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """The trainer's flags: --preset, --set FIELD=VALUE, one flag per Config field, --out, --save.
-    The profile/ and ablations/ scripts start from this parser and add their own flags."""
+def build_parser(description: str | None = None, outputs: bool = True) -> argparse.ArgumentParser:
+    """The trainer's flags: --preset, --set FIELD=VALUE, one flag per Config field, and (with
+    outputs) --out and --save. The profile/, ablations/ and bench/ scripts start from this
+    parser and add their own flags."""
     p = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 3)[-1])
@@ -1577,9 +1620,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                    help="named set of defaults; flags and --set override it (default: davidnet)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set any config field, e.g. --set ema=false --set ghost_bn_splits=1 (repeatable)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON result file (default: a new timestamped file under runs/); never overwritten")
-    p.add_argument("--save", type=Path, default=None, help="write the evaluated (EMA) weights and config here")
+    if outputs:
+        p.add_argument("--out", type=Path, default=None,
+                       help="JSON result file (default: a new timestamped file under runs/); never overwritten")
+        p.add_argument("--save", type=Path, default=None, help="write the evaluated (EMA) weights and config here")
     p.add_argument("--data-url", default=CIFAR10_URL, help="where to download cifar-10-python.tar.gz from if no copy is found")
     p.add_argument("--quiet", action="store_true", help="print only the final verdict")
     g = p.add_argument_group("config fields (defaults shown are the davidnet preset's)")
@@ -1631,12 +1675,13 @@ def main(argv=None) -> int:
             log(f"{ctx.world} processes ({dist.get_backend()}): global batch {cfg.batch_size}, "
                 f"{cfg.batch_size // ctx.world} images and {cfg.ghost_bn_splits // ctx.world} ghost-BN groups per process")
         result = run_many(cfg, log=log, url=args.data_url)
+        if ctx.active:  # no process leaves, and tears down its connections, while another still uses them
+            dist.barrier()
     except (ValueError, DataError, RuntimeError) as e:
         where = f"rank {ctx.rank}: " if ctx.active else ""
         parser.exit(2, f"{where}error: {e}\n")
     finally:
-        if ctx.active:
-            dist.destroy_process_group()
+        leave_distributed()
     if ctx.rank != 0:
         return 0
     save_json(result, out)

@@ -123,16 +123,11 @@ def breakdown(events, device_type: str) -> dict:
 
 def profile_window(cfg, data, device, steps: int, warmup: int, eval_images: int):
     """Runs the warm-up, then the profiled window; returns (profiler, window wall seconds)."""
-    speedrun.set_determinism(cfg, device)
-    dtype = speedrun.compute_dtype(cfg, device)
-    gen = speedrun.seed_everything(cfg.seed, device)
-    model = speedrun.build_model(cfg, device)
-    opt = speedrun.build_optimizer(model, cfg)
-    step_fn, _ = speedrun.make_step_fn(model, opt, cfg, device, dtype)
-    augment = speedrun.EpochAugmenter(cfg, gen)
-    ema = speedrun.EMA(model, cfg.ema_momentum, cfg.ema_every) if cfg.ema else None
-    eval_model = ema.model if ema else model
-    eval_forward = torch.compile(eval_model) if cfg.compile else eval_model
+    setup = speedrun.prepare_training(cfg, data, device, cfg.seed)
+    dtype, gen, model, step_fn, opt, augment = setup.dtype, setup.gen, setup.model, setup.step_fn, setup.opt, setup.augment
+    ema = setup.make_ema(cfg)
+    eval_model = ema.model if ema and not ema.lookahead else model
+    eval_forward = torch.compile(eval_model, mode=cfg.compile_mode) if cfg.compile else eval_model
     n_train = data.train_x.shape[0]
     test_x = data.test_x[:eval_images]
 
@@ -149,8 +144,9 @@ def profile_window(cfg, data, device, steps: int, warmup: int, eval_images: int)
             with record_function("speedrun: whitening"):
                 speedrun.init_whitening(model, data.train_x, cfg)
             with record_function("speedrun: augmentation"):
-                order = torch.randperm(n_train, device=device, generator=gen)
-                x, y = augment(data.train_x, 0)[order], data.train_y[order]
+                draw = augment.draw(n_train, 0, device)
+                idx = torch.randperm(n_train, device=device, generator=gen)[setup.positions]
+                x, y = augment.apply(data.train_x, draw, idx), data.train_y[idx]
                 if device.type == "cuda" and cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
             speedrun.train_epoch(step_fn, opt, ema, x[:steps * cfg.batch_size], y[:steps * cfg.batch_size],

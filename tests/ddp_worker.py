@@ -21,7 +21,7 @@ def main(data_dir, out_dir):
             make = speedrun.make_step_fn
 
             def failing_make(*args, **kwargs):
-                step_fn, forward = make(*args, **kwargs)
+                step_fn, forward, module = make(*args, **kwargs)
                 calls = []
 
                 def step(xb, yb):
@@ -29,14 +29,15 @@ def main(data_dir, out_dir):
                     if len(calls) == 3:
                         raise RuntimeError(f"injected failure on rank {ctx.rank}")
                     return step_fn(xb, yb)
-                return step, forward
+                return step, forward, module
             speedrun.make_step_fn = failing_make
         result = speedrun.train(cfg, log=lambda *a: None)
         torch.save({k: v.clone() for k, v in result["model"].state_dict().items()}, Path(out_dir) / f"rank{ctx.rank}.pt")
         if ctx.rank == 0:
             torch.save({k: v for k, v in result.items() if k != "model"}, Path(out_dir) / "result.pt")
+        dist.barrier()  # as speedrun.main does: nobody tears down while another still communicates
     finally:
-        dist.destroy_process_group()
+        speedrun.leave_distributed()
 
 
 if __name__ == "__main__":
