@@ -1364,9 +1364,24 @@ def summary_lines(s: dict) -> list[str]:
     return lines
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict:
+    """What a result was measured on, e.g. device_name 'NVIDIA H100 80GB HBM3' or
+    'CPU AMD EPYC 7B13 (2 cores, 2 torch threads)'."""
+    threads = torch.get_num_threads()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        "Apple MPS" if device.type == "mps" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
+        "Apple MPS" if device.type == "mps" else
+        f"CPU {cpu_model()} ({os.cpu_count()} cores, {threads} torch thread{'s' if threads != 1 else ''})")
     return dict(device=str(device), device_name=name, torch=torch.__version__, python=sys.version.split()[0],
                 cuda=torch.version.cuda, time=datetime.datetime.now().isoformat(timespec="seconds"))
 
@@ -1580,8 +1595,9 @@ def load_weights(path: str | Path, device="cpu") -> ResNet9:
     return model.to(device).eval()
 
 
-def default_out_path(root: Path = Path("runs")) -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+def default_out_path(root: Path = Path("runs"), prefix: str = "") -> Path:
+    """A new file root/<prefix><time>.json (with -1, -2, ... if that exists already)."""
+    stamp = prefix + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path, k = root / f"{stamp}.json", 1
     while path.exists():
         path, k = root / f"{stamp}-{k}.json", k + 1

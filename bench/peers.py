@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import importlib
 import importlib.metadata
 import importlib.util
@@ -392,14 +391,6 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def default_out_path(root: Path = Path("runs")) -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path, k = root / f"peers-{stamp}.json", 1
-    while path.exists():
-        path, k = root / f"peers-{stamp}-{k}.json", k + 1
-    return path
-
-
 def report_lines(result: dict) -> list[str]:
     lines = ["", f"{'trainer':<12} {'runs':>4} {'acc mean':>9} {'std':>6} {'min':>6} {'max':>6} {'>=94%':>6} "
                  f"{'p(>94%)':>8} {'time mean':>10} {'std':>7}"]
@@ -441,7 +432,7 @@ def main(argv=None, make_peer=None) -> int:
             raise ValueError(f"--runs must be at least 1, got {args.runs}")
         if args.seed < 0:
             raise ValueError(f"--seed must be 0 or more, got {args.seed}")
-        out = args.out or default_out_path()
+        out = args.out or speedrun.default_out_path(prefix="peers-")
         if out.exists():
             raise ValueError(f"--out {out} already exists; choose another path (results are never overwritten)")
         airbench_dir = (args.airbench_dir or out.with_name(f"{out.stem}-airbench")).resolve()

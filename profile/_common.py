@@ -55,26 +55,11 @@ def timestamp() -> str:
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def describe_machine(device: torch.device) -> str:
     """e.g. 'CPU AMD EPYC (2 cores, 2 torch threads), torch 2.13.0+cpu, Python 3.11.7'."""
-    if device.type == "cuda":
-        where = f"GPU {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    elif device.type == "mps":
-        where = "Apple MPS"
-    else:
-        threads = torch.get_num_threads()
-        where = f"CPU {cpu_model()} ({os.cpu_count()} cores, {threads} torch thread{'s' if threads != 1 else ''})"
-    return f"{where}, torch {torch.__version__}, Python {platform.python_version()}"
+    env = speedrun.environment(device)
+    where = f"GPU {env['device_name']} (CUDA {env['cuda']})" if device.type == "cuda" else env["device_name"]
+    return f"{where}, torch {env['torch']}, Python {platform.python_version()}"
 
 
 def command_line() -> str:
