@@ -3,6 +3,8 @@
 
     python speedrun.py                 # one run of the default preset, `davidnet`
     python speedrun.py --runs 20       # seeds 0..19, with mean, spread and a t-test
+    python speedrun.py --preset fast   # the record chaser (airbench-style network)
+    torchrun --nproc_per_node=4 speedrun.py   # one run over 4 GPUs (the batch stays global)
     python speedrun.py --help          # every flag
 
 Method, top to bottom: configuration and presets; data (read once, checksummed, kept on the
@@ -13,8 +15,8 @@ and reporting; command line.
 
 Timing rule. time_to_target_s = whitening init + every training step (augmentation included)
 up to the end of the first epoch whose evaluated (EMA + TTA) accuracy reaches the target, +
-the time of that one evaluation. Other per-epoch evaluations, data loading and compile
-warm-up are outside the timer and reported separately. CUDA times come from events after a
+the time of that one evaluation. Other per-epoch evaluations, data loading and the warm-up
+(compilation, cuDNN's kernel choice) are outside the timer and reported separately. CUDA times come from events after a
 synchronisation; other devices use a wall clock after a synchronisation.
 """
 from __future__ import annotations
@@ -565,7 +567,7 @@ class EpochAugmenter:
 
 
 # =============================================================================================
-# 4. Model: ResNet-9 with a frozen whitening layer, ghost batch norm and a scaled linear head
+# 4. Model: frozen patch whitening, ghost batch norm, ResNet-9 (or airbench) layers, scaled linear head
 # =============================================================================================
 
 

@@ -38,7 +38,7 @@ def table_row(text, mode, procs):
 def test_output_names_the_hardware_and_command_then_tabulates_both_modes(one_and_two):
     stdout, out, _ = one_and_two
     lines = stdout.splitlines()
-    assert lines[0].startswith("hardware: CPU (") and f"torch {speedrun.torch.__version__}" in lines[0]
+    assert lines[0].startswith("hardware: CPU ") and f"torch {speedrun.torch.__version__}" in lines[0]
     assert lines[1].startswith("command: python ") and "--procs 1,2 --mode both" in lines[1]
     assert lines[2] == scaling.CPU_NOTICE
     md = (out / "scaling.md").read_text()
@@ -54,7 +54,7 @@ def test_report_numbers_are_consistent(one_and_two):
     rows = {(r["mode"], r["procs"]): r for r in report["rows"]}
     assert sorted(rows) == [("strong", 1), ("strong", 2), ("weak", 1), ("weak", 2)]
     assert report["settings"]["backend"] == "gloo" and report["jobs"]["2"]["backend"] == "gloo"
-    assert report["jobs"]["2"]["environment"]["device_name"].endswith("1 threads)"), "one thread per CPU process"
+    assert report["jobs"]["2"]["environment"]["device_name"].endswith(" 1 torch thread)"), "one thread per CPU process"
     for (mode, procs), r in rows.items():
         step_s = r["step_ms"] / 1e3
         assert r["images_per_s"] == pytest.approx(r["global_batch"] / step_s, rel=1e-12)
