@@ -1649,12 +1649,18 @@ def build_parser(description: str | None = None, outputs: bool = True) -> argpar
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=f"{f.metadata['help']} (default: {f.default})")
+                           help=_field_help(f))
         else:
             g.add_argument(flag, dest=f.name, type=type(f.default), default=argparse.SUPPRESS,
-                           metavar=type(f.default).__name__.upper(), help=f"{f.metadata['help']} (default: {f.default:g})"
-                           if isinstance(f.default, float) else f"{f.metadata['help']} (default: {f.default!r})")
+                           metavar=type(f.default).__name__.upper(), help=_field_help(f))
     return p
+
+
+def _field_help(f: dataclasses.Field) -> str:
+    if f.default == "":
+        return f.metadata["help"]
+    shown = f"{f.default:g}" if isinstance(f.default, float) else repr(f.default) if isinstance(f.default, str) else f.default
+    return f"{f.metadata['help']} (default: {shown})"
 
 
 def parse_assignments(items: list[str]) -> dict:
