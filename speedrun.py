@@ -169,11 +169,11 @@ def check_config(cfg: Config) -> None:
             raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(map(str, allowed))}")
     positive = ("epochs", "batch_size", "ghost_bn_splits", "ema_every", "eval_batch_size", "runs", "whiten_samples",
                 "muon_ns_steps")
-    if cfg.workers < 0:
-        raise ValueError(f"workers must be 0 (automatic) or more, got {cfg.workers}")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.workers < 0:
+        raise ValueError(f"workers must be 0 (automatic) or more, got {cfg.workers}")
     for name in ("subset", "test_subset", "crop_pad", "cutout"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be 0 or more, got {getattr(cfg, name)}")
@@ -1040,7 +1040,6 @@ def make_step_fn(model, opt, cfg, device, dtype, world: int = 1):
 class TrainingSetup:
     """What one run trains with. train() builds it with prepare_training(), and so do the tools
     that time or profile pieces of a run (warm_up, profile/, ablations/scaling.py)."""
-    device: torch.device
     dtype: torch.dtype
     ctx: Distributed
     gen: torch.Generator          # the augmentation and shuffle generator
@@ -1083,7 +1082,7 @@ def prepare_training(cfg: Config, data: DeviceData, device: torch.device, seed: 
     opt = build_optimizer(model, cfg)
     step_fn, forward, module = make_step_fn(model, opt, cfg, device, dtype, ctx.world)
     sync_bn = (lambda: average_bn_statistics(model, ctx.world)) if ctx.active else None
-    return TrainingSetup(device, dtype, ctx, gen, model, opt, step_fn, forward, module, EpochAugmenter(cfg, gen),
+    return TrainingSetup(dtype, ctx, gen, model, opt, step_fn, forward, module, EpochAugmenter(cfg, gen),
                          local_positions(n_batches, cfg, ctx).to(device), n_batches, cfg.batch_size // ctx.world, sync_bn)
 
 
@@ -1442,7 +1441,8 @@ def _pool_worker(device: str, threads: int | None, url: str, jobs, results) -> N
             results.put(("run", index, result, device))
         except BaseException as e:  # reported to the parent, which stops the others
             import traceback
-            results.put(("error", index, (f"{type(e).__name__}: {e}", traceback.format_exc()), device))
+            trace = None if isinstance(e, (DataError, ValueError)) else traceback.format_exc()  # ours explain themselves
+            results.put(("error", index, (f"{type(e).__name__}: {e}", trace), device))
             return
     results.put(("done", -1, (cache.load_s, cache.warmup_s), device))
 
@@ -1496,7 +1496,7 @@ def run_jobs(jobs: list, devices: list[str], on_result, url: str = CIFAR10_URL, 
             if kind == "error":
                 cfg, seed = jobs[index]
                 short, trace = payload
-                if "DataError" not in short and "ValueError" not in short:
+                if trace:
                     print(trace, file=sys.stderr)
                 raise RuntimeError(f"the worker on {where} failed in run {index + 1} (seed {seed}): {short}")
             if kind == "done":
