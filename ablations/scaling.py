@@ -136,15 +136,13 @@ def measure_case(cfg: speedrun.Config, data: speedrun.DeviceData, ctx: speedrun.
     speedrun.init_whitening(model, data.train_x, cfg)  # the filters' values do not change the speed
     ema = setup.make_ema(cfg)
     n_train = data.train_x.shape[0]
-    idx = torch.randperm(n_train, device=device, generator=setup.gen)[setup.positions]
-    x = setup.augment.apply(data.train_x, setup.augment.draw(n_train, 0, device), idx)
-    y = data.train_y[idx]
+    x, y = setup.epoch_batches(data, 0)
 
     def batches(k: int):
         """This process's share of k consecutive batches of the epoch, from its start again if k > n_batches."""
         order = torch.arange(k, device=device) % n_batches
         xs = x.view(n_batches, local, *x.shape[1:])[order].flatten(0, 1)
-        if device.type == "cuda" and cfg.channels_last:
+        if speedrun.uses_channels_last(cfg, device):
             xs = xs.contiguous(memory_format=torch.channels_last)
         return xs, y.view(n_batches, local)[order].flatten()
 
@@ -157,7 +155,7 @@ def measure_case(cfg: speedrun.Config, data: speedrun.DeviceData, ctx: speedrun.
             dist.barrier()
         watch.start()
         with contextlib.nullcontext() if communicate or not ctx.active else setup.module.no_sync():
-            speedrun.train_epoch(setup.step_fn, setup.opt, ema, xs, ys, cfg, 0, 0, local, setup.sync_bn if communicate else None)
+            speedrun.train_epoch(setup, cfg, ema, xs, ys, step=0, communicate=communicate)
         return slowest(watch.stop(), ctx, device)
 
     timed(warmup, True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The measurements issue 5 asks for, in phases that each fit one 10-minute device call.
 #   bash bench/gpu_session.sh PHASE DATA_DIR [OUT_DIR]
-#   PHASE: accuracy (davidnet x20, fast x50) | profile (breakdown, FLOPs) | peers (vs airbench94)
+#   PHASE: accuracy (davidnet x20, airbench94 x20, record x50) | profile (breakdown, FLOPs) | peers (vs airbench94)
 # Extra speedrun flags for every command go in $EXTRA (e.g. EXTRA="--compile").
 # Each phase ends with a short table; every result is also kept as JSON under OUT_DIR.
 set -euo pipefail
@@ -35,17 +35,19 @@ PY
 case "$phase" in
   accuracy)
     python3 speedrun.py --data-dir "$data" --runs 20 --quiet --out "$out/davidnet-$stamp.json" $extra
-    python3 speedrun.py --preset fast --data-dir "$data" --runs 50 --quiet --out "$out/fast-$stamp.json" $extra
-    summarize "$out/davidnet-$stamp.json" "$out/fast-$stamp.json" ;;
+    python3 speedrun.py --preset airbench94 --data-dir "$data" --runs 20 --quiet --out "$out/airbench94-$stamp.json" $extra
+    python3 speedrun.py --preset record --data-dir "$data" --runs 50 --quiet --out "$out/record-$stamp.json" $extra
+    summarize "$out/davidnet-$stamp.json" "$out/airbench94-$stamp.json" "$out/record-$stamp.json" ;;
   profile)
     python3 profile/torch_trace.py --data-dir "$data" --trace-dir "$out/trace-davidnet-$stamp" $extra
-    python3 profile/torch_trace.py --preset fast --data-dir "$data" --trace-dir "$out/trace-fast-$stamp" $extra
-    for r in "$out"/davidnet-*.json "$out"/fast-*.json; do
+    python3 profile/torch_trace.py --preset airbench94 --data-dir "$data" --trace-dir "$out/trace-airbench94-$stamp" $extra
+    python3 profile/torch_trace.py --preset record --data-dir "$data" --trace-dir "$out/trace-record-$stamp" $extra
+    for r in "$out"/davidnet-*.json "$out"/airbench94-*.json "$out"/record-*.json; do
       [ -f "$r" ] && python3 profile/flops.py --result "$r" $extra
     done ;;
   peers)
     python3 -c "import airbench" 2>/dev/null || \
       python3 -m pip install -q --no-deps --no-build-isolation runs/vendor/airbench-0.1.8.tar.gz
-    python3 bench/peers.py --presets davidnet,fast --runs 10 --data-dir "$data" --out "$out/peers-$stamp.json" $extra ;;
+    python3 bench/peers.py --presets davidnet,airbench94,record --runs 10 --data-dir "$data" --out "$out/peers-$stamp.json" $extra ;;
   *) echo "unknown phase $phase: accuracy | profile | peers" >&2; exit 2 ;;
 esac

@@ -21,6 +21,7 @@ with `tensorboard --logdir DIR/tensorboard` (pip install torch-tb-profiler).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -41,7 +42,7 @@ REGIONS = {"speedrun: whitening": "whitening", "speedrun: augmentation": "augmen
 OPTIMIZER_PREFIXES = ("Optimizer.step#", "Optimizer.zero_grad#")
 # Operator-name fragments (lower case) of each category; the first match up the call chain wins.
 KEYWORDS = [("conv", ("conv", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "mmbackward")),
-            ("bn", ("batch_norm", "batchnorm")),
+            ("bn", ("batch_norm", "batchnorm", "var_mean", "varmean", "rsqrt")),  # the last: ghost BN on channels_last
             ("act", ("elu", "relu", "silu")),  # 'elu' also matches celu and gelu
             ("pool", ("max_pool", "maxpool", "amax")),
             ("loss", ("cross_entropy", "log_softmax", "logsoftmax", "nll_loss", "nllloss"))]
@@ -124,11 +125,10 @@ def breakdown(events, device_type: str) -> dict:
 def profile_window(cfg, data, device, steps: int, warmup: int, eval_images: int):
     """Runs the warm-up, then the profiled window; returns (profiler, window wall seconds)."""
     setup = speedrun.prepare_training(cfg, data, device, cfg.seed)
-    dtype, gen, model, step_fn, opt, augment = setup.dtype, setup.gen, setup.model, setup.step_fn, setup.opt, setup.augment
+    dtype, model, step_fn = setup.dtype, setup.model, setup.step_fn
     ema = setup.make_ema(cfg)
-    eval_model = ema.model if ema and not ema.lookahead else model
+    eval_model = ema.eval_model if ema else model
     eval_forward = torch.compile(eval_model, mode=cfg.compile_mode) if cfg.compile else eval_model
-    n_train = data.train_x.shape[0]
     test_x = data.test_x[:eval_images]
 
     model.train()
@@ -143,14 +143,8 @@ def profile_window(cfg, data, device, steps: int, warmup: int, eval_images: int)
         with record_function(WINDOW):
             with record_function("speedrun: whitening"):
                 speedrun.init_whitening(model, data.train_x, cfg)
-            with record_function("speedrun: augmentation"):
-                draw = augment.draw(n_train, 0, device)
-                idx = torch.randperm(n_train, device=device, generator=gen)[setup.positions]
-                x, y = augment.apply(data.train_x, draw, idx), data.train_y[idx]
-                if device.type == "cuda" and cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-            speedrun.train_epoch(step_fn, opt, ema, x[:steps * cfg.batch_size], y[:steps * cfg.batch_size],
-                                 cfg, 0, warmup, cfg.batch_size)
+            x, y = setup.epoch_batches(data, 0)  # labelled "speedrun: augmentation" inside
+            speedrun.train_epoch(setup, cfg, ema, x[:steps * cfg.batch_size], y[:steps * cfg.batch_size], warmup)
             with record_function("speedrun: evaluation"):
                 speedrun.predict(eval_forward, test_x, cfg, device, dtype)
             speedrun.synchronize(device)
@@ -160,9 +154,10 @@ def profile_window(cfg, data, device, steps: int, warmup: int, eval_images: int)
 
 def full_run_factors(cfg, data, steps: int, eval_images: int) -> dict:
     """How many times each category's window work happens in one timed run."""
-    run_steps = cfg.epochs * (data.train_x.shape[0] // cfg.batch_size)
+    n_batches = data.train_x.shape[0] // cfg.batch_size
+    run_steps = speedrun.total_steps(cfg, n_batches)
     factors = {c: run_steps / steps for c in PER_STEP}
-    factors.update(augment=cfg.epochs, eval=data.test_x.shape[0] / eval_images, whitening=1.0)
+    factors.update(augment=math.ceil(run_steps / n_batches), eval=data.test_x.shape[0] / eval_images, whitening=1.0)
     return factors
 
 

@@ -90,3 +90,11 @@ def random_device_data(n_train=128, n_test=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     return speedrun.DeviceData(torch.randn(n_train, 3, 32, 32, generator=g), torch.randint(0, 10, (n_train,), generator=g),
                                torch.randn(n_test, 3, 32, 32, generator=g), torch.randint(0, 10, (n_test,), generator=g), 0.0)
+
+
+def correlated_images(n=300, seed=0):
+    """Smooth random images: neighbouring pixels and channels are strongly correlated."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 40, 40, generator=g)
+    x = torch.nn.functional.avg_pool2d(x, 5, stride=1)[..., :32, :32]
+    return x + 0.5 * x.mean(1, keepdim=True)

@@ -41,10 +41,10 @@ def test_flags_and_set_override_the_preset():
     (["--set", "nonsense=1"], "expected FIELD=VALUE"),
     (["--set", "ema"], "expected FIELD=VALUE"),
     (["--set", "ema=maybe"], "ema takes true or false"),
-    (["--set", "epochs=ten"], "epochs takes a int"),
+    (["--set", "epochs=ten"], "epochs takes a float"),
     (["--flip", "sideways"], "flip='sideways' is not one of"),
     (["--batch-size", "500"], "not divisible by ghost_bn_splits"),
-    (["--epochs", "0"], "epochs must be at least 1"),
+    (["--epochs", "0"], "epochs must be positive"),
 ])
 def test_bad_input_is_a_clear_error(argv, message):
     with pytest.raises(ValueError, match=message):

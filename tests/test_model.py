@@ -4,16 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import tiny_config
+from conftest import correlated_images, tiny_config
 import speedrun
-
-
-def correlated_images(n=300, seed=0):
-    """Smooth random images: neighbouring pixels and channels are strongly correlated."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 40, 40, generator=g)
-    x = F.avg_pool2d(x, 5, stride=1)[..., :32, :32]
-    return x + 0.5 * x.mean(1, keepdim=True)
 
 
 def patch_covariance(x, k=3):
@@ -82,7 +74,7 @@ def test_bn_scale_frozen_and_bn_group_learning_rate():
     assert bns and all(not m.weight.requires_grad for m in bns)
     weights, bn_group = opt.param_groups
     assert {id(p) for p in bn_group["params"]} == {id(m.bias) for m in bns}
-    speedrun.set_lr(opt, cfg, progress=cfg.epochs * cfg.lr_peak_frac)
+    speedrun.set_lr(opt, cfg, step=19, total=100)  # the peak: step 20 of 100
     assert weights["lr"] == pytest.approx(cfg.lr / cfg.batch_size)
     assert bn_group["lr"] == pytest.approx(64 * cfg.lr / cfg.batch_size)
     assert weights["weight_decay"] == pytest.approx(5e-4 * cfg.batch_size)

@@ -96,9 +96,9 @@ def test_ratio_statistics_match_a_recomputation():
 def test_compare_pairs_by_round_and_skips_rounds_that_never_reached_the_target():
     runs = []
     for k, (ours, ttt, peer) in enumerate([(2.0, 1.5, 4.0), (3.0, None, 4.0), (2.5, 2.0, 5.0)]):
-        runs += [dict(trainer="fast", round=k, time_s=ours, time_to_target_s=ttt),
+        runs += [dict(trainer="record", round=k, time_s=ours, time_to_target_s=ttt),
                  dict(trainer=peers.PEER, round=k, time_s=peer)]
-    result = peers.compare(runs, "fast")
+    result = peers.compare(runs, "record")
     assert result["full_budget"]["rounds"] == 3
     assert result["full_budget"]["ratio"] == pytest.approx(2.5 / (13 / 3))
     assert result["time_to_target"]["rounds"] == 2
@@ -106,11 +106,11 @@ def test_compare_pairs_by_round_and_skips_rounds_that_never_reached_the_target()
 
 
 def test_targets_use_the_full_budget_ratio_and_its_inclusive_or_strict_limit():
-    summary = {"fast": {"acc": {"mean": 0.9401}}, "davidnet": {"acc": {"mean": 0.9399}}}
-    ratios = {"fast": {"full_budget": {"ratio": 0.50, "ci95": [0.45, 0.55]}},
+    summary = {"record": {"acc": {"mean": 0.9401}}, "davidnet": {"acc": {"mean": 0.9399}}}
+    ratios = {"record": {"full_budget": {"ratio": 0.50, "ci95": [0.45, 0.55]}},
               "davidnet": {"full_budget": {"ratio": 2.5, "ci95": [2.4, 2.6]}}}
     targets = peers.check_targets(summary, ratios)
-    assert targets["fast"]["met"] and not targets["fast"]["ratio_ci95_upper_met"]  # <= 0.50 is inclusive
+    assert targets["record"]["met"] and not targets["record"]["ratio_ci95_upper_met"]  # <= 0.50 is inclusive
     assert not targets["davidnet"]["acc_met"] and not targets["davidnet"]["ratio_met"]  # < 2.5 is strict
 
 

@@ -20,45 +20,65 @@ def test_label_smoothed_loss_matches_its_formula():
     torch.testing.assert_close(speedrun.smoothed_cross_entropy(logits, target, 0.0), F.cross_entropy(logits, target, reduction="sum"))
 
 
-def test_one_cycle_schedule_shape():
-    cfg = speedrun.make_config()  # 10 epochs: 0 -> 1 at epoch 2 -> 0.1 at epoch 8 -> flat
-    f = lambda e: speedrun.lr_factor(cfg, e)  # noqa: E731
-    assert f(0) == 0 and f(1) == pytest.approx(0.5) and f(2) == pytest.approx(1.0)
-    assert f(5) == pytest.approx(0.55) and f(8) == pytest.approx(0.1) and f(9.5) == pytest.approx(0.1)
-    xs = [i / 10 for i in range(101)]
-    ys = [f(x) for x in xs]
-    assert max(ys) == pytest.approx(1.0) and ys.index(max(ys)) == 20
-    assert all(a <= b for a, b in zip(ys[:20], ys[1:21])) and all(a >= b for a, b in zip(ys[20:], ys[21:]))
+def test_one_cycle_schedule_is_piecewise_linear_in_steps():
+    cfg = speedrun.make_config()  # 10 epochs of 10 steps: 0 -> 1 at step 20 -> 0.1 at step 80 -> flat
+    f = lambda k: speedrun.lr_factor(cfg, k - 1, 100)  # noqa: E731  (the LR of step k, read after counting it)
+    assert f(0) == 0 and f(10) == pytest.approx(0.5) and f(20) == pytest.approx(1.0)
+    assert f(50) == pytest.approx(0.55) and f(80) == pytest.approx(0.1) and f(95) == pytest.approx(0.1)
+    ys = [f(k) for k in range(1, 101)]
+    assert max(ys) == pytest.approx(1.0) and ys.index(max(ys)) == 19
+    assert all(a <= b for a, b in zip(ys[:19], ys[1:20])) and all(a >= b for a, b in zip(ys[19:], ys[20:]))
     linear = speedrun.make_config(lr_schedule="linear")
-    assert [speedrun.lr_factor(linear, e) for e in (0, 5, 10)] == [1.0, 0.5, 0.0]
-    assert speedrun.lr_factor(speedrun.make_config(lr_schedule="constant"), 7.3) == 1.0
+    assert [speedrun.lr_factor(linear, k, 10) for k in (0, 4, 9)] == [0.9, 0.5, 0.0]
+    at_start = speedrun.make_config(lr_schedule="linear", lr_schedule_at="start")
+    assert [speedrun.lr_factor(at_start, k, 10) for k in (0, 5, 9)] == [1.0, 0.5, pytest.approx(0.1)]
+    assert speedrun.lr_factor(speedrun.make_config(lr_schedule="constant"), 7, 10) == 1.0
 
 
-def test_ema_update_blends_every_k_steps():
+def test_fractional_epochs_round_the_step_count_up():
+    assert speedrun.total_steps(speedrun.make_config(epochs=9.9), 48) == 476
+    assert speedrun.total_steps(speedrun.make_config(epochs=10.0), 97) == 970  # no float noise past 970
+    assert speedrun.total_steps(speedrun.make_config(epochs=0.5), 3) == 2
+    with pytest.raises(ValueError, match="epochs must be positive"):
+        speedrun.make_config(epochs=0)
+
+
+def test_ema_starts_from_the_initial_weights_and_blends_on_each_epochs_every_kth_batch():
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    ema = speedrun.EMA(model, momentum=0.9, every=2)
+    ema = speedrun.EMA(model, speedrun.make_config(ema_momentum=0.9, ema_every=2), total_steps=40)
     start = copy.deepcopy(ema.model.state_dict())
     decay = 0.9 ** 2
-    for k in range(1, 40):  # past the warm-up the decay is momentum**every
+    due = [ema.due(step, batch) for step, batch in zip(range(1, 8), [0, 1, 2, 0, 1, 2, 3])]
+    assert due == [True, False, True, True, False, True, False], "after batches 0, 2, ... of every epoch"
+    for k in range(1, 6):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1.0)
             model[1].running_mean.add_(1.0)
         before = copy.deepcopy(ema.model.state_dict())
         ema.update(k)
-        after = ema.model.state_dict()
-        if k % 2:
-            assert all(torch.equal(before[n], after[n]) for n in after), "no blend on off steps"
-            continue
-        d = min(decay, ema.updates / (ema.updates + 1))
         for n, v in model.state_dict().items():
             if v.is_floating_point():
-                torch.testing.assert_close(after[n], d * before[n] + (1 - d) * v)
+                torch.testing.assert_close(ema.model.state_dict()[n], decay * before[n] + (1 - decay) * v)
             else:
-                assert torch.equal(after[n], v)
-    assert ema.updates == 19 and d == pytest.approx(decay)
+                assert torch.equal(ema.model.state_dict()[n], v)
     assert not torch.equal(start["0.weight"], ema.model.state_dict()["0.weight"])
-    assert not any(p.requires_grad for p in ema.model.parameters())
+    assert not any(p.requires_grad for p in ema.model.parameters()) and ema.eval_model is ema.model
+
+
+def test_ema_warmup_blends_the_first_updates_as_plain_means():
+    model = nn.Linear(3, 2)
+    ema = speedrun.EMA(model, speedrun.make_config(ema_momentum=0.9, ema_every=2, ema_warmup=True), total_steps=40)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(1)
+    torch.testing.assert_close(ema.model.weight, start + 0.5, msg="the first blend is the mean of two")
+    decays = [ema.decay_at(1)]
+    for k in range(2, 30):
+        ema.update(k)
+        decays.append(ema.decay_at(k))
+    assert decays[:3] == [0.5, pytest.approx(2 / 3), 0.75] and decays[-1] == pytest.approx(0.81)
 
 
 class Linear(nn.Module):

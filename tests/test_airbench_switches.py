@@ -1,5 +1,6 @@
-"""The switches behind --preset fast: 2x2 whitening with negatives and a briefly trained bias,
-the airbench-style network, identity init, a one-cycle start above zero, lookahead EMA."""
+"""The switches behind --preset airbench94: 2x2 whitening with negatives and a briefly trained
+bias, the airbench network, identity init, a one-cycle start above zero, lookahead; and Muon and
+TTA for unsure images, which the record preset uses."""
 import copy
 
 import pytest
@@ -7,19 +8,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import random_device_data, tiny_config
-from test_model import correlated_images
+from conftest import correlated_images, random_device_data, tiny_config
 import speedrun
 
 
-def fast_config(**overrides):
-    """The fast preset, shrunk to train in seconds on a CPU."""
+def airbench_config(**overrides):
+    """The airbench94 preset, shrunk to train in seconds on a CPU."""
     small = dict(width=0.125, epochs=2, batch_size=32, whiten_samples=64, eval_batch_size=64, device="cpu", precision="fp32")
-    return speedrun.make_config("fast", **{**small, **overrides})
+    return speedrun.make_config("airbench94", **{**small, **overrides})
 
 
 def test_two_by_two_whitening_with_negatives():
-    cfg = fast_config(whiten_eps=1e-6, whiten_samples=300)
+    cfg = airbench_config(whiten_eps=1e-6, whiten_samples=300)
     x = correlated_images()
     model = speedrun.build_model(cfg)
     speedrun.init_whitening(model, x, cfg)
@@ -30,33 +30,31 @@ def test_two_by_two_whitening_with_negatives():
     torch.testing.assert_close(out.T @ out / out.shape[0], torch.eye(12, dtype=torch.float64), atol=2e-3, rtol=0)
 
 
-def test_whitening_bias_trains_for_its_epochs_then_freezes():
-    cfg = fast_config(whiten_bias_epochs=1.0, lr_schedule="constant")
-    model = speedrun.build_model(cfg)
-    opt = speedrun.build_optimizer(model, cfg)
-    bias = model.whiten.bias
+def test_whitening_bias_trains_with_the_weights_then_stops_taking_a_gradient():
+    cfg = airbench_config(whiten_bias_epochs=1.0, lr_schedule="constant")
+    data = random_device_data(n_train=64, n_test=8)  # 2 batches of 32 per epoch: the bias trains for 2 steps
+    setup = speedrun.prepare_training(cfg, data, torch.device("cpu"), seed=0)
+    bias = setup.model.whiten.bias
     assert bias is not None and bias.requires_grad and torch.equal(bias, torch.zeros(24))
-    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    group = next(g for g in setup.opt.param_groups if any(p is bias for p in g["params"]))
+    assert group is setup.opt.param_groups[0], "the weights' group: base LR and base decay, as in airbench"
+    seen = []
 
-    def step(progress):
-        speedrun.set_lr(opt, cfg, progress)
-        speedrun.smoothed_cross_entropy(model(x), y, 0.2).backward()
-        opt.step()
-        opt.zero_grad()
-        return bias.detach().clone()
-
-    during = step(0.5)
-    assert not torch.equal(during, torch.zeros(24)), "trained in its first epoch"
-    step(1.5)
-    after = step(1.9)
-    assert torch.equal(step(1.7), after), "frozen once past whiten_bias_epochs"
-    group = next(g for g in opt.param_groups if any(p is bias for p in g["params"]))
-    assert group["lr"] == 0.0 and group["until"] == 1.0
-    assert not any(p is bias for g in opt.param_groups if g is not group for p in g["params"])
+    def recording_step(x, y):
+        seen.append(bias.requires_grad)
+        return real_step(x, y)
+    real_step, setup.step_fn = setup.step_fn, recording_step
+    x, y = setup.epoch_batches(data, 0)
+    speedrun.train_epoch(setup, cfg, None, x, y, step=0)
+    after_first_epoch = bias.detach().clone()
+    assert not torch.equal(after_first_epoch, torch.zeros(24)), "trained in its first epoch"
+    speedrun.train_epoch(setup, cfg, None, x, y, step=2)
+    assert seen == [True, True, False, False]
+    assert torch.equal(bias, after_first_epoch) and bias.grad is None, "no gradient, no update, no decay"
 
 
 def test_airbench_network_shape():
-    model = speedrun.build_model(speedrun.make_config("fast"))
+    model = speedrun.build_model(speedrun.make_config("airbench94"))
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert [(m.in_channels, m.out_channels, m.kernel_size) for m in convs] == [
         (3, 24, (2, 2)), (24, 64, (3, 3)), (64, 64, (3, 3)), (64, 256, (3, 3)), (256, 256, (3, 3)),
@@ -69,7 +67,7 @@ def test_airbench_network_shape():
 
 
 def test_dirac_init_passes_the_first_channels_through():
-    cfg = fast_config(conv_init="dirac")
+    cfg = airbench_config(conv_init="dirac")
     model = speedrun.build_model(cfg)
     conv = model.layer2[1][0]  # 64 -> 64 at width 1/8: 32 -> 32 channels
     x = torch.randn(2, conv.in_channels, 8, 8)
@@ -77,30 +75,31 @@ def test_dirac_init_passes_the_first_channels_through():
     widening = model.layer1[0][0]  # 24 -> 8: the first 8 filters pass input channels 0..7 through
     z = torch.randn(2, widening.in_channels, 8, 8)
     torch.testing.assert_close(widening(z), z[:, :widening.out_channels])
-    default = speedrun.build_model(fast_config(conv_init="default")).layer2[1][0]
+    default = speedrun.build_model(airbench_config(conv_init="default")).layer2[1][0]
     assert not torch.allclose(default(x)[:, :conv.in_channels], x)
 
 
 def test_one_cycle_can_start_above_zero():
-    cfg = speedrun.make_config("fast", epochs=10)
-    f = [speedrun.lr_factor(cfg, e) for e in (0.0, 2.3, 10.0)]
+    cfg = speedrun.make_config("airbench94")  # 476 steps, peak at int(0.23 x 476) = 109, read before each step
+    f = [speedrun.lr_factor(cfg, k, 476) for k in (0, 109, 476)]
     assert f == pytest.approx([0.2, 1.0, 0.07])
-    assert speedrun.lr_factor(cfg, 1.15) == pytest.approx(0.6)
+    assert speedrun.lr_factor(cfg, 54, 476) == pytest.approx(0.2 + 0.8 * 54 / 109)
 
 
-def test_lookahead_ema_pulls_the_weights_back_and_ends_at_the_average():
+def test_lookahead_pulls_the_weights_back_and_ends_at_the_average():
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    ema = speedrun.EMA(model, momentum=0.9, every=2, mode="lookahead", total_steps=8)
+    ema = speedrun.Lookahead(model, speedrun.make_config(ema_momentum=0.9, ema_every=2), total_steps=8)
+    assert ema.eval_model is model
     for step in range(1, 9):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
         before_ema = copy.deepcopy(ema.model.state_dict())
         live = copy.deepcopy(model.state_dict())
-        ema.update(step)
-        if step % 2:
-            assert all(torch.equal(live[k], v) for k, v in model.state_dict().items())
+        assert ema.due(step, batch=0) == (step % 2 == 0), "every k-th step of the run, whatever the epoch"
+        if not ema.due(step, 0):
             continue
+        ema.update(step)
         d = 0.9 ** 2 * (step / 8) ** 3
         for k, v in ema.model.state_dict().items():
             if v.is_floating_point():
@@ -112,10 +111,10 @@ def test_lookahead_ema_pulls_the_weights_back_and_ends_at_the_average():
     assert torch.equal(model[0].weight, ema.model[0].weight)
 
 
-def test_fast_preset_trains_end_to_end_and_reproducibly():
+def test_airbench94_preset_trains_end_to_end_and_reproducibly():
     data = random_device_data(n_train=128, n_test=64)
-    a = speedrun.train(fast_config(), data, log=lambda *x: None, seed=2)
-    b = speedrun.train(fast_config(), data, log=lambda *x: None, seed=2)
+    a = speedrun.train(airbench_config(), data, log=lambda *x: None, seed=2)
+    b = speedrun.train(airbench_config(), data, log=lambda *x: None, seed=2)
     assert [e["train_loss"] for e in a["epochs"]] == [e["train_loss"] for e in b["epochs"]]
     assert a["model"].whiten.weight.shape == (24, 3, 2, 2)
     # lookahead: the evaluated model is the trained one, which ends at the EMA's values
@@ -145,7 +144,7 @@ def test_orthogonalize_approaches_the_polar_factor():
 
 
 def test_muon_steps_filters_along_orthogonal_directions_and_the_rest_by_sgd():
-    cfg = fast_config(optimizer="muon", lr_schedule="constant", muon_lr=0.1, whiten_bias_epochs=0.0)
+    cfg = airbench_config(optimizer="muon", lr_schedule="constant", muon_lr=0.1, whiten_bias_epochs=0.0)
     model = speedrun.build_model(cfg)
     opt = speedrun.build_optimizer(model, cfg)
     assert isinstance(opt, speedrun.Muon)
@@ -153,7 +152,7 @@ def test_muon_steps_filters_along_orthogonal_directions_and_the_rest_by_sgd():
     convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m is not model.whiten]
     assert {id(p) for p in muon["params"]} == {id(p) for p in convs}
     assert muon["momentum"] == cfg.muon_momentum and muon["weight_decay"] == 0.0
-    speedrun.set_lr(opt, cfg, 0.5)
+    speedrun.set_lr(opt, cfg, step=0, total=10)
     assert muon["lr"] == pytest.approx(0.1)
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
     before = [p.detach().clone() for p in convs] + [model.head.weight.detach().clone()]

@@ -1,0 +1,126 @@
+"""Each preset is its published recipe, step for step.
+
+For every preset the reference's published numbers are written out here, with where they come
+from, and the whole per-step schedule is derived from them independently of speedrun.py: each
+parameter group's LR, weight decay and momentum, which parameters train, and when the moving
+average blends and with what decay. The trainer's real optimizer, model and loop
+(speedrun.train_epoch over TrainingSetup.steps_per_epoch) are then driven through a full-length
+run with a stand-in step function that trains nothing and records what each step would use."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import speedrun
+
+
+def drive_full_run(preset: str, n_train: int = 50000):
+    """Per-step records of the real optimizer state over a full run of `preset` on `n_train`
+    images: (steps, blends), steps[k] = (groups' (lr, weight_decay, momentum, nesterov, names),
+    names of the parameters that take a gradient), blends = [(step, decay)]."""
+    cfg = speedrun.make_config(preset, device="cpu")
+    tiny = speedrun.DeviceData(torch.zeros(cfg.batch_size, 3, 32, 32), torch.zeros(cfg.batch_size, dtype=torch.long),
+                               torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long), 0.0)
+    setup = speedrun.prepare_training(cfg, tiny, torch.device("cpu"), seed=0)
+    n_batches = n_train // cfg.batch_size  # the reference drops the last partial batch
+    setup.n_batches = n_batches
+    setup.total_steps = speedrun.total_steps(cfg, n_batches)
+    setup.whiten_bias_steps = speedrun.whiten_bias_steps(cfg, n_batches)
+    names = {id(p): n for n, p in setup.model.named_parameters()}
+    steps, blends = [], []
+
+    def stand_in(xb, yb):
+        groups = [(g["lr"], g["weight_decay"], g.get("momentum", setup.opt.defaults.get("momentum")),
+                   g.get("nesterov", setup.opt.defaults.get("nesterov")),
+                   frozenset(names[id(p)] for p in g["params"])) for g in setup.opt.param_groups]
+        training = frozenset(n for n, p in setup.model.named_parameters() if p.requires_grad)
+        steps.append((groups, training))
+        return torch.zeros(()), torch.zeros(len(yb), 10)
+    setup.step_fn = stand_in
+
+    ema = setup.make_ema(cfg)
+    if ema is not None:
+        real_update = ema.update
+
+        def recording_update(step):
+            real_update(step)
+            blends.append((step, ema.decay_at(step)))
+        ema.update = recording_update
+    step = 0
+    for n_steps in setup.steps_per_epoch():
+        b = setup.local_batch
+        x = torch.zeros(1).expand(n_steps * b)  # the stand-in never looks at the images
+        y = torch.zeros(n_steps * b, dtype=torch.long)
+        _, _, step = speedrun.train_epoch(setup, cfg, ema, x, y, step)
+    return cfg, setup, steps, blends
+
+
+def group_of(groups, name):
+    (found,) = [g for g in groups if name in g[4]]
+    return found
+
+
+def test_davidnet_is_pages_final_recipe_at_every_step():
+    # Page, "How to train your ResNet" part 8; davidcpage/cifar10-fast new_dawn.py and
+    # bag_of_tricks.ipynb: batch 512 with the last partial batch dropped (97 a epoch), 10 epochs;
+    # Nesterov momentum 0.9; LR PiecewiseLinear([0, 2, 8], [0, 1.0, 0.1]) in epochs, flat after
+    # 8, divided by the batch size, read after counting the step (step k takes k / 97 epochs);
+    # BN biases at 64x the LR with weight decay 5e-4 x 512 / 64, the rest 5e-4 x 512; BN scales
+    # frozen; whitening frozen; EMA of momentum 0.99 every 5 batches (rho = 0.99**5) after batches
+    # 0, 5, ..., 95 of each epoch (the counter restarts every epoch), from the initial weights.
+    batch, n_batches, epochs = 512, 50000 // 512, 10
+    total = n_batches * epochs
+    cfg, setup, steps, blends = drive_full_run("davidnet")
+    assert len(steps) == total == 970
+    for k, (groups, training) in enumerate(steps, start=1):
+        lr = float(np.interp(k / n_batches, [0, 2, 8, 10], [0, 1.0, 0.1, 0.1])) / batch
+        weights = group_of(groups, "head.weight")
+        bn = group_of(groups, "layer1.0.2.bias")
+        assert weights[0] == pytest.approx(lr, rel=1e-12, abs=1e-15) and bn[0] == pytest.approx(64 * lr, rel=1e-12, abs=1e-15)
+        assert weights[1] == pytest.approx(5e-4 * batch) and bn[1] == pytest.approx(5e-4 * batch / 64)
+        assert all(g[2] == 0.9 and g[3] is True for g in groups)
+        assert len(groups) == 2 and all("weight" not in n for n in bn[4]), "BN scales are frozen, not in a group"
+        assert "whiten.weight" not in training
+    expected = [(e * n_batches + i + 1, 0.99 ** 5) for e in range(epochs) for i in range(0, n_batches, 5)]
+    assert len(expected) == 200
+    assert [s for s, _ in blends] == [s for s, _ in expected]
+    assert all(d == pytest.approx(0.99 ** 5, rel=1e-12) for _, d in blends)
+
+
+def test_airbench94_is_keller_jordans_recipe_at_every_step():
+    # KellerJordan/cifar10-airbench, legacy/airbench94.py (94.01% over 1,000 runs, 3.83 s on an
+    # A100): batch 1024, 9.9 epochs, drop_last (48 batches), total ceil(48 x 9.9) = 476 steps;
+    # kilostep_scale = 1024 x (1 + 1 / (1 - 0.85)); lr = 11.5 / kilostep_scale; wd = 0.0153 x 1024 /
+    # kilostep_scale; BN biases ("norm" parameters) at lr x 64 with weight_decay wd / (lr x 64),
+    # every other trainable parameter, the whitening bias included, at lr with weight_decay wd / lr;
+    # SGD momentum 0.85, Nesterov. LambdaLR get_lr(step) with the 0-based step: warm-up
+    # int(476 x 0.23) = 109 steps from 0.2 to 1.0, then linear to 0.07 at 476. The whitening bias
+    # takes a gradient while epoch < 3. Lookahead every 5 steps with decay 0.95**5 x (step/476)**3,
+    # then copied into the model; at step 476 the model takes the lookahead state.
+    momentum, batch = 0.85, 1024
+    kilostep = 1024 * (1 + 1 / (1 - momentum))
+    lr, wd = 11.5 / kilostep, 0.0153 * batch / kilostep
+    total, warmup = math.ceil(48 * 9.9), int(math.ceil(48 * 9.9) * 0.23)
+    assert (total, warmup) == (476, 109)
+
+    def get_lr(step):
+        if step < warmup:
+            return 0.2 * (1 - step / warmup) + step / warmup
+        frac = (step - warmup) / (total - warmup)
+        return (1 - frac) + 0.07 * frac
+
+    cfg, setup, steps, blends = drive_full_run("airbench94")
+    assert len(steps) == total
+    for step, (groups, training) in enumerate(steps):
+        other = group_of(groups, "head.weight")
+        norm = group_of(groups, "layer1.0.2.bias")
+        assert other is group_of(groups, "whiten.bias")
+        assert other[0] == pytest.approx(lr * get_lr(step), rel=1e-12)
+        assert norm[0] == pytest.approx(64 * lr * get_lr(step), rel=1e-12)
+        assert other[1] == pytest.approx(wd / lr, rel=1e-12) and norm[1] == pytest.approx(wd / (64 * lr), rel=1e-12)
+        assert all(g[2] == momentum and g[3] is True for g in groups)
+        assert ("whiten.bias" in training) == (step // 48 < 3)
+        assert "whiten.weight" not in training and not any(n.endswith("2.weight") for n in training), "BN scales frozen"
+    assert blends == [(s, pytest.approx(0.95 ** 5 * (s / total) ** 3, rel=1e-12)) for s in range(5, total + 1, 5)]
+    assert setup.steps_per_epoch() == [48] * 9 + [44]
