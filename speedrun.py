@@ -202,12 +202,20 @@ def check_config(cfg: Config) -> None:
 # =============================================================================================
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+PYTHON_ARCHIVE = "cifar-10-python.tar.gz"  # what a download is saved as, whatever the URL
 ARCHIVE_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
                "cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"}
 BIN_MD5 = {"data_batch_1.bin": "5dd7e06a14cb22eb9f671a540d1b7c25", "data_batch_2.bin": "5ea93a67294ea407fff1d09f752e9692",
            "data_batch_3.bin": "942cd6a4bcdd0dd3c604fbe906cb4421", "data_batch_4.bin": "ae636b3ba5c66a11e91e8cb52e771fcb",
            "data_batch_5.bin": "53f37980c15c3d472c316c40844f3f0d", "test_batch.bin": "803d5f7f4d78ea53de84dbe85f74fb6d"}
+PY_MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+          "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+          "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+          "batches.meta": "5ff9c542aee3614f3951f8cda6e48888"}
 CACHE_NAME = "cifar10-uint8.npz"
+# SHA-256 of the official arrays in the cache's form (arrays_digest): a cache of the full data set must match it.
+OFFICIAL_ARRAYS_SHA256 = "b7d593c4d8cf1260dce77e8332de59a8bcc39684afdfd329a4a5a59a6e555452"
+STALE_S = 600  # a temporary file (.part) or extraction folder untouched this long was left by a killed run
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -271,8 +279,15 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_python_batch(path: Path):
+def _check_md5(path: Path, expected_md5: str | None) -> None:
+    if expected_md5 is not None and path.is_file() and md5sum(path) != expected_md5:
+        raise DataError(f"{path} fails its MD5 check (expected {expected_md5}): the file is damaged; "
+                        f"delete {path.parent} and run again, never train on it")
+
+
+def read_python_batch(path: Path, expected_md5: str | None = None):
     """One file of cifar-10-batches-py: a pickled dict with b'data' (N, 3072) and b'labels'."""
+    _check_md5(path, expected_md5)
     try:
         with open(path, "rb") as f:
             d = _ArrayUnpickler(f, encoding="bytes").load()
@@ -293,9 +308,7 @@ def read_binary_batch(path: Path, expected_md5: str | None = None):
     """One file of cifar-10-batches-bin: records of 1 label byte + 3072 pixel bytes (R, G, B planes)."""
     if not path.is_file():
         raise DataError(f"missing batch file {path}: the folder is incomplete; delete it and run again")
-    if expected_md5 is not None and md5sum(path) != expected_md5:
-        raise DataError(f"{path} fails its MD5 check (expected {expected_md5}): the file is damaged; "
-                        f"delete {path.parent} and run again, never train on it")
+    _check_md5(path, expected_md5)
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0 or raw.size % 3073:
         raise DataError(f"{path} has {raw.size} bytes, not a whole number of 3073-byte records; delete it and run again")
@@ -307,13 +320,17 @@ def read_binary_batch(path: Path, expected_md5: str | None = None):
 
 
 def read_folder(folder: Path, kind: str, checksums: dict | None = None):
-    """Both splits from an extracted official folder: kind 'py' (pickles) or 'bin' (binary)."""
+    """Both splits from an extracted official folder: kind 'py' (pickles) or 'bin' (binary).
+    `checksums` maps file names to MD5s; a file it does not name is not checked."""
     parts = {}
+    checksums = checksums or {}
+    if kind == "py":
+        _check_md5(folder / "batches.meta", checksums.get("batches.meta"))  # not read, but part of the folder
     for split, names in (("train", TRAIN_FILES), ("test", ["test_batch"])):
         if kind == "py":
-            arrays = [read_python_batch(folder / n) for n in names]
+            arrays = [read_python_batch(folder / n, checksums.get(n)) for n in names]
         else:
-            arrays = [read_binary_batch(folder / f"{n}.bin", (checksums or {}).get(f"{n}.bin")) for n in names]
+            arrays = [read_binary_batch(folder / f"{n}.bin", checksums.get(f"{n}.bin")) for n in names]
         parts[split] = (np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays]))
     return parts["train"] + parts["test"]
 
@@ -323,10 +340,17 @@ def extract_archive(archive: Path, dest: Path, expected_md5: str | None) -> None
     if expected_md5 is not None:
         digest = md5sum(archive)
         if digest != expected_md5:
+            fix = ("Delete it and run again (it will be re-downloaded), or put a good copy there."
+                   if archive.name == PYTHON_ARCHIVE else
+                   f"Put a good copy there, or delete it and run again: the run then downloads {PYTHON_ARCHIVE}.")
             raise DataError(f"{archive} has MD5 {digest}, expected {expected_md5}: the file is damaged or not "
-                            f"the official archive. Delete it and run again (it will be re-downloaded), or put "
-                            f"a good copy there.")
-    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
+                            f"the official archive. {fix}")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
+    except OSError as e:
+        raise DataError(f"cannot extract {archive} into {dest} ({e.strerror}): the folder is not writable. "
+                        f"Extract the archive there by hand, or copy it to a writable folder and pass "
+                        f"--data-dir to that folder") from None
     try:
         try:
             with tarfile.open(archive, "r:gz") as t:
@@ -345,7 +369,11 @@ def extract_archive(archive: Path, dest: Path, expected_md5: str | None) -> None
 
 def download(url: str, path: Path, expected_md5: str | None, quiet: bool = False) -> None:
     """Download url to path (through a temporary file), checking its length and MD5."""
-    tmp = _atomic_target(path)
+    try:
+        tmp = _atomic_target(path)
+    except OSError as e:
+        raise DataError(f"cannot download into {path.parent} ({e.strerror}): the folder is not writable. "
+                        f"Pass --data-dir to a writable folder, or put {path.name} there by hand") from None
     try:
         try:
             with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
@@ -372,44 +400,115 @@ def download(url: str, path: Path, expected_md5: str | None, quiet: bool = False
         tmp.unlink(missing_ok=True)
 
 
+def arrays_digest(arrays) -> str:
+    """SHA-256 of (train_x, train_y, test_x, test_y): each array's dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def remove_stale_temporaries(root: Path, older_than_s: float = STALE_S, log=None) -> list[Path]:
+    """Delete the hidden temporary files (.NAME.XXXX.part) and extraction folders (.extract-XXXX)
+    that a killed download, extraction or cache write left in `root`; files touched in the last
+    `older_than_s` seconds may belong to a run still going and are kept. Returns what was removed."""
+    removed, now = [], time.time()
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        if not (p.name.startswith(".") and (p.name.endswith(".part") or p.name.startswith(".extract-"))):
+            continue
+        try:
+            if now - p.stat().st_mtime < older_than_s:
+                continue
+            size = p.stat().st_size if p.is_file() else 0
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        except OSError:
+            continue
+        removed.append(p)
+        if log:
+            log(f"note: removed {p}, left behind by an interrupted run" + (f" ({size / 1e6:.0f} MB)" if size else ""))
+    return removed
+
+
+def _data_root(data_dir) -> Path:
+    """The data folder: `data_dir` must exist; only the default folder is created unasked."""
+    root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    what = f"--data-dir {root}" if data_dir else (f"CIFAR10_HOME={root}" if os.environ.get("CIFAR10_HOME") else str(root))
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{what} is a file, not a folder: pass the folder that holds CIFAR-10 "
+                        f"(or that a download should go into)")
+    if not root.exists():
+        if data_dir:
+            raise DataError(f"data folder {root} does not exist. Check the path; to download CIFAR-10 into a new "
+                            f"folder, create it first (mkdir -p {root}), or leave --data-dir out to use {default_data_dir()}")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"cannot create the data folder {what} ({e.strerror}); set CIFAR10_HOME or pass "
+                            f"--data-dir to a folder you can write") from None
+    return root
+
+
+def _read_cache(cache: Path, expect_sizes) -> tuple:
+    """The cache's arrays, after checking their shapes and their digest; DataError if they fail."""
+    with np.load(cache) as z:
+        arrays = tuple(z[k] for k in ("train_x", "train_y", "test_x", "test_y"))
+        stored = str(z["digest"]) if "digest" in z.files else None
+    _check_arrays(*arrays[:2], expect_sizes[0], cache)
+    _check_arrays(*arrays[2:], expect_sizes[1], cache)
+    digest = arrays_digest(arrays)
+    if stored is not None and stored != digest:
+        raise DataError("its arrays do not match the digest stored with them: the file is damaged")
+    if tuple(expect_sizes) == (50000, 10000) and digest != OFFICIAL_ARRAYS_SHA256:
+        raise DataError("its arrays are not the official CIFAR-10")
+    if stored is None and tuple(expect_sizes) != (50000, 10000):
+        raise DataError("it holds no digest of its arrays (written by an older version)")
+    return arrays
+
+
 def load_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL, quiet: bool = False,
-                 archive_md5: dict | None = None, bin_md5: dict | None = None, expect_sizes=(50000, 10000)):
+                 archive_md5: dict | None = None, bin_md5: dict | None = None, expect_sizes=(50000, 10000),
+                 py_md5: dict | None = None):
     """(train_x, train_y, test_x, test_y) as uint8 NHWC images and int64 labels.
 
-    Sources, in order: the cache this function wrote before; the extracted folders
-    cifar-10-batches-py/ or cifar-10-batches-bin/; the official archives; a download from `url`.
-    The checksums and expected sizes default to the official ones (tests pass their own).
+    Sources, in order: the cache this function wrote before (its arrays checked against the digest
+    stored with them); the extracted folders cifar-10-batches-py/ or cifar-10-batches-bin/ (each
+    file MD5-checked); the official archives; a download from `url`. The checksums and expected
+    sizes default to the official ones (tests pass their own). `data_dir` must exist; the default
+    folder is created. Temporary files left by a killed run are removed first.
     """
     archive_md5 = ARCHIVE_MD5 if archive_md5 is None else archive_md5
     bin_md5 = BIN_MD5 if bin_md5 is None else bin_md5
-    root = Path(data_dir) if data_dir else default_data_dir()
-    root.mkdir(parents=True, exist_ok=True)
+    py_md5 = PY_MD5 if py_md5 is None else py_md5
+    root = _data_root(data_dir)
+    remove_stale_temporaries(root, log=lambda m: print(m, file=sys.stderr))
     cache = root / CACHE_NAME
     if cache.is_file():
         try:
-            with np.load(cache) as z:
-                arrays = tuple(z[k] for k in ("train_x", "train_y", "test_x", "test_y"))
-            _check_arrays(*arrays[:2], expect_sizes[0], cache)
-            _check_arrays(*arrays[2:], expect_sizes[1], cache)
-            return arrays
+            return _read_cache(cache, expect_sizes)
         except Exception as e:
-            print(f"warning: ignoring unreadable cache {cache} ({e}); rebuilding it", file=sys.stderr)
+            print(f"warning: ignoring the cache {cache} ({e}); rebuilding it from the original files", file=sys.stderr)
 
     def from_folders():
         if (root / "cifar-10-batches-py").is_dir():
-            return read_folder(root / "cifar-10-batches-py", "py")
+            return read_folder(root / "cifar-10-batches-py", "py", py_md5)
         if (root / "cifar-10-batches-bin").is_dir():
             return read_folder(root / "cifar-10-batches-bin", "bin", bin_md5)
         return None
 
     arrays = from_folders()
     if arrays is None:
-        for name in ("cifar-10-python.tar.gz", "cifar-10-binary.tar.gz"):
+        for name in (PYTHON_ARCHIVE, "cifar-10-binary.tar.gz"):
             if (root / name).is_file():
                 extract_archive(root / name, root, archive_md5.get(name))
                 break
         else:
-            name = "cifar-10-python.tar.gz"
+            name = PYTHON_ARCHIVE
             download(url, root / name, archive_md5.get(name), quiet=quiet)
             extract_archive(root / name, root, archive_md5.get(name))
         arrays = from_folders()
@@ -417,8 +516,13 @@ def load_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL, qui
             raise DataError(f"the archive in {root} held no cifar-10-batches-py/ or -bin/ folder; delete it and run again")
     _check_arrays(*arrays[:2], expect_sizes[0], f"training set in {root}")
     _check_arrays(*arrays[2:], expect_sizes[1], f"test set in {root}")
-    write_atomic(cache, lambda tmp: np.savez(open(tmp, "wb"), train_x=arrays[0], train_y=arrays[1],
-                                             test_x=arrays[2], test_y=arrays[3]))
+    digest = arrays_digest(arrays)
+    try:
+        write_atomic(cache, lambda tmp: np.savez(open(tmp, "wb"), train_x=arrays[0], train_y=arrays[1],
+                                                 test_x=arrays[2], test_y=arrays[3], digest=np.array(digest)))
+    except OSError as e:
+        print(f"note: could not write the cache {cache} ({e.strerror or e}); going on without it (the next run reads "
+              f"the original files again; make the folder writable to keep a cache)", file=sys.stderr)
     return arrays
 
 

@@ -1,4 +1,5 @@
 """Shared helpers: tiny CIFAR-10-shaped data in the official file formats, and the real data."""
+import hashlib
 import os
 import pickle
 import subprocess
@@ -31,6 +32,11 @@ def _batches(arrays):
         sl = slice(i * N_PER_BATCH, (i + 1) * N_PER_BATCH)
         yield f"data_batch_{i + 1}", train_x[sl], train_y[sl]
     yield "test_batch", test_x, test_y
+
+
+def md5_sums(folder: Path) -> dict:
+    """{file name: MD5} of every file in folder: the checksums a test passes for its fake data."""
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in Path(folder).iterdir() if p.is_file()}
 
 
 def write_python_folder(folder: Path, arrays):
