@@ -143,6 +143,7 @@ def test_max_procs_means_powers_of_two_and_itself_and_one_is_always_measured():
 
 def test_a_failing_job_exits_non_zero_with_the_rank_s_error(tmp_path):
     out = tmp_path / "out"
+    (tmp_path / "nothing").mkdir()  # an empty data folder, and no network
     proc = run_scaling("--procs", "1,2", "--steps", "1", *TINY, "--data-dir", tmp_path / "nothing",
                        "--data-url", "http://127.0.0.1:9/none.tar.gz", "--out", out, timeout=120)
     assert proc.returncode == 1
