@@ -16,8 +16,9 @@ and reporting; command line.
 Timing rule. time_to_target_s = whitening init + every training step (augmentation included)
 up to the end of the first epoch whose evaluated (EMA + TTA) accuracy reaches the target, +
 the time of that one evaluation. Other per-epoch evaluations, data loading and the warm-up
-(compilation, cuDNN's kernel choice) are outside the timer and reported separately. CUDA times come from events after a
-synchronisation; other devices use a wall clock after a synchronisation.
+(compilation, cuDNN's kernel choice) are outside the timer and reported separately. CUDA
+times come from events after a synchronisation; other devices use a wall clock after a
+synchronisation.
 """
 from __future__ import annotations
 
@@ -195,6 +196,21 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if not 0 < cfg.target_acc <= 1:
         raise ValueError(f"target_acc is a fraction in (0, 1], got {cfg.target_acc}")
+    for f in dataclasses.fields(cfg):  # nan or inf in any number would only show up as a diverged run
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
+    for name in ("lr", "muon_lr", "bias_lr_scale", "whiten_eps", "bn_eps", "celu_alpha", "head_scale"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name):g}")
+    for name in ("weight_decay", "lr_start", "lr_final"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be 0 or more, got {getattr(cfg, name):g}")
+    for name in ("momentum", "muon_momentum", "ema_momentum"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(cfg, name):g}")
+    if not 0 <= cfg.bn_momentum <= 1:
+        raise ValueError(f"bn_momentum must be in [0, 1], got {cfg.bn_momentum:g}")
 
 
 # =============================================================================================
@@ -1397,6 +1413,8 @@ def mean_std(values) -> tuple[float | None, float | None]:
     v = [float(x) for x in values]
     if not v:
         return None, None
+    if min(v) == max(v):  # exact, where the sums below would leave rounding noise
+        return v[0], 0.0
     m = sum(v) / len(v)
     s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
     return m, s
@@ -1424,16 +1442,44 @@ def confidence_interval(values, level: float = 0.95) -> tuple[float | None, floa
 
 
 def summarize(runs: list[dict], target: float) -> dict:
-    accs = [r["final_acc"] for r in runs]
-    times = [r["time_to_target_s"] for r in runs if r["time_to_target_s"] is not None]
+    """The multi-run summary. A diverged run (run['diverged']) counts in `runs` and `diverged` and
+    as a run below the target, but has no accuracy: the accuracy statistics are over the others.
+    With fewer than two accuracies there is no spread, interval or t-test (None)."""
+    finished = [r for r in runs if not r.get("diverged")]
+    accs = [r["final_acc"] for r in finished]
+    times = [r["time_to_target_s"] for r in finished if r["time_to_target_s"] is not None]
     acc_mean, acc_std = mean_std(accs)
     t_mean, t_std = mean_std(times)
     t, p = one_sided_t_test(accs, target)
-    lo, hi = confidence_interval(accs)
-    return dict(runs=len(runs), target_acc=target, acc_mean=acc_mean, acc_std=acc_std, acc_min=min(accs),
-                acc_max=max(accs), acc_ci95=[lo, hi], frac_at_target=sum(a >= target for a in accs) / len(accs),
-                time_to_target_mean_s=t_mean, time_to_target_std_s=t_std, runs_reaching_target=len(times),
-                t_stat=t, p_value=p)
+    ci = [min(1.0, max(0.0, b)) for b in confidence_interval(accs)] if len(accs) >= 2 else None  # accuracy is in [0, 1]
+    return dict(runs=len(runs), target_acc=target, acc_mean=acc_mean, acc_std=acc_std if len(accs) >= 2 else None,
+                acc_min=min(accs, default=None), acc_max=max(accs, default=None), acc_ci95=ci,
+                frac_at_target=sum(a >= target for a in accs) / len(runs) if runs else None,
+                time_to_target_mean_s=t_mean, time_to_target_std_s=t_std if len(times) >= 2 else None,
+                runs_reaching_target=len(times), t_stat=t, p_value=p,
+                diverged=len(runs) - len(finished), diverged_seeds=[r["seed"] for r in runs if r.get("diverged")])
+
+
+def json_safe(obj):
+    """obj with every non-finite float (NaN, +-inf) replaced by None, ready for strict JSON."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def dumps_json(obj, **kwargs) -> str:
+    """Strictly valid JSON (no NaN or Infinity, which strict parsers reject): non-finite numbers become null."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
+def _plural(n, word: str) -> str:
+    return f"{n:g} {word}" + ("" if n == 1 else "s")
 
 
 def format_epoch_row(row: dict, first: bool = False) -> str:
@@ -1447,23 +1493,47 @@ def format_epoch_row(row: dict, first: bool = False) -> str:
 
 def verdict(run: dict, cfg: Config) -> str:
     pct = f"{100 * cfg.target_acc:g}%"
+    if run.get("diverged"):
+        which = f"run {run['seed'] - cfg.seed + 1} of {cfg.runs} (seed {run['seed']})" if cfg.runs > 1 else \
+            f"the run (seed {run['seed']})"
+        epoch = run.get("diverged_epoch")
+        return (f"{which} diverged" + (f" in epoch {epoch:g}" if epoch is not None else "") +
+                f": the training loss stopped being finite, so it was stopped. Try a lower learning rate "
+                f"(--lr {cfg.lr / 4:g} instead of {cfg.lr:g}), a longer warm-up (--lr-peak-frac), or --precision fp32")
     if run["time_to_target_s"] is None:
-        reached = f"time-to-{pct}: not reached in {cfg.epochs} epochs"
+        reached = f"time-to-{pct}: not reached in {_plural(cfg.epochs, 'epoch')}"
     else:
-        reached = f"time-to-{pct}: {run['time_to_target_s']:.2f} s (epoch {run['epochs_to_target']} of {cfg.epochs})"
+        reached = f"time-to-{pct}: {run['time_to_target_s']:.2f} s (epoch {run['epochs_to_target']:g} of {cfg.epochs:g})"
     return f"{reached}  final TTA accuracy {100 * run['final_acc']:.2f}%"
 
 
 def summary_lines(s: dict) -> list[str]:
     pct = f"{100 * s['target_acc']:g}%"
-    lines = [f"{s['runs']} runs: TTA accuracy mean {100 * s['acc_mean']:.2f}% std {100 * s['acc_std']:.2f} "
-             f"min {100 * s['acc_min']:.2f} max {100 * s['acc_max']:.2f} (95% CI {100 * s['acc_ci95'][0]:.2f}"
-             f"..{100 * s['acc_ci95'][1]:.2f}); {100 * s['frac_at_target']:.0f}% of runs at or above {pct}"]
+    diverged, n = s.get("diverged", 0), s["runs"]
+    finished = n - diverged
+    if finished == 0:
+        lines = [f"{_plural(n, 'run')}: every one diverged, so there is no accuracy to summarise"]
+    elif finished == 1:
+        lines = [f"{_plural(n, 'run')}: TTA accuracy {100 * s['acc_mean']:.2f}% (n = 1: no spread or interval); "
+                 f"{100 * s['frac_at_target']:.0f}% of runs at or above {pct}"]
+    else:
+        lo, hi = s["acc_ci95"]
+        lines = [f"{_plural(n, 'run')}: TTA accuracy mean {100 * s['acc_mean']:.2f}% std {100 * s['acc_std']:.2f} "
+                 f"min {100 * s['acc_min']:.2f} max {100 * s['acc_max']:.2f} (95% CI {100 * lo:.2f}..{100 * hi:.2f}, "
+                 f"n = {finished}); {100 * s['frac_at_target']:.0f}% of runs at or above {pct}"]
+    if diverged:
+        lines.append(f"{diverged} of {n} runs diverged (seeds {', '.join(map(str, s['diverged_seeds']))}): they count "
+                     f"as below {pct} and are left out of the accuracy statistics")
     if s["p_value"] is not None:
-        lines.append(f"one-sided t-test, mean accuracy > {pct}: t = {s['t_stat']:.2f}, p = {s['p_value']:.3g}")
+        if math.isfinite(s["t_stat"]):
+            lines.append(f"one-sided t-test, mean accuracy > {pct}: t = {s['t_stat']:.2f}, p = {s['p_value']:.3g}")
+        else:
+            lines.append(f"one-sided t-test: not defined, every run has the same accuracy, "
+                         f"{100 * s['acc_mean']:.2f}% ({'above' if s['acc_mean'] > s['target_acc'] else 'not above'} {pct})")
     if s["runs_reaching_target"]:
-        lines.append(f"time-to-{pct}: mean {s['time_to_target_mean_s']:.2f} s std {s['time_to_target_std_s']:.2f} s "
-                     f"over the {s['runs_reaching_target']} runs that reached it")
+        spread = f" std {s['time_to_target_std_s']:.2f} s" if s["time_to_target_std_s"] is not None else ""
+        lines.append(f"time-to-{pct}: mean {s['time_to_target_mean_s']:.2f} s{spread} "
+                     f"over the {_plural(s['runs_reaching_target'], 'run')} that reached it")
     else:
         lines.append(f"time-to-{pct}: no run reached it")
     return lines
@@ -1533,6 +1603,8 @@ def _state_bytes(model: nn.Module) -> bytes:
 
 def _pool_worker(device: str, threads: int | None, url: str, jobs, results) -> None:
     """A worker process of run_jobs: runs (index, config, seed, keep weights) jobs until it gets None."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
     if threads:
         torch.set_num_threads(threads)
     cache = RunCache(torch.device(device), url)
@@ -1636,15 +1708,28 @@ def worker_devices(cfg: Config, device: torch.device, jobs: int | None = None) -
     return [str(device)] * n
 
 
-def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = CIFAR10_URL) -> dict:
+def cpu_lead_in(cfg: Config) -> list[str]:
+    """What a CPU user who started a full-size run should read first: what it costs, what to run instead."""
+    return [f"note: training on the CPU (no GPU found{', or --device cpu' if cfg.device == 'cpu' else ''}). "
+            f"This run ({_plural(cfg.epochs, 'epoch')} on all 50,000 images{f', {cfg.runs} runs' if cfg.runs > 1 else ''}) "
+            f"takes hours here; a GPU does it in seconds.",
+            "  to see it work in a few minutes:  python speedrun.py --preset cpu",
+            "  a one-minute smoke test:          python speedrun.py --preset cpu --subset 2000 --epochs 1",
+            "  going on with this run now; Ctrl-C stops it (finished runs are kept)."]
+
+
+def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = CIFAR10_URL,
+             on_progress=None) -> dict:
     """cfg.runs runs with seeds cfg.seed, cfg.seed+1, ..., in this process or spread over worker
     processes (cfg.workers); returns the JSON-ready result with the last seed's evaluated model
-    under the key 'model' (dropped before saving). Under torchrun, ranks other than 0 get {}."""
+    under the key 'model' (dropped before saving). Under torchrun, ranks other than 0 get {}.
+    on_progress(partial), if given, is called on rank 0 after each finished run with the result
+    so far (the finished runs, 'complete': False), so that an interrupted job keeps them."""
     check_config(cfg)
     device = pick_device(cfg.device)
     if device.type == "cpu" and cfg.subset == 0:
-        log("warning: a full CPU run takes hours; for a small one try --preset cpu "
-            "(or e.g. --subset 5000 --width 0.25 --epochs 2)")
+        for line in cpu_lead_in(cfg):
+            log(line)
     devices = worker_devices(cfg, device)
     seeds = [cfg.seed + k for k in range(cfg.runs)]
     runs = [None] * cfg.runs
@@ -1654,6 +1739,10 @@ def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = 
 
     def on_result(index, run, where):
         runs[index] = run
+        if on_progress is not None and rank0:
+            done = [{k: v for k, v in r.items() if k != "model"} for r in runs if r is not None]
+            on_progress(dict(config=dataclasses.asdict(cfg), environment=environment(device), data_load_s=None,
+                             warmup_s=None, runs=done, summary=summarize(done, cfg.target_acc), complete=False))
         if len(devices) > 1:
             done = sum(r is not None for r in runs)
             log(f"run {done} of {cfg.runs} (seed {run['seed']}, {where}): {verdict(run, cfg)}")
@@ -1666,13 +1755,13 @@ def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = 
         log(f"run 1 of {cfg.runs} (seed {seeds[0]})")
     totals = run_jobs([(cfg, s) for s in seeds], devices, on_result, url=url, keep={cfg.runs - 1},
                       log=log if len(devices) == 1 else _quiet, data=data)
-    model = runs[-1]["model"]
+    model = runs[-1].get("model")
     for r in runs:
         r.pop("model", None)
     if not rank0:
         return {}
     result = dict(config=dataclasses.asdict(cfg), environment=environment(device), **totals,
-                  runs=runs, summary=summarize(runs, cfg.target_acc), model=model)
+                  runs=runs, summary=summarize(runs, cfg.target_acc), complete=True, model=model)
     if cfg.runs > 1:
         for line in summary_lines(result["summary"]):
             log(line)
@@ -1680,7 +1769,7 @@ def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = 
 
 
 def save_json(result: dict, path: Path) -> None:
-    text = json.dumps({k: v for k, v in result.items() if k != "model"}, indent=2)
+    text = dumps_json({k: v for k, v in result.items() if k != "model"}, indent=2)
     write_atomic(path, lambda tmp: tmp.write_text(text + "\n"))
 
 
@@ -1728,18 +1817,73 @@ def parse_field_value(f: dataclasses.Field, text: str):
     try:
         return kind(text)
     except ValueError:
-        raise ValueError(f"{f.name} takes a {kind.__name__}, not {text!r}") from None
+        kinds = {int: "a whole number", float: "a number", str: "a string"}
+        raise ValueError(f"{f.name} takes {kinds.get(kind, kind.__name__)}, not {text!r}") from None
+
+
+def _flag_type(f: dataclasses.Field):
+    """argparse type of a field's flag: parse_field_value, its message as argparse's error."""
+    def parse(text):
+        try:
+            return parse_field_value(f, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = type(f.default).__name__
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line that points to --help, not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def presets_text(width: int = 100) -> str:
+    """What each preset sets, from PRESETS itself (so it stays true)."""
+    import textwrap
+    lines = []
+    for name, fields in PRESETS.items():
+        sets = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+        lines += textwrap.wrap(sets or "nothing: every field keeps the default shown below", width,
+                               initial_indent=f"  {name:<10} ", subsequent_indent=" " * 13)
+    return "\n".join(lines)
+
+
+def help_epilog() -> str:
+    timing = next(part for part in __doc__.split("\n\n") if part.startswith("Timing rule"))
+    return f"""examples:
+  python speedrun.py --preset cpu        on a CPU: a small copy that finishes in minutes
+  python speedrun.py                     the davidnet recipe, one run (seconds on a GPU, hours on a CPU)
+  python speedrun.py --runs 20           seeds 0..19: mean, spread, fraction at the target, t-test
+  python speedrun.py --lr 0.5 --no-ema   change any field with its flag ...
+  python speedrun.py --set ghost_bn_splits=1 --out r.json --save w.pt   ... or with --set
+  torchrun --nproc_per_node=4 speedrun.py                                one run over 4 GPUs
+
+presets (each sets these fields; flags and --set override them):
+{presets_text()}
+
+data: CIFAR-10 is read from --data-dir (default $CIFAR10_HOME, else ~/.cache/cifar10): a cache a
+previous run wrote, the official extracted folders or archives, else a download (170 MB) of
+{CIFAR10_URL} (--data-url for a mirror). Every file is checksummed.
+
+output: one row per epoch, a verdict, and a JSON result (--out, default a new file under runs/).
+
+{timing}"""
 
 
 def build_parser(description: str | None = None, outputs: bool = True) -> argparse.ArgumentParser:
     """The trainer's flags: --preset, --set FIELD=VALUE, one flag per Config field, and (with
     outputs) --out and --save. The profile/, ablations/ and bench/ scripts start from this
     parser and add their own flags."""
-    p = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 3)[-1])
-    p.add_argument("--preset", default="davidnet", choices=list(PRESETS),
-                   help="named set of defaults; flags and --set override it (default: davidnet)")
+    p = _Parser(description=description or __doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog(),
+                usage="%(prog)s [--preset NAME] [--runs N] [--device DEVICE] [FLAG ...]  (--help lists every flag)")
+    p.add_argument("--preset", default="davidnet", metavar="NAME",
+                   help=f"named set of defaults, one of {', '.join(PRESETS)} (what each sets is listed at the end); "
+                        f"flags and --set override it (default: davidnet)")
+
+
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set any config field, e.g. --set ema=false --set ghost_bn_splits=1 (repeatable)")
     if outputs:
@@ -1755,7 +1899,7 @@ def build_parser(description: str | None = None, outputs: bool = True) -> argpar
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=_field_help(f))
         else:
-            g.add_argument(flag, dest=f.name, type=type(f.default), default=argparse.SUPPRESS,
+            g.add_argument(flag, dest=f.name, type=_flag_type(f), default=argparse.SUPPRESS,
                            metavar=type(f.default).__name__.upper(), help=_field_help(f))
     return p
 
@@ -1787,37 +1931,140 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return make_config(args.preset, **overrides)
 
 
+def check_writable(path: Path, what: str) -> None:
+    """Raise ValueError, saying what to do, unless a file can be created at `path` (nothing is left behind)."""
+    path = Path(path)
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path}: {existing} is a file, not a folder; choose another path")
+    if existing != path.parent:  # the folders would be created: the nearest existing one must take them
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"{what} {path}: cannot create folders in {existing} (not writable); choose another path")
+        return
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot write in {path.parent} ({e.strerror}); choose another path") from None
+
+
+def fallback_path(path: Path) -> Path:
+    """Where a result that cannot be written at `path` goes instead: a new file in the temp folder."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    fd, name = tempfile.mkstemp(prefix=f"speedrun-{stamp}-", suffix=f"-{Path(path).name}")
+    os.close(fd)
+    return Path(name)
+
+
+def write_with_fallback(path: Path, write, what: str, warn=print) -> Path:
+    """write(path); if that fails (the folder went away or became read-only during the run),
+    write(a fallback path) and say where. Returns the path written."""
+    try:
+        write(Path(path))
+        return Path(path)
+    except OSError as e:
+        other = fallback_path(path)
+        write(other)
+        warn(f"warning: could not write {what} {path} ({e.strerror or e}); wrote it to {other} instead")
+        return other
+
+
+def check_world(cfg: Config, world: int) -> None:
+    """The checks of a distributed run that need its process count, before anything is printed."""
+    if world > 1 and cfg.ghost_bn_splits % world:
+        raise ValueError(f"ghost_bn_splits {cfg.ghost_bn_splits} is not a multiple of the {world} processes: "
+                         f"each process normalises whole groups of the batch; set --ghost-bn-splits to a multiple of {world}")
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM (kill, a job scheduler) raise KeyboardInterrupt like Ctrl-C; returns the old handler."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        return None
+
+
 def main(argv=None) -> int:
+    import signal
     parser = build_parser()
     args = parser.parse_args(argv)
     ctx = Distributed()
+    saved = dict(path=None, runs=0)  # the partial result on disk, if any
+    previous_sigterm = _stop_on_sigterm()
+    warn = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    cfg = None
     try:
         cfg = config_from_args(args)
         out = args.out or default_out_path()
         for path, what in ((args.out, "--out"), (args.save, "--save")):
             if path is not None and path.exists():
                 raise ValueError(f"{what} {path} already exists; choose another path (results are never overwritten)")
+        if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 writes: check before any data is read
+            check_writable(out, "--out")
+            if args.save:
+                check_writable(args.save, "--save")
+        check_world(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         ctx = init_distributed(cfg)
         log = print if ctx.rank == 0 and not args.quiet else _quiet
         if ctx.active:
             log(f"{ctx.world} processes ({dist.get_backend()}): global batch {cfg.batch_size}, "
                 f"{cfg.batch_size // ctx.world} images and {cfg.ghost_bn_splits // ctx.world} ghost-BN groups per process")
-        result = run_many(cfg, log=log, url=args.data_url)
+
+        def checkpoint(partial):
+            if saved["path"] is None:
+                saved["path"] = write_with_fallback(out, lambda p: save_json(partial, p), "--out", warn)
+            else:
+                save_json(partial, saved["path"])
+            saved["runs"] = len(partial["runs"])
+
+        result = run_many(cfg, log=log, url=args.data_url, on_progress=checkpoint if cfg.runs > 1 else None)
         if ctx.active:  # no process leaves, and tears down its connections, while another still uses them
             dist.barrier()
     except (ValueError, DataError, RuntimeError) as e:
-        where = f"rank {ctx.rank}: " if ctx.active else ""
-        parser.exit(2, f"{where}error: {e}\n")
+        rank = ctx.rank if ctx.active else int(os.environ.get("RANK", 0))
+        where = f"rank {rank}: " if ctx.active or int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        kept = f" ({_plural(saved['runs'], 'finished run')} saved in {saved['path']})" if saved["runs"] else ""
+        parser.exit(2, f"{where}error: {e}{kept}\n")
+    except KeyboardInterrupt:
+        if ctx.rank == 0:
+            if saved["runs"]:
+                message = (f"interrupted: {saved['runs']} of {cfg.runs} runs finished; they are saved in {saved['path']} "
+                           f"(marked \"complete\": false)")
+            else:
+                message = "interrupted before any run finished; nothing was written"
+            parser.exit(130, message + "\n")
+        return 130
+    except BaseException:
+        if saved["runs"]:
+            warn(f"{_plural(saved['runs'], 'finished run')} saved in {saved['path']} before this error:")
+        raise
     finally:
         leave_distributed()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     if ctx.rank != 0:
         return 0
-    save_json(result, out)
-    if args.save:
-        save_weights(result["model"], cfg, args.save)
+    written = write_with_fallback(saved["path"] or out, lambda p: save_json(result, p), "--out", warn)
+    last = result["runs"][-1]
+    weights = None
+    if args.save and last.get("diverged"):
+        warn(f"note: --save skipped: the last run diverged, so its weights are not worth keeping")
+    elif args.save:
+        weights = write_with_fallback(args.save, lambda p: save_weights(result["model"], cfg, p), "--save", warn)
     if args.quiet:
-        print(summary_lines(result["summary"])[0] if cfg.runs > 1 else verdict(result["runs"][0], cfg))
-    print(f"results written to {out}" + (f", weights to {args.save}" if args.save else ""))
+        print(summary_lines(result["summary"])[0] if cfg.runs > 1 else verdict(last, cfg))
+    print(f"results written to {written}" + (f", weights to {weights}" if weights else ""))
+    diverged = result["summary"]["diverged"]
+    if diverged:
+        warn(f"{diverged} of {_plural(cfg.runs, 'run')} diverged (see above); exit status 1")
+        return 1
     return 0
 
 
