@@ -2055,7 +2055,7 @@ def main(argv=None) -> int:
     last = result["runs"][-1]
     weights = None
     if args.save and last.get("diverged"):
-        warn(f"note: --save skipped: the last run diverged, so its weights are not worth keeping")
+        warn("note: --save skipped: the last run diverged, so its weights are not worth keeping")
     elif args.save:
         weights = write_with_fallback(args.save, lambda p: save_weights(result["model"], cfg, p), "--save", warn)
     if args.quiet:
