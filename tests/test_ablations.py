@@ -206,11 +206,12 @@ def test_summary_matches_a_recomputation_from_the_csv(full_study):
         mean, std = values.mean(), values.std(ddof=1)
         half = t975 * std / math.sqrt(2)
         assert v["runs"] == 2 and v["acc_mean"] == pytest.approx(mean) and v["acc_std"] == pytest.approx(std)
-        assert v["acc_ci95"] == pytest.approx([mean - half, mean + half])
+        lo, hi = max(0.0, mean - half), min(1.0, mean + half)  # an accuracy interval stays within [0, 1]
+        assert v["acc_ci95"] == pytest.approx([lo, hi])
         assert v["frac_at_target"] == pytest.approx((values >= 0.15).mean())
         cells = table[v["name"]]
         assert cells[3] == f"{100 * mean:.2f} ({100 * std:.2f})"
-        assert cells[4] == f"{100 * (mean - half):.2f} .. {100 * (mean + half):.2f}"
+        assert cells[4] == f"{100 * lo:.2f} .. {100 * hi:.2f}"
         assert cells[5] == f"{100 * (values >= 0.15).mean():.0f}%"
     diffs = np.array([acc["no_tta", s] - acc["full", s] for s in (0, 1)])
     delta = summary["variants"][1]["delta_acc"]
