@@ -16,8 +16,9 @@ and reporting; command line.
 Timing rule. time_to_target_s = whitening init + every training step (augmentation included)
 up to the end of the first epoch whose evaluated (EMA + TTA) accuracy reaches the target, +
 the time of that one evaluation. Other per-epoch evaluations, data loading and the warm-up
-(compilation, cuDNN's kernel choice) are outside the timer and reported separately. CUDA times come from events after a
-synchronisation; other devices use a wall clock after a synchronisation.
+(compilation, cuDNN's kernel choice) are outside the timer and reported separately. CUDA
+times come from events after a synchronisation; other devices use a wall clock after a
+synchronisation.
 """
 from __future__ import annotations
 
@@ -203,6 +204,21 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if not 0 < cfg.target_acc <= 1:
         raise ValueError(f"target_acc is a fraction in (0, 1], got {cfg.target_acc}")
+    for f in dataclasses.fields(cfg):  # nan or inf in any number would only show up as a diverged run
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
+    for name in ("lr", "muon_lr", "bias_lr_scale", "whiten_eps", "bn_eps", "celu_alpha", "head_scale"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name):g}")
+    for name in ("weight_decay", "lr_start", "lr_final"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be 0 or more, got {getattr(cfg, name):g}")
+    for name in ("momentum", "muon_momentum", "ema_momentum"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(cfg, name):g}")
+    if not 0 <= cfg.bn_momentum <= 1:
+        raise ValueError(f"bn_momentum must be in [0, 1], got {cfg.bn_momentum:g}")
 
 
 # =============================================================================================
@@ -210,12 +226,20 @@ def check_config(cfg: Config) -> None:
 # =============================================================================================
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+PYTHON_ARCHIVE = "cifar-10-python.tar.gz"  # what a download is saved as, whatever the URL
 ARCHIVE_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
                "cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"}
 BIN_MD5 = {"data_batch_1.bin": "5dd7e06a14cb22eb9f671a540d1b7c25", "data_batch_2.bin": "5ea93a67294ea407fff1d09f752e9692",
            "data_batch_3.bin": "942cd6a4bcdd0dd3c604fbe906cb4421", "data_batch_4.bin": "ae636b3ba5c66a11e91e8cb52e771fcb",
            "data_batch_5.bin": "53f37980c15c3d472c316c40844f3f0d", "test_batch.bin": "803d5f7f4d78ea53de84dbe85f74fb6d"}
+PY_MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+          "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+          "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+          "batches.meta": "5ff9c542aee3614f3951f8cda6e48888"}
 CACHE_NAME = "cifar10-uint8.npz"
+# SHA-256 of the official arrays in the cache's form (arrays_digest): a cache of the full data set must match it.
+OFFICIAL_ARRAYS_SHA256 = "b7d593c4d8cf1260dce77e8332de59a8bcc39684afdfd329a4a5a59a6e555452"
+STALE_S = 600  # a temporary file (.part) or extraction folder untouched this long was left by a killed run
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -279,8 +303,15 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_python_batch(path: Path):
+def _check_md5(path: Path, expected_md5: str | None) -> None:
+    if expected_md5 is not None and path.is_file() and md5sum(path) != expected_md5:
+        raise DataError(f"{path} fails its MD5 check (expected {expected_md5}): the file is damaged; "
+                        f"delete {path.parent} and run again, never train on it")
+
+
+def read_python_batch(path: Path, expected_md5: str | None = None):
     """One file of cifar-10-batches-py: a pickled dict with b'data' (N, 3072) and b'labels'."""
+    _check_md5(path, expected_md5)
     try:
         with open(path, "rb") as f:
             d = _ArrayUnpickler(f, encoding="bytes").load()
@@ -301,9 +332,7 @@ def read_binary_batch(path: Path, expected_md5: str | None = None):
     """One file of cifar-10-batches-bin: records of 1 label byte + 3072 pixel bytes (R, G, B planes)."""
     if not path.is_file():
         raise DataError(f"missing batch file {path}: the folder is incomplete; delete it and run again")
-    if expected_md5 is not None and md5sum(path) != expected_md5:
-        raise DataError(f"{path} fails its MD5 check (expected {expected_md5}): the file is damaged; "
-                        f"delete {path.parent} and run again, never train on it")
+    _check_md5(path, expected_md5)
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0 or raw.size % 3073:
         raise DataError(f"{path} has {raw.size} bytes, not a whole number of 3073-byte records; delete it and run again")
@@ -315,13 +344,17 @@ def read_binary_batch(path: Path, expected_md5: str | None = None):
 
 
 def read_folder(folder: Path, kind: str, checksums: dict | None = None):
-    """Both splits from an extracted official folder: kind 'py' (pickles) or 'bin' (binary)."""
+    """Both splits from an extracted official folder: kind 'py' (pickles) or 'bin' (binary).
+    `checksums` maps file names to MD5s; a file it does not name is not checked."""
     parts = {}
+    checksums = checksums or {}
+    if kind == "py":
+        _check_md5(folder / "batches.meta", checksums.get("batches.meta"))  # not read, but part of the folder
     for split, names in (("train", TRAIN_FILES), ("test", ["test_batch"])):
         if kind == "py":
-            arrays = [read_python_batch(folder / n) for n in names]
+            arrays = [read_python_batch(folder / n, checksums.get(n)) for n in names]
         else:
-            arrays = [read_binary_batch(folder / f"{n}.bin", (checksums or {}).get(f"{n}.bin")) for n in names]
+            arrays = [read_binary_batch(folder / f"{n}.bin", checksums.get(f"{n}.bin")) for n in names]
         parts[split] = (np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays]))
     return parts["train"] + parts["test"]
 
@@ -331,10 +364,17 @@ def extract_archive(archive: Path, dest: Path, expected_md5: str | None) -> None
     if expected_md5 is not None:
         digest = md5sum(archive)
         if digest != expected_md5:
+            fix = ("Delete it and run again (it will be re-downloaded), or put a good copy there."
+                   if archive.name == PYTHON_ARCHIVE else
+                   f"Put a good copy there, or delete it and run again: the run then downloads {PYTHON_ARCHIVE}.")
             raise DataError(f"{archive} has MD5 {digest}, expected {expected_md5}: the file is damaged or not "
-                            f"the official archive. Delete it and run again (it will be re-downloaded), or put "
-                            f"a good copy there.")
-    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
+                            f"the official archive. {fix}")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
+    except OSError as e:
+        raise DataError(f"cannot extract {archive} into {dest} ({e.strerror}): the folder is not writable. "
+                        f"Extract the archive there by hand, or copy it to a writable folder and pass "
+                        f"--data-dir to that folder") from None
     try:
         try:
             with tarfile.open(archive, "r:gz") as t:
@@ -353,7 +393,11 @@ def extract_archive(archive: Path, dest: Path, expected_md5: str | None) -> None
 
 def download(url: str, path: Path, expected_md5: str | None, quiet: bool = False) -> None:
     """Download url to path (through a temporary file), checking its length and MD5."""
-    tmp = _atomic_target(path)
+    try:
+        tmp = _atomic_target(path)
+    except OSError as e:
+        raise DataError(f"cannot download into {path.parent} ({e.strerror}): the folder is not writable. "
+                        f"Pass --data-dir to a writable folder, or put {path.name} there by hand") from None
     try:
         try:
             with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
@@ -380,44 +424,115 @@ def download(url: str, path: Path, expected_md5: str | None, quiet: bool = False
         tmp.unlink(missing_ok=True)
 
 
+def arrays_digest(arrays) -> str:
+    """SHA-256 of (train_x, train_y, test_x, test_y): each array's dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def remove_stale_temporaries(root: Path, older_than_s: float = STALE_S, log=None) -> list[Path]:
+    """Delete the hidden temporary files (.NAME.XXXX.part) and extraction folders (.extract-XXXX)
+    that a killed download, extraction or cache write left in `root`; files touched in the last
+    `older_than_s` seconds may belong to a run still going and are kept. Returns what was removed."""
+    removed, now = [], time.time()
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        if not (p.name.startswith(".") and (p.name.endswith(".part") or p.name.startswith(".extract-"))):
+            continue
+        try:
+            if now - p.stat().st_mtime < older_than_s:
+                continue
+            size = p.stat().st_size if p.is_file() else 0
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        except OSError:
+            continue
+        removed.append(p)
+        if log:
+            log(f"note: removed {p}, left behind by an interrupted run" + (f" ({size / 1e6:.0f} MB)" if size else ""))
+    return removed
+
+
+def _data_root(data_dir) -> Path:
+    """The data folder: `data_dir` must exist; only the default folder is created unasked."""
+    root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    what = f"--data-dir {root}" if data_dir else (f"CIFAR10_HOME={root}" if os.environ.get("CIFAR10_HOME") else str(root))
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{what} is a file, not a folder: pass the folder that holds CIFAR-10 "
+                        f"(or that a download should go into)")
+    if not root.exists():
+        if data_dir:
+            raise DataError(f"data folder {root} does not exist. Check the path; to download CIFAR-10 into a new "
+                            f"folder, create it first (mkdir -p {root}), or leave --data-dir out to use {default_data_dir()}")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"cannot create the data folder {what} ({e.strerror}); set CIFAR10_HOME or pass "
+                            f"--data-dir to a folder you can write") from None
+    return root
+
+
+def _read_cache(cache: Path, expect_sizes) -> tuple:
+    """The cache's arrays, after checking their shapes and their digest; DataError if they fail."""
+    with np.load(cache) as z:
+        arrays = tuple(z[k] for k in ("train_x", "train_y", "test_x", "test_y"))
+        stored = str(z["digest"]) if "digest" in z.files else None
+    _check_arrays(*arrays[:2], expect_sizes[0], cache)
+    _check_arrays(*arrays[2:], expect_sizes[1], cache)
+    digest = arrays_digest(arrays)
+    if stored is not None and stored != digest:
+        raise DataError("its arrays do not match the digest stored with them: the file is damaged")
+    if tuple(expect_sizes) == (50000, 10000) and digest != OFFICIAL_ARRAYS_SHA256:
+        raise DataError("its arrays are not the official CIFAR-10")
+    if stored is None and tuple(expect_sizes) != (50000, 10000):
+        raise DataError("it holds no digest of its arrays (written by an older version)")
+    return arrays
+
+
 def load_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL, quiet: bool = False,
-                 archive_md5: dict | None = None, bin_md5: dict | None = None, expect_sizes=(50000, 10000)):
+                 archive_md5: dict | None = None, bin_md5: dict | None = None, expect_sizes=(50000, 10000),
+                 py_md5: dict | None = None):
     """(train_x, train_y, test_x, test_y) as uint8 NHWC images and int64 labels.
 
-    Sources, in order: the cache this function wrote before; the extracted folders
-    cifar-10-batches-py/ or cifar-10-batches-bin/; the official archives; a download from `url`.
-    The checksums and expected sizes default to the official ones (tests pass their own).
+    Sources, in order: the cache this function wrote before (its arrays checked against the digest
+    stored with them); the extracted folders cifar-10-batches-py/ or cifar-10-batches-bin/ (each
+    file MD5-checked); the official archives; a download from `url`. The checksums and expected
+    sizes default to the official ones (tests pass their own). `data_dir` must exist; the default
+    folder is created. Temporary files left by a killed run are removed first.
     """
     archive_md5 = ARCHIVE_MD5 if archive_md5 is None else archive_md5
     bin_md5 = BIN_MD5 if bin_md5 is None else bin_md5
-    root = Path(data_dir) if data_dir else default_data_dir()
-    root.mkdir(parents=True, exist_ok=True)
+    py_md5 = PY_MD5 if py_md5 is None else py_md5
+    root = _data_root(data_dir)
+    remove_stale_temporaries(root, log=lambda m: print(m, file=sys.stderr))
     cache = root / CACHE_NAME
     if cache.is_file():
         try:
-            with np.load(cache) as z:
-                arrays = tuple(z[k] for k in ("train_x", "train_y", "test_x", "test_y"))
-            _check_arrays(*arrays[:2], expect_sizes[0], cache)
-            _check_arrays(*arrays[2:], expect_sizes[1], cache)
-            return arrays
+            return _read_cache(cache, expect_sizes)
         except Exception as e:
-            print(f"warning: ignoring unreadable cache {cache} ({e}); rebuilding it", file=sys.stderr)
+            print(f"warning: ignoring the cache {cache} ({e}); rebuilding it from the original files", file=sys.stderr)
 
     def from_folders():
         if (root / "cifar-10-batches-py").is_dir():
-            return read_folder(root / "cifar-10-batches-py", "py")
+            return read_folder(root / "cifar-10-batches-py", "py", py_md5)
         if (root / "cifar-10-batches-bin").is_dir():
             return read_folder(root / "cifar-10-batches-bin", "bin", bin_md5)
         return None
 
     arrays = from_folders()
     if arrays is None:
-        for name in ("cifar-10-python.tar.gz", "cifar-10-binary.tar.gz"):
+        for name in (PYTHON_ARCHIVE, "cifar-10-binary.tar.gz"):
             if (root / name).is_file():
                 extract_archive(root / name, root, archive_md5.get(name))
                 break
         else:
-            name = "cifar-10-python.tar.gz"
+            name = PYTHON_ARCHIVE
             download(url, root / name, archive_md5.get(name), quiet=quiet)
             extract_archive(root / name, root, archive_md5.get(name))
         arrays = from_folders()
@@ -425,8 +540,13 @@ def load_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL, qui
             raise DataError(f"the archive in {root} held no cifar-10-batches-py/ or -bin/ folder; delete it and run again")
     _check_arrays(*arrays[:2], expect_sizes[0], f"training set in {root}")
     _check_arrays(*arrays[2:], expect_sizes[1], f"test set in {root}")
-    write_atomic(cache, lambda tmp: np.savez(open(tmp, "wb"), train_x=arrays[0], train_y=arrays[1],
-                                             test_x=arrays[2], test_y=arrays[3]))
+    digest = arrays_digest(arrays)
+    try:
+        write_atomic(cache, lambda tmp: np.savez(open(tmp, "wb"), train_x=arrays[0], train_y=arrays[1],
+                                                 test_x=arrays[2], test_y=arrays[3], digest=np.array(digest)))
+    except OSError as e:
+        print(f"note: could not write the cache {cache} ({e.strerror or e}); going on without it (the next run reads "
+              f"the original files again; make the folder writable to keep a cache)", file=sys.stderr)
     return arrays
 
 
@@ -1293,9 +1413,7 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
         seen = n_steps * cfg.batch_size
         row = dict(epoch=epoch + 1, steps=n_steps, train_loss=loss_sum.item() / seen, train_acc=correct.item() / seen,
                    test_acc=None, tta_acc=None, train_s=whitening_s + train_s, eval_s=None)
-        if not math.isfinite(row["train_loss"]):
-            log(f"run with seed {seed} diverged in epoch {epoch + 1}: the training loss is {row['train_loss']}. "
-                f"Try a lower --lr (now {cfg.lr:g}) or --precision fp32; the run stops here.")
+        if not math.isfinite(row["train_loss"]):  # verdict() says so, and what to try
             return dict(seed=seed, epochs=epochs + [{**row, "train_loss": None}], diverged=True,
                         diverged_epoch=epoch + 1, final_acc=None, time_to_target_s=None, epochs_to_target=None,
                         whitening_s=whitening_s, train_s=train_s, full_budget_s=None, model=eval_model)
@@ -1444,6 +1562,8 @@ def mean_std(values) -> tuple[float | None, float | None]:
     v = [float(x) for x in values]
     if not v:
         return None, None
+    if min(v) == max(v):  # exact, where the sums below would leave rounding noise
+        return v[0], 0.0
     m = sum(v) / len(v)
     s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
     return m, s
@@ -1471,16 +1591,44 @@ def confidence_interval(values, level: float = 0.95) -> tuple[float | None, floa
 
 
 def summarize(runs: list[dict], target: float) -> dict:
-    accs = [r["final_acc"] for r in runs]
-    times = [r["time_to_target_s"] for r in runs if r["time_to_target_s"] is not None]
+    """The multi-run summary. A diverged run (run['diverged']) counts in `runs` and `diverged` and
+    as a run below the target, but has no accuracy: the accuracy statistics are over the others.
+    With fewer than two accuracies there is no spread, interval or t-test (None)."""
+    finished = [r for r in runs if not r.get("diverged")]
+    accs = [r["final_acc"] for r in finished]
+    times = [r["time_to_target_s"] for r in finished if r["time_to_target_s"] is not None]
     acc_mean, acc_std = mean_std(accs)
     t_mean, t_std = mean_std(times)
     t, p = one_sided_t_test(accs, target)
-    lo, hi = confidence_interval(accs)
-    return dict(runs=len(runs), target_acc=target, acc_mean=acc_mean, acc_std=acc_std, acc_min=min(accs),
-                acc_max=max(accs), acc_ci95=[lo, hi], frac_at_target=sum(a >= target for a in accs) / len(accs),
-                time_to_target_mean_s=t_mean, time_to_target_std_s=t_std, runs_reaching_target=len(times),
-                t_stat=t, p_value=p)
+    ci = [min(1.0, max(0.0, b)) for b in confidence_interval(accs)] if len(accs) >= 2 else None  # accuracy is in [0, 1]
+    return dict(runs=len(runs), target_acc=target, acc_mean=acc_mean, acc_std=acc_std if len(accs) >= 2 else None,
+                acc_min=min(accs, default=None), acc_max=max(accs, default=None), acc_ci95=ci,
+                frac_at_target=sum(a >= target for a in accs) / len(runs) if runs else None,
+                time_to_target_mean_s=t_mean, time_to_target_std_s=t_std if len(times) >= 2 else None,
+                runs_reaching_target=len(times), t_stat=t, p_value=p,
+                diverged=len(runs) - len(finished), diverged_seeds=[r["seed"] for r in runs if r.get("diverged")])
+
+
+def json_safe(obj):
+    """obj with every non-finite float (NaN, +-inf) replaced by None, ready for strict JSON."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def dumps_json(obj, **kwargs) -> str:
+    """Strictly valid JSON (no NaN or Infinity, which strict parsers reject): non-finite numbers become null."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
+def _plural(n, word: str) -> str:
+    return f"{n:g} {word}" + ("" if n == 1 else "s")
 
 
 def format_epoch_row(row: dict, first: bool = False) -> str:
@@ -1497,9 +1645,14 @@ def format_epoch_row(row: dict, first: bool = False) -> str:
 def verdict(run: dict, cfg: Config) -> str:
     pct = f"{100 * cfg.target_acc:g}%"
     if run.get("diverged"):
-        return f"time-to-{pct}: diverged in epoch {run['diverged_epoch']} (the training loss stopped being finite)"
+        which = f"run {run['seed'] - cfg.seed + 1} of {cfg.runs} (seed {run['seed']})" if cfg.runs > 1 else \
+            f"the run (seed {run['seed']})"
+        epoch = run.get("diverged_epoch")
+        return (f"{which} diverged" + (f" in epoch {epoch:g}" if epoch is not None else "") +
+                f": the training loss stopped being finite, so it was stopped. Try a lower learning rate "
+                f"(--lr {cfg.lr / 4:g} instead of {cfg.lr:g}), a longer warm-up (--lr-peak-frac), or --precision fp32")
     if run["time_to_target_s"] is None:
-        reached = f"time-to-{pct}: not reached in {cfg.epochs:g} epochs"
+        reached = f"time-to-{pct}: not reached in {_plural(cfg.epochs, 'epoch')}"
     else:
         reached = f"time-to-{pct}: {run['time_to_target_s']:.2f} s (epoch {run['epochs_to_target']} of {len(run['epochs'])})"
     return f"{reached}  final TTA accuracy {100 * run['final_acc']:.2f}%"
@@ -1507,14 +1660,31 @@ def verdict(run: dict, cfg: Config) -> str:
 
 def summary_lines(s: dict) -> list[str]:
     pct = f"{100 * s['target_acc']:g}%"
-    lines = [f"{s['runs']} runs: TTA accuracy mean {100 * s['acc_mean']:.2f}% std {100 * s['acc_std']:.2f} "
-             f"min {100 * s['acc_min']:.2f} max {100 * s['acc_max']:.2f} (95% CI {100 * s['acc_ci95'][0]:.2f}"
-             f"..{100 * s['acc_ci95'][1]:.2f}); {100 * s['frac_at_target']:.0f}% of runs at or above {pct}"]
+    diverged, n = s.get("diverged", 0), s["runs"]
+    finished = n - diverged
+    if finished == 0:
+        lines = [f"{_plural(n, 'run')}: every one diverged, so there is no accuracy to summarise"]
+    elif finished == 1:
+        lines = [f"{_plural(n, 'run')}: TTA accuracy {100 * s['acc_mean']:.2f}% (n = 1: no spread or interval); "
+                 f"{100 * s['frac_at_target']:.0f}% of runs at or above {pct}"]
+    else:
+        lo, hi = s["acc_ci95"]
+        lines = [f"{_plural(n, 'run')}: TTA accuracy mean {100 * s['acc_mean']:.2f}% std {100 * s['acc_std']:.2f} "
+                 f"min {100 * s['acc_min']:.2f} max {100 * s['acc_max']:.2f} (95% CI {100 * lo:.2f}..{100 * hi:.2f}, "
+                 f"n = {finished}); {100 * s['frac_at_target']:.0f}% of runs at or above {pct}"]
+    if diverged:
+        lines.append(f"{diverged} of {n} runs diverged (seeds {', '.join(map(str, s['diverged_seeds']))}): they count "
+                     f"as below {pct} and are left out of the accuracy statistics")
     if s["p_value"] is not None:
-        lines.append(f"one-sided t-test, mean accuracy > {pct}: t = {s['t_stat']:.2f}, p = {s['p_value']:.3g}")
+        if math.isfinite(s["t_stat"]):
+            lines.append(f"one-sided t-test, mean accuracy > {pct}: t = {s['t_stat']:.2f}, p = {s['p_value']:.3g}")
+        else:
+            lines.append(f"one-sided t-test: not defined, every run has the same accuracy, "
+                         f"{100 * s['acc_mean']:.2f}% ({'above' if s['acc_mean'] > s['target_acc'] else 'not above'} {pct})")
     if s["runs_reaching_target"]:
-        lines.append(f"time-to-{pct}: mean {s['time_to_target_mean_s']:.2f} s std {s['time_to_target_std_s']:.2f} s "
-                     f"over the {s['runs_reaching_target']} runs that reached it")
+        spread = f" std {s['time_to_target_std_s']:.2f} s" if s["time_to_target_std_s"] is not None else ""
+        lines.append(f"time-to-{pct}: mean {s['time_to_target_mean_s']:.2f} s{spread} "
+                     f"over the {_plural(s['runs_reaching_target'], 'run')} that reached it")
     else:
         lines.append(f"time-to-{pct}: no run reached it")
     return lines
@@ -1584,6 +1754,8 @@ def _state_bytes(model: nn.Module) -> bytes:
 
 def _pool_worker(device: str, threads: int | None, url: str, jobs, results) -> None:
     """A worker process of run_jobs: runs (index, config, seed, keep weights) jobs until it gets None."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
     if threads:
         torch.set_num_threads(threads)
     cache = RunCache(torch.device(device), url)
@@ -1687,15 +1859,28 @@ def worker_devices(cfg: Config, device: torch.device, jobs: int | None = None) -
     return [str(device)] * n
 
 
-def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = CIFAR10_URL) -> dict:
+def cpu_lead_in(cfg: Config) -> list[str]:
+    """What a CPU user who started a full-size run should read first: what it costs, what to run instead."""
+    return [f"note: training on the CPU (no GPU found{', or --device cpu' if cfg.device == 'cpu' else ''}). "
+            f"This run ({_plural(cfg.epochs, 'epoch')} on all 50,000 images{f', {cfg.runs} runs' if cfg.runs > 1 else ''}) "
+            f"takes hours here; a GPU does it in seconds.",
+            "  to see it work in a few minutes:  python speedrun.py --preset cpu",
+            "  a one-minute smoke test:          python speedrun.py --preset cpu --subset 2000 --epochs 1",
+            "  going on with this run now; Ctrl-C stops it (finished runs are kept)."]
+
+
+def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = CIFAR10_URL,
+             on_progress=None) -> dict:
     """cfg.runs runs with seeds cfg.seed, cfg.seed+1, ..., in this process or spread over worker
     processes (cfg.workers); returns the JSON-ready result with the last seed's evaluated model
-    under the key 'model' (dropped before saving). Under torchrun, ranks other than 0 get {}."""
+    under the key 'model' (dropped before saving). Under torchrun, ranks other than 0 get {}.
+    on_progress(partial), if given, is called on rank 0 after each finished run with the result
+    so far (the finished runs, 'complete': False), so that an interrupted job keeps them."""
     check_config(cfg)
     device = pick_device(cfg.device)
     if device.type == "cpu" and cfg.subset == 0:
-        log("warning: a full CPU run takes hours; for a small one try --preset cpu "
-            "(or e.g. --subset 5000 --width 0.25 --epochs 2)")
+        for line in cpu_lead_in(cfg):
+            log(line)
     devices = worker_devices(cfg, device)
     seeds = [cfg.seed + k for k in range(cfg.runs)]
     runs = [None] * cfg.runs
@@ -1705,6 +1890,10 @@ def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = 
 
     def on_result(index, run, where):
         runs[index] = run
+        if on_progress is not None and rank0:
+            done = [{k: v for k, v in r.items() if k != "model"} for r in runs if r is not None]
+            on_progress(dict(config=dataclasses.asdict(cfg), environment=environment(device), data_load_s=None,
+                             warmup_s=None, runs=done, summary=summarize(done, cfg.target_acc), complete=False))
         if len(devices) > 1:
             done = sum(r is not None for r in runs)
             log(f"run {done} of {cfg.runs} (seed {run['seed']}, {where}): {verdict(run, cfg)}")
@@ -1717,13 +1906,13 @@ def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = 
         log(f"run 1 of {cfg.runs} (seed {seeds[0]})")
     totals = run_jobs([(cfg, s) for s in seeds], devices, on_result, url=url, keep={cfg.runs - 1},
                       log=log if len(devices) == 1 else _quiet, data=data)
-    model = runs[-1]["model"]
+    model = runs[-1].get("model")
     for r in runs:
         r.pop("model", None)
     if not rank0:
         return {}
     result = dict(config=dataclasses.asdict(cfg), environment=environment(device), **totals,
-                  runs=runs, summary=summarize(runs, cfg.target_acc), model=model)
+                  runs=runs, summary=summarize(runs, cfg.target_acc), complete=True, model=model)
     if cfg.runs > 1:
         for line in summary_lines(result["summary"]):
             log(line)
@@ -1731,7 +1920,7 @@ def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = 
 
 
 def save_json(result: dict, path: Path) -> None:
-    text = json.dumps({k: v for k, v in result.items() if k != "model"}, indent=2)
+    text = dumps_json({k: v for k, v in result.items() if k != "model"}, indent=2)
     write_atomic(path, lambda tmp: tmp.write_text(text + "\n"))
 
 
@@ -1779,18 +1968,73 @@ def parse_field_value(f: dataclasses.Field, text: str):
     try:
         return kind(text)
     except ValueError:
-        raise ValueError(f"{f.name} takes a {kind.__name__}, not {text!r}") from None
+        kinds = {int: "a whole number", float: "a number", str: "a string"}
+        raise ValueError(f"{f.name} takes {kinds.get(kind, kind.__name__)}, not {text!r}") from None
+
+
+def _flag_type(f: dataclasses.Field):
+    """argparse type of a field's flag: parse_field_value, its message as argparse's error."""
+    def parse(text):
+        try:
+            return parse_field_value(f, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = type(f.default).__name__
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line that points to --help, not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def presets_text(width: int = 100) -> str:
+    """What each preset sets, from PRESETS itself (so it stays true)."""
+    import textwrap
+    lines = []
+    for name, fields in PRESETS.items():
+        sets = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+        lines += textwrap.wrap(sets or "nothing: every field keeps the default shown below", width,
+                               initial_indent=f"  {name:<10} ", subsequent_indent=" " * 13)
+    return "\n".join(lines)
+
+
+def help_epilog() -> str:
+    timing = next(part for part in __doc__.split("\n\n") if part.startswith("Timing rule"))
+    return f"""examples:
+  python speedrun.py --preset cpu        on a CPU: a small copy that finishes in minutes
+  python speedrun.py                     the davidnet recipe, one run (seconds on a GPU, hours on a CPU)
+  python speedrun.py --runs 20           seeds 0..19: mean, spread, fraction at the target, t-test
+  python speedrun.py --lr 0.5 --no-ema   change any field with its flag ...
+  python speedrun.py --set ghost_bn_splits=1 --out r.json --save w.pt   ... or with --set
+  torchrun --nproc_per_node=4 speedrun.py                                one run over 4 GPUs
+
+presets (each sets these fields; flags and --set override them):
+{presets_text()}
+
+data: CIFAR-10 is read from --data-dir (default $CIFAR10_HOME, else ~/.cache/cifar10): a cache a
+previous run wrote, the official extracted folders or archives, else a download (170 MB) of
+{CIFAR10_URL} (--data-url for a mirror). Every file is checksummed.
+
+output: one row per epoch, a verdict, and a JSON result (--out, default a new file under runs/).
+
+{timing}"""
 
 
 def build_parser(description: str | None = None, outputs: bool = True) -> argparse.ArgumentParser:
     """The trainer's flags: --preset, --set FIELD=VALUE, one flag per Config field, and (with
     outputs) --out and --save. The profile/, ablations/ and bench/ scripts start from this
     parser and add their own flags."""
-    p = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 3)[-1])
-    p.add_argument("--preset", default="davidnet", choices=list(PRESETS),
-                   help="named set of defaults; flags and --set override it (default: davidnet)")
+    p = _Parser(description=description or __doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog(),
+                usage="%(prog)s [--preset NAME] [--runs N] [--device DEVICE] [FLAG ...]  (--help lists every flag)")
+    p.add_argument("--preset", default="davidnet", metavar="NAME",
+                   help=f"named set of defaults, one of {', '.join(PRESETS)} (what each sets is listed at the end); "
+                        f"flags and --set override it (default: davidnet)")
+
+
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set any config field, e.g. --set ema=false --set ghost_bn_splits=1 (repeatable)")
     if outputs:
@@ -1806,7 +2050,7 @@ def build_parser(description: str | None = None, outputs: bool = True) -> argpar
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=_field_help(f))
         else:
-            g.add_argument(flag, dest=f.name, type=type(f.default), default=argparse.SUPPRESS,
+            g.add_argument(flag, dest=f.name, type=_flag_type(f), default=argparse.SUPPRESS,
                            metavar=type(f.default).__name__.upper(), help=_field_help(f))
     return p
 
@@ -1838,37 +2082,140 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return make_config(args.preset, **overrides)
 
 
+def check_writable(path: Path, what: str) -> None:
+    """Raise ValueError, saying what to do, unless a file can be created at `path` (nothing is left behind)."""
+    path = Path(path)
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path}: {existing} is a file, not a folder; choose another path")
+    if existing != path.parent:  # the folders would be created: the nearest existing one must take them
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"{what} {path}: cannot create folders in {existing} (not writable); choose another path")
+        return
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot write in {path.parent} ({e.strerror}); choose another path") from None
+
+
+def fallback_path(path: Path) -> Path:
+    """Where a result that cannot be written at `path` goes instead: a new file in the temp folder."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    fd, name = tempfile.mkstemp(prefix=f"speedrun-{stamp}-", suffix=f"-{Path(path).name}")
+    os.close(fd)
+    return Path(name)
+
+
+def write_with_fallback(path: Path, write, what: str, warn=print) -> Path:
+    """write(path); if that fails (the folder went away or became read-only during the run),
+    write(a fallback path) and say where. Returns the path written."""
+    try:
+        write(Path(path))
+        return Path(path)
+    except OSError as e:
+        other = fallback_path(path)
+        write(other)
+        warn(f"warning: could not write {what} {path} ({e.strerror or e}); wrote it to {other} instead")
+        return other
+
+
+def check_world(cfg: Config, world: int) -> None:
+    """The checks of a distributed run that need its process count, before anything is printed."""
+    if world > 1 and cfg.ghost_bn_splits % world:
+        raise ValueError(f"ghost_bn_splits {cfg.ghost_bn_splits} is not a multiple of the {world} processes: "
+                         f"each process normalises whole groups of the batch; set --ghost-bn-splits to a multiple of {world}")
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM (kill, a job scheduler) raise KeyboardInterrupt like Ctrl-C; returns the old handler."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        return None
+
+
 def main(argv=None) -> int:
+    import signal
     parser = build_parser()
     args = parser.parse_args(argv)
     ctx = Distributed()
+    saved = dict(path=None, runs=0)  # the partial result on disk, if any
+    previous_sigterm = _stop_on_sigterm()
+    warn = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    cfg = None
     try:
         cfg = config_from_args(args)
         out = args.out or default_out_path()
         for path, what in ((args.out, "--out"), (args.save, "--save")):
             if path is not None and path.exists():
                 raise ValueError(f"{what} {path} already exists; choose another path (results are never overwritten)")
+        if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 writes: check before any data is read
+            check_writable(out, "--out")
+            if args.save:
+                check_writable(args.save, "--save")
+        check_world(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         ctx = init_distributed(cfg)
         log = print if ctx.rank == 0 and not args.quiet else _quiet
         if ctx.active:
             log(f"{ctx.world} processes ({dist.get_backend()}): global batch {cfg.batch_size}, "
                 f"{cfg.batch_size // ctx.world} images and {cfg.ghost_bn_splits // ctx.world} ghost-BN groups per process")
-        result = run_many(cfg, log=log, url=args.data_url)
+
+        def checkpoint(partial):
+            if saved["path"] is None:
+                saved["path"] = write_with_fallback(out, lambda p: save_json(partial, p), "--out", warn)
+            else:
+                save_json(partial, saved["path"])
+            saved["runs"] = len(partial["runs"])
+
+        result = run_many(cfg, log=log, url=args.data_url, on_progress=checkpoint if cfg.runs > 1 else None)
         if ctx.active:  # no process leaves, and tears down its connections, while another still uses them
             dist.barrier()
     except (ValueError, DataError, RuntimeError) as e:
-        where = f"rank {ctx.rank}: " if ctx.active else ""
-        parser.exit(2, f"{where}error: {e}\n")
+        rank = ctx.rank if ctx.active else int(os.environ.get("RANK", 0))
+        where = f"rank {rank}: " if ctx.active or int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        kept = f" ({_plural(saved['runs'], 'finished run')} saved in {saved['path']})" if saved["runs"] else ""
+        parser.exit(2, f"{where}error: {e}{kept}\n")
+    except KeyboardInterrupt:
+        if ctx.rank == 0:
+            if saved["runs"]:
+                message = (f"interrupted: {saved['runs']} of {cfg.runs} runs finished; they are saved in {saved['path']} "
+                           f"(marked \"complete\": false)")
+            else:
+                message = "interrupted before any run finished; nothing was written"
+            parser.exit(130, message + "\n")
+        return 130
+    except BaseException:
+        if saved["runs"]:
+            warn(f"{_plural(saved['runs'], 'finished run')} saved in {saved['path']} before this error:")
+        raise
     finally:
         leave_distributed()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     if ctx.rank != 0:
         return 0
-    save_json(result, out)
-    if args.save:
-        save_weights(result["model"], cfg, args.save)
+    written = write_with_fallback(saved["path"] or out, lambda p: save_json(result, p), "--out", warn)
+    last = result["runs"][-1]
+    weights = None
+    if args.save and last.get("diverged"):
+        warn("note: --save skipped: the last run diverged, so its weights are not worth keeping")
+    elif args.save:
+        weights = write_with_fallback(args.save, lambda p: save_weights(result["model"], cfg, p), "--save", warn)
     if args.quiet:
-        print(summary_lines(result["summary"])[0] if cfg.runs > 1 else verdict(result["runs"][0], cfg))
-    print(f"results written to {out}" + (f", weights to {args.save}" if args.save else ""))
+        print(summary_lines(result["summary"])[0] if cfg.runs > 1 else verdict(last, cfg))
+    print(f"results written to {written}" + (f", weights to {weights}" if weights else ""))
+    diverged = result["summary"]["diverged"]
+    if diverged:
+        warn(f"{diverged} of {_plural(cfg.runs, 'run')} diverged (see above); exit status 1")
+        return 1
     return 0
 
 

@@ -192,7 +192,7 @@ def run_worker(spec_path: Path) -> int:
         if ctx.rank == 0:
             result = dict(procs=ctx.world, backend=dist.get_backend() if ctx.active else None,
                           environment=speedrun.environment(device), cases=cases)
-            speedrun.write_atomic(Path(spec["result"]), lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+            speedrun.write_atomic(Path(spec["result"]), lambda tmp: tmp.write_text(speedrun.dumps_json(result, indent=2)))
     except BaseException as e:
         message = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         Path(spec_path).with_name(f"error-rank{rank}.txt").write_text(f"rank {rank}: {message}\n")
@@ -213,7 +213,7 @@ def run_job(world: int, cases: list[dict], cfg: speedrun.Config, args, scratch: 
     job.mkdir()
     spec = dict(config=dataclasses.asdict(cfg), cases=cases, steps=args.steps, warmup=args.warmup_steps,
                 repeats=args.repeats, data_url=args.data_url, result=str(job / "result.json"))
-    (job / "spec.json").write_text(json.dumps(spec))
+    (job / "spec.json").write_text(speedrun.dumps_json(spec))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
            str(Path(__file__).resolve()), "--worker", str(job / "spec.json")]
     env = dict(os.environ)
@@ -349,7 +349,7 @@ def draw_chart(path: Path, rows: list[dict], plt) -> Path:
 def write_reports(folder: Path, report: dict, log=print) -> list[Path]:
     """scaling.json, scaling.md and (with matplotlib) scaling.png in `folder`; returns the paths written."""
     folder = Path(folder)
-    speedrun.write_atomic(folder / "scaling.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+    speedrun.write_atomic(folder / "scaling.json", lambda tmp: tmp.write_text(speedrun.dumps_json(report, indent=2) + "\n"))
     text = markdown_report(report)
     speedrun.write_atomic(folder / "scaling.md", lambda tmp: tmp.write_text(text))
     paths = [folder / "scaling.json", folder / "scaling.md"]

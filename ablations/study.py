@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,7 +38,9 @@ if str(ROOT) not in sys.path:
 import speedrun  # noqa: E402
 
 CSV_COLUMNS = ("variant", "seed", "final_acc", "time_to_target_s", "epochs_to_target", "timed_s",
-               "acc_by_epoch", "seconds_by_epoch", "device_name", "finished")
+               "acc_by_epoch", "seconds_by_epoch", "device_name", "finished", "diverged_epoch")
+# The header before diverged runs were recorded; such a file is read, and rewritten with the new header before appending.
+OLD_CSV_COLUMNS = CSV_COLUMNS[:-1]
 # Config fields that say where or how often to run, not what a variant is.
 UNSTORED_FIELDS = ("data_dir", "device", "seed", "runs", "workers")
 DEFAULT_RUNS = 5
@@ -80,7 +83,7 @@ class Study:
             cfg = {k: val for k, val in dataclasses.asdict(v.config).items() if k not in UNSTORED_FIELDS}
             variants.append(dict(name=v.name, change=v.change, reference=v.reference, tags=v.tags, config=cfg))
         definition = dict(kind=self.kind, title=self.title, notes=self.notes, axes=self.axes, variants=variants)
-        return json.loads(json.dumps(definition))  # the form it has after a trip through study.json
+        return json.loads(speedrun.dumps_json(definition))  # the form it has after a trip through study.json
 
 
 def make_variant(base: speedrun.Config, name: str, change: str, reference: str | None = None,
@@ -125,18 +128,19 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _parse_row(cells: list[str], where: str) -> dict:
-    if len(cells) != len(CSV_COLUMNS):
-        raise StudyError(f"{where} has {len(cells)} fields, expected {len(CSV_COLUMNS)}: the file is damaged")
-    raw = dict(zip(CSV_COLUMNS, cells))
+def _parse_row(cells: list[str], where: str, columns=CSV_COLUMNS) -> dict:
+    if len(cells) != len(columns):
+        raise StudyError(f"{where} has {len(cells)} fields, expected {len(columns)}: the file is damaged")
+    raw = {"diverged_epoch": "", **dict(zip(columns, cells))}
     try:
         opt = lambda text, kind: kind(text) if text != "" else None  # noqa: E731
-        return dict(variant=raw["variant"], seed=int(raw["seed"]), final_acc=float(raw["final_acc"]),
+        return dict(variant=raw["variant"], seed=int(raw["seed"]), final_acc=opt(raw["final_acc"], float),
                     time_to_target_s=opt(raw["time_to_target_s"], float),
                     epochs_to_target=opt(raw["epochs_to_target"], int), timed_s=float(raw["timed_s"]),
                     acc_by_epoch=[float(x) for x in raw["acc_by_epoch"].split()],
                     seconds_by_epoch=[float(x) for x in raw["seconds_by_epoch"].split()],
-                    device_name=raw["device_name"], finished=raw["finished"])
+                    device_name=raw["device_name"], finished=raw["finished"],
+                    diverged_epoch=opt(raw["diverged_epoch"], float))
     except ValueError as e:
         raise StudyError(f"{where} cannot be read ({e}): the file is damaged") from None
 
@@ -147,6 +151,7 @@ class ResultsFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.old_format = False  # set by read(): the file has the header without diverged_epoch
 
     def read(self, repair: bool = False, log=print) -> list[dict]:
         if not self.path.exists():
@@ -163,10 +168,11 @@ class ResultsFile:
         lines = list(csv.reader(io.StringIO(data.decode("utf-8"))))
         if not lines:
             return []
-        if tuple(lines[0]) != CSV_COLUMNS:
+        if tuple(lines[0]) not in (CSV_COLUMNS, OLD_CSV_COLUMNS):
             raise StudyError(f"{self.path} does not start with the header of a study's results.csv "
                              f"({','.join(CSV_COLUMNS)}); is this the right folder?")
-        return [_parse_row(cells, f"{self.path} line {k + 2}") for k, cells in enumerate(lines[1:])]
+        self.old_format = tuple(lines[0]) == OLD_CSV_COLUMNS
+        return [_parse_row(cells, f"{self.path} line {k + 2}", tuple(lines[0])) for k, cells in enumerate(lines[1:])]
 
     def _ensure_header(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -175,7 +181,7 @@ class ResultsFile:
     def append(self, row: dict) -> None:
         self._ensure_header()
         buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerow([_cell(row[c]) for c in CSV_COLUMNS])
+        csv.writer(buf, lineterminator="\n").writerow([_cell(row.get(c)) for c in CSV_COLUMNS])
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         try:
             os.write(fd, buf.getvalue().encode("utf-8"))
@@ -189,18 +195,22 @@ class ResultsFile:
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
         for row in rows:
-            writer.writerow([_cell(row[c]) for c in CSV_COLUMNS])
+            writer.writerow([_cell(row.get(c)) for c in CSV_COLUMNS])
         speedrun.write_atomic(self.path, lambda tmp: tmp.write_text(buf.getvalue()))
 
 
 def result_row(variant: str, result: dict, device_name: str) -> dict:
-    """The CSV row of one speedrun.train result. timed_s = whitening + all training epochs."""
-    return dict(variant=variant, seed=result["seed"], final_acc=result["final_acc"],
-                time_to_target_s=result["time_to_target_s"], epochs_to_target=result["epochs_to_target"],
-                timed_s=result["whitening_s"] + result["train_s"],
-                acc_by_epoch=[e["tta_acc"] for e in result["epochs"]],
-                seconds_by_epoch=[e["train_s"] for e in result["epochs"]], device_name=device_name,
-                finished=datetime.datetime.now().isoformat(timespec="seconds"))
+    """The CSV row of one speedrun.train result. timed_s = whitening + all training epochs. A diverged
+    run has no final_acc and its diverged_epoch (0 when train did not say which)."""
+    diverged = bool(result.get("diverged"))
+    epochs = result.get("epochs") or []
+    return dict(variant=variant, seed=result["seed"], final_acc=None if diverged else result["final_acc"],
+                time_to_target_s=None if diverged else result["time_to_target_s"],
+                epochs_to_target=None if diverged else result["epochs_to_target"],
+                timed_s=(result.get("whitening_s") or 0.0) + (result.get("train_s") or 0.0),
+                acc_by_epoch=[e["tta_acc"] for e in epochs], seconds_by_epoch=[e["train_s"] for e in epochs],
+                device_name=device_name, finished=datetime.datetime.now().isoformat(timespec="seconds"),
+                diverged_epoch=(result.get("diverged_epoch") or 0) if diverged else None)
 
 
 # =============================================================================================
@@ -246,8 +256,10 @@ def _run_line(k: int, total: int, row: dict, target: float, started: float) -> s
     eta = elapsed / k * (total - k)
     ttt = row["time_to_target_s"]
     reached = f"{ttt:.2f} s" if ttt is not None else "not reached"
-    return (f"run {k} of {total}: variant {row['variant']}, seed {row['seed']}: acc {100 * row['final_acc']:.2f}%, "
-            f"time-to-{100 * target:g}% {reached} ({row['timed_s']:.2f} s timed) | elapsed {_clock(elapsed)}, ETA {_clock(eta)}")
+    outcome = (f"DIVERGED in epoch {row['diverged_epoch']:g} (the loss stopped being finite)" if row["final_acc"] is None
+               else f"acc {100 * row['final_acc']:.2f}%, time-to-{100 * target:g}% {reached} ({row['timed_s']:.2f} s timed)")
+    return (f"run {k} of {total}: variant {row['variant']}, seed {row['seed']}: {outcome} "
+            f"| elapsed {_clock(elapsed)}, ETA {_clock(eta)}")
 
 
 def execute(jobs: list[tuple[Variant, int]], devices: list[str], on_row, threads: int | None = None,
@@ -281,6 +293,8 @@ def run_study(study: Study, folder: Path, seeds: list[int], base: speedrun.Confi
         sessions = meta["sessions"]
     results = ResultsFile(folder / "results.csv")
     rows = results.read(repair=True, log=log)
+    if results.old_format:
+        results.write_all(rows)  # the new header (with diverged_epoch) before anything is appended
     known = {v.name for v in study.variants}
     strangers = sorted({r["variant"] for r in rows} - known)
     if strangers:
@@ -317,9 +331,10 @@ def run_study(study: Study, folder: Path, seeds: list[int], base: speedrun.Confi
 
     try:
         execute(todo, devices, on_row, threads=threads, url=url)
-    finally:
-        summary = write_reports(folder, definition, rows, sessions + [session], log=log)
-    return summary
+    except BaseException:
+        write_reports(folder, definition, rows, sessions + [session], log=None)  # quietly: the caller explains
+        raise
+    return write_reports(folder, definition, rows, sessions + [session], log=log)
 
 
 def read_meta(folder: Path) -> dict:
@@ -335,7 +350,7 @@ def read_meta(folder: Path) -> dict:
 
 
 def write_meta(folder: Path, definition: dict, sessions: list[dict]) -> None:
-    text = json.dumps(dict(definition=definition, sessions=sessions), indent=2)
+    text = speedrun.dumps_json(dict(definition=definition, sessions=sessions), indent=2)
     speedrun.write_atomic(Path(folder) / "study.json", lambda tmp: tmp.write_text(text + "\n"))
 
 
@@ -344,8 +359,13 @@ def write_meta(folder: Path, definition: dict, sessions: list[dict]) -> None:
 # =============================================================================================
 
 
-def _interval(values) -> list[float] | None:
-    return list(speedrun.confidence_interval(values)) if len(values) >= 2 else None
+def _interval(values, low: float | None = None, high: float | None = None) -> list[float] | None:
+    """The 95% t-interval of the mean, cut to [low, high] where the quantity cannot go beyond them."""
+    if len(values) < 2:
+        return None
+    lo, hi = speedrun.confidence_interval(values)
+    clip = lambda x: min(high, x) if high is not None else x  # noqa: E731
+    return [clip(max(low, lo) if low is not None else lo), clip(max(low, hi) if low is not None else hi)]
 
 
 def paired_difference(rows: list[dict], ref_rows: list[dict], key: str) -> dict:
@@ -357,29 +377,39 @@ def paired_difference(rows: list[dict], ref_rows: list[dict], key: str) -> dict:
     return dict(pairs=len(diffs), mean=mean, std=std, ci95=_interval(diffs))
 
 
+def diverged(row: dict) -> bool:
+    return row["final_acc"] is None
+
+
 def variant_stats(rows: list[dict], ref_rows: list[dict] | None, target: float) -> dict:
-    accs = [r["final_acc"] for r in rows]
-    times = [r["time_to_target_s"] for r in rows if r["time_to_target_s"] is not None]
-    epochs = [r["epochs_to_target"] for r in rows if r["epochs_to_target"] is not None]
-    timed = [r["timed_s"] for r in rows]
+    """A variant's statistics. Diverged runs count in `runs`, in `diverged` and as runs below the
+    target; the accuracy, time and difference statistics are over the runs that finished."""
+    finished = [r for r in rows if not diverged(r)]
+    accs = [r["final_acc"] for r in finished]
+    times = [r["time_to_target_s"] for r in finished if r["time_to_target_s"] is not None]
+    epochs = [r["epochs_to_target"] for r in finished if r["epochs_to_target"] is not None]
+    timed = [r["timed_s"] for r in finished]
     acc_mean, acc_std = speedrun.mean_std(accs)
     t_mean, t_std = speedrun.mean_std(times)
     timed_mean, timed_std = speedrun.mean_std(timed)
     stats = dict(runs=len(rows), seeds=sorted(r["seed"] for r in rows), target_acc=target,
-                 acc_mean=acc_mean, acc_std=acc_std, acc_ci95=_interval(accs),
-                 frac_at_target=sum(a >= target for a in accs) / len(accs) if accs else None,
+                 diverged=len(rows) - len(finished), diverged_seeds=sorted(r["seed"] for r in rows if diverged(r)),
+                 acc_mean=acc_mean, acc_std=acc_std, acc_ci95=_interval(accs, 0.0, 1.0),
+                 frac_at_target=sum(a >= target for a in accs) / len(rows) if rows else None,
                  runs_reaching_target=len(times), time_to_target_mean_s=t_mean, time_to_target_std_s=t_std,
-                 time_to_target_ci95=_interval(times), epochs_to_target_mean=speedrun.mean_std(epochs)[0],
-                 timed_mean_s=timed_mean, timed_std_s=timed_std, timed_ci95=_interval(timed))
+                 time_to_target_ci95=_interval(times, 0.0), epochs_to_target_mean=speedrun.mean_std(epochs)[0],
+                 timed_mean_s=timed_mean, timed_std_s=timed_std, timed_ci95=_interval(timed, 0.0))
     if ref_rows is not None:
-        stats["delta_acc"] = paired_difference(rows, ref_rows, "final_acc")
-        stats["delta_time_to_target_s"] = paired_difference(rows, ref_rows, "time_to_target_s")
-        stats["delta_timed_s"] = paired_difference(rows, ref_rows, "timed_s")
+        ref_finished = [r for r in ref_rows if not diverged(r)]
+        stats["delta_acc"] = paired_difference(finished, ref_finished, "final_acc")
+        stats["delta_time_to_target_s"] = paired_difference(finished, ref_finished, "time_to_target_s")
+        stats["delta_timed_s"] = paired_difference(finished, ref_finished, "timed_s")
     return stats
 
 
 def mean_curves(rows: list[dict]) -> dict | None:
-    """Mean over runs of accuracy and cumulative timed seconds at each epoch."""
+    """Mean over the finished (not diverged) runs of accuracy and cumulative timed seconds at each epoch."""
+    rows = [r for r in rows if not diverged(r)]
     if not rows:
         return None
     n = min(len(r["acc_by_epoch"]) for r in rows)
@@ -444,10 +474,14 @@ def variant_table(summary: dict) -> list[str]:
         if not v["runs"]:
             lines.append(f"| {v['name']} | {v['change']} | 0 | not run yet | | | | | | | |")
             continue
+        runs = f"{v['runs']} ({v['diverged']} diverged)" if v.get("diverged") else f"{v['runs']}"
+        if v["acc_mean"] is None:
+            lines.append(f"| {v['name']} | {v['change']} | {runs} | diverged (every run) | — | 0% | — | — | — | — | — |")
+            continue
         ttt = "—" if not v["runs_reaching_target"] else f"{v['time_to_target_mean_s']:.2f} ({v['runs_reaching_target']})"
         ett = "—" if v["epochs_to_target_mean"] is None else f"{v['epochs_to_target_mean']:.1f}"
-        std = _pct(v["acc_std"]) if v["runs"] > 1 else "—"
-        lines.append(f"| {v['name']} | {v['change']} | {v['runs']} | {_pct(v['acc_mean'])} ({std}) "
+        std = _pct(v["acc_std"]) if v["runs"] - v.get("diverged", 0) > 1 else "—"
+        lines.append(f"| {v['name']} | {v['change']} | {runs} | {_pct(v['acc_mean'])} ({std}) "
                      f"| {_range(v['acc_ci95'], 100)} | {100 * v['frac_at_target']:.0f}% | {ttt} | {ett} "
                      f"| {_sec(v['timed_mean_s'])} | {_delta(v.get('delta_acc'), 100)} "
                      f"| {_delta(v.get('delta_time_to_target_s'), 1)} |")
@@ -458,7 +492,8 @@ def grid_tables(summary: dict) -> list[str]:
     (xf, xs), (yf, ys) = summary["axes"]["x"], summary["axes"]["y"]
     cell = {(v["tags"]["x"], v["tags"]["y"]): v for v in summary["variants"]}
     out = []
-    for title, show in (("mean accuracy %", lambda v: _pct(v["acc_mean"])),
+    for title, show in (("mean accuracy %", lambda v: "diverged" if v["acc_mean"] is None else _pct(v["acc_mean"])
+                         + (f" ({v['diverged']} diverged)" if v.get("diverged") else "")),
                         ("mean time-to-target s (runs reaching it)", lambda v: "—" if not v["runs_reaching_target"]
                          else f"{v['time_to_target_mean_s']:.2f} ({v['runs_reaching_target']})"),
                         ("mean timed s (whole budget)", lambda v: _sec(v["timed_mean_s"]))):
@@ -474,7 +509,7 @@ def best_per_optimizer(summary: dict) -> dict:
     best = {}
     for v in summary["variants"]:
         opt = v["tags"].get("optimizer")
-        if v["runs"] and (opt not in best or v["acc_mean"] > best[opt]["acc_mean"]):
+        if v["runs"] and v["acc_mean"] is not None and (opt not in best or v["acc_mean"] > best[opt]["acc_mean"]):
             best[opt] = v
     return best
 
@@ -488,7 +523,9 @@ def summary_markdown(summary: dict) -> str:
              f"the same seeds for every variant (paired comparison)",
              "- acc: final EMA+TTA test accuracy; timed s: whitening + every training epoch (speedrun's timer); "
              "time-to-target: mean over the runs that reached it (their count in brackets); "
-             "Δ: mean of the per-seed differences from the reference variant, with a 95% paired t-interval",
+             "Δ: mean of the per-seed differences from the reference variant, with a 95% paired t-interval; "
+             "a diverged run (its loss stopped being finite) counts as a run below the target and is left out "
+             "of the other columns",
              *[f"- {n}" for n in summary["notes"]], ""]
     lines += variant_table(summary)
     if summary["kind"] == "grid":
@@ -505,7 +542,7 @@ def summary_markdown(summary: dict) -> str:
 def write_reports(folder: Path, definition: dict, rows: list[dict], sessions: list[dict], log=print) -> dict:
     summary = build_summary(definition, rows, sessions)
     folder = Path(folder)
-    speedrun.write_atomic(folder / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+    speedrun.write_atomic(folder / "summary.json", lambda tmp: tmp.write_text(speedrun.dumps_json(summary, indent=2) + "\n"))
     text = summary_markdown(summary)
     speedrun.write_atomic(folder / "summary.md", lambda tmp: tmp.write_text(text))
     if not rows:
@@ -545,7 +582,9 @@ def _half_width(ci, mean):
 
 
 def draw_charts(folder: Path, summary: dict, plt) -> list[Path]:
-    ran = [v for v in summary["variants"] if v["runs"]]
+    ran = [v for v in summary["variants"] if v["runs"] and v["acc_mean"] is not None]  # not those that all diverged
+    if not ran:
+        return []
     names = [v["name"] for v in ran]
     paths = []
     # accuracy and time bars, error bars = 95% t-interval half-widths
@@ -600,7 +639,8 @@ def draw_charts(folder: Path, summary: dict, plt) -> list[Path]:
                 ("heatmap_accuracy.png", "mean final accuracy, %", lambda v: 100 * v["acc_mean"]),
                 ("heatmap_time.png", label, lambda v: v["time_to_target_mean_s"] if measure == "time_to_target"
                  else v["timed_mean_s"])):
-            grid = [[(get(cell[x, y]) if cell[x, y]["runs"] else None) for x in xs] for y in ys]
+            grid = [[(get(cell[x, y]) if cell[x, y]["runs"] and cell[x, y]["acc_mean"] is not None else None)
+                     for x in xs] for y in ys]
             values = [[math.nan if g is None else g for g in row] for row in grid]
             fig, ax = plt.subplots(figsize=(1.3 * len(xs) + 2.5, 1.0 * len(ys) + 1.8))
             im = ax.imshow(values, cmap="viridis", aspect="auto")
@@ -651,12 +691,21 @@ def base_config(args) -> speedrun.Config:
     return cfg if runs_given else dataclasses.replace(cfg, runs=DEFAULT_RUNS)
 
 
+def resume_command(argv: list[str], folder: Path) -> str:
+    """The shell command that resumes the study in `folder`: argv (script first) with --study FOLDER."""
+    given = any(a == "--study" or a.startswith("--study=") for a in argv)
+    return shlex.join(["python", *map(str, argv), *([] if given else ["--study", str(folder)])])
+
+
 def main(parser, make_study, name, script: str, argv=None) -> int:
-    """Parse, build the study with make_study(args, base_config), run it; errors exit with status 2.
+    """Parse, build the study with make_study(args, base_config), run it; errors exit with status 2,
+    Ctrl-C and SIGTERM with 130, each with one line that says how to resume.
     `name` (a string, or a function of the parsed arguments) names the default study folder;
     `script` is how the command is written in the summary."""
     args = parser.parse_args(argv)
     log = (lambda *a, **k: None) if args.quiet else functools.partial(print, flush=True)
+    folder = argv_used = None
+    previous_sigterm = speedrun._stop_on_sigterm()
     try:
         if args.out is not None or args.save is not None:
             raise StudyError("--out and --save belong to speedrun.py; a study writes into its --study folder")
@@ -676,7 +725,17 @@ def main(parser, make_study, name, script: str, argv=None) -> int:
         run_study(study, folder, seeds, cfg, shard=shard, max_runs=args.max_runs, threads=args.threads,
                   argv=argv_used, url=args.data_url, log=log)
     except (ValueError, RuntimeError, speedrun.DataError) as e:
-        parser.exit(2, f"error: {e}\n")
+        failed_run = isinstance(e, RuntimeError) and folder is not None and (folder / "results.csv").exists()
+        resume = f"; finished runs are saved in {folder}; after fixing this, resume with: {resume_command(argv_used, folder)}" \
+            if failed_run else ""
+        parser.exit(2, f"error: {e}{resume}\n")
     except KeyboardInterrupt:
-        parser.exit(130, "interrupted: finished runs are saved; rerun the same command with --study to resume\n")
+        if folder is None or not (folder / "study.json").exists():
+            parser.exit(130, "interrupted before the study started; nothing was written\n")
+        parser.exit(130, f"interrupted: finished runs are saved in {folder}; resume with: "
+                         f"{resume_command(argv_used, folder)}\n")
+    finally:
+        if previous_sigterm is not None:
+            import signal
+            signal.signal(signal.SIGTERM, previous_sigterm)
     return 0

@@ -26,7 +26,6 @@ import importlib
 import importlib.metadata
 import importlib.util
 import io
-import json
 import os
 import sys
 import time
@@ -481,7 +480,7 @@ def main(argv=None, make_peer=None) -> int:
         warm_up=warm, runs=runs, summary=summary, ratios=ratios, targets=check_targets(summary, ratios),
         flops=achieved_flops(cfgs, summary, device, args.peak_size) if args.flops else None)
     print("\n".join(report_lines(result)))
-    text = json.dumps(result, indent=2)
+    text = speedrun.dumps_json(result, indent=2)
     speedrun.write_atomic(out, lambda tmp: tmp.write_text(text + "\n"))
     print(f"results written to {out}")
     return 0

@@ -17,7 +17,6 @@ DataLoader, still leaves the worker start-up inside every timed epoch).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -149,7 +148,7 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     if args.json is not None:
         record = dict(machine=_common.describe_machine(device), command=_common.command_line(), results=results)
-        _common.write_text(args.json, json.dumps(record, indent=2) + "\n")
+        _common.write_text(args.json, speedrun.dumps_json(record, indent=2) + "\n")
         print(f"results written to {args.json}")
     return 0
 

@@ -20,7 +20,6 @@ with `tensorboard --logdir DIR/tensorboard` (pip install torch-tb-profiler).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -221,7 +220,7 @@ def main(argv=None) -> int:
     record = dict(device=str(device), machine=_common.describe_machine(device), command=_common.command_line(),
                   window_wall_s=wall_s, window_us=times_us, run_factors=factors,
                   add_up_tolerance=ADD_UP_TOLERANCE, labels=CATEGORIES)
-    _common.write_text(trace_dir / "breakdown.json", json.dumps(record, indent=2) + "\n")
+    _common.write_text(trace_dir / "breakdown.json", speedrun.dumps_json(record, indent=2) + "\n")
     run_s = [times_us[c] * factors[c] / 1e6 for c in CATEGORIES]
     chart = _common.bar_chart(trace_dir / "breakdown.png", list(CATEGORIES.values()), run_s,
                               f"Estimated time of one run by category\n{_common.describe_machine(device)}",

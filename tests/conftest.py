@@ -1,4 +1,5 @@
 """Shared helpers: tiny CIFAR-10-shaped data in the official file formats, and the real data."""
+import hashlib
 import os
 import pickle
 import subprocess
@@ -31,6 +32,11 @@ def _batches(arrays):
         sl = slice(i * N_PER_BATCH, (i + 1) * N_PER_BATCH)
         yield f"data_batch_{i + 1}", train_x[sl], train_y[sl]
     yield "test_batch", test_x, test_y
+
+
+def md5_sums(folder: Path) -> dict:
+    """{file name: MD5} of every file in folder: the checksums a test passes for its fake data."""
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in Path(folder).iterdir() if p.is_file()}
 
 
 def write_python_folder(folder: Path, arrays):
@@ -69,12 +75,14 @@ SIZES = (5 * N_PER_BATCH, N_TEST)
 
 @pytest.fixture(scope="session")
 def real_data_dir():
-    """The real CIFAR-10, built by ../shared/tools/get-cifar10 (CI fetches it first)."""
+    """The real CIFAR-10 in the default data folder: fetched by the README's
+    `python -c "import speedrun; speedrun.load_cifar10()"`, or on CI by ../shared/tools/get-cifar10."""
     tool = ROOT.parent / "shared" / "tools" / "get-cifar10"
     home = Path(os.environ.get("CIFAR10_HOME") or Path.home() / ".cache" / "cifar10")
-    if not (home / "cifar-10-batches-bin").is_dir() and not (home / speedrun.CACHE_NAME).is_file():
+    if not any((home / name).exists() for name in ("cifar-10-batches-bin", "cifar-10-batches-py", speedrun.CACHE_NAME)):
         if not tool.exists():
-            pytest.skip("real CIFAR-10 not found and ../shared/tools/get-cifar10 is absent")
+            pytest.skip(f"real CIFAR-10 not found in {home}; fetch it with: "
+                        f"python -c \"import speedrun; speedrun.load_cifar10()\"")
         subprocess.run([sys.executable, str(tool), str(home)], check=True, stdout=subprocess.DEVNULL)
     return home
 

@@ -113,7 +113,7 @@ def test_shards_split_the_jobs_without_overlap():
     (tricks, ["--subset", "100", "--batch-size", "128", "--ghost-bn-splits", "4"], "smaller than one batch"),
     (grid, ["--x", "colour=1,2"], "'colour' is not a field a grid can sweep"),
     (grid, ["--x", "lr=1,2", "--y", "lr=3"], "both sweep lr"),
-    (grid, ["--x", "epochs=ten"], "epochs takes a int"),
+    (grid, ["--x", "epochs=ten"], "epochs takes a whole number"),
     (grid, ["--x", "batch_size=100,512"], "variant 'batch_size=100 lr=0.5': batch_size 100 is not divisible"),
     (optimizers, ["--optimizers", "nesterov,lion"], "unknown lion"),
     (optimizers, ["--lr-for", "adam=fast"], "'fast' is not a number"),
@@ -132,7 +132,7 @@ def test_bad_input_is_a_clear_error(script, argv, message, capsys, tmp_path):
 def fake_row(variant, seed, acc, ttt=None):
     return dict(variant=variant, seed=seed, final_acc=acc, time_to_target_s=ttt, epochs_to_target=2 if ttt else None,
                 timed_s=1.5 + seed, acc_by_epoch=[acc / 2, acc], seconds_by_epoch=[0.75, 1.5 + seed],
-                device_name="CPU (test), with a comma", finished="2026-01-01T00:00:00")
+                device_name="CPU (test), with a comma", finished="2026-01-01T00:00:00", diverged_epoch=None)
 
 
 def test_half_written_last_line_is_ignored_then_cut(tmp_path):
@@ -157,7 +157,7 @@ def test_damaged_or_foreign_csv_is_refused(tmp_path):
     path.write_text("a,b,c\n1,2,3\n")
     with pytest.raises(study.StudyError, match="does not start with the header"):
         study.ResultsFile(path).read()
-    path.write_text(",".join(study.CSV_COLUMNS) + "\nfull,zero,0.5,,,1,0.5,1,cpu,now\n")
+    path.write_text(",".join(study.CSV_COLUMNS) + "\nfull,zero,0.5,,,1,0.5,1,cpu,now,\n")
     with pytest.raises(study.StudyError, match="line 2 cannot be read"):
         study.ResultsFile(path).read()
 
@@ -206,11 +206,12 @@ def test_summary_matches_a_recomputation_from_the_csv(full_study):
         mean, std = values.mean(), values.std(ddof=1)
         half = t975 * std / math.sqrt(2)
         assert v["runs"] == 2 and v["acc_mean"] == pytest.approx(mean) and v["acc_std"] == pytest.approx(std)
-        assert v["acc_ci95"] == pytest.approx([mean - half, mean + half])
+        lo, hi = max(0.0, mean - half), min(1.0, mean + half)  # an accuracy interval stays within [0, 1]
+        assert v["acc_ci95"] == pytest.approx([lo, hi])
         assert v["frac_at_target"] == pytest.approx((values >= 0.15).mean())
         cells = table[v["name"]]
         assert cells[3] == f"{100 * mean:.2f} ({100 * std:.2f})"
-        assert cells[4] == f"{100 * (mean - half):.2f} .. {100 * (mean + half):.2f}"
+        assert cells[4] == f"{100 * lo:.2f} .. {100 * hi:.2f}"
         assert cells[5] == f"{100 * (values >= 0.15).mean():.0f}%"
     diffs = np.array([acc["no_tta", s] - acc["full", s] for s in (0, 1)])
     delta = summary["variants"][1]["delta_acc"]
@@ -315,3 +316,78 @@ def test_grid_and_optimizer_studies_end_to_end(real_data_dir, tmp_path, capsys):
     if HAVE_MATPLOTLIB:
         assert (tmp_path / "g" / "heatmap_accuracy.png").exists() and (tmp_path / "g" / "heatmap_time.png").exists()
         assert (tmp_path / "o" / "curves_seconds.png").exists()
+
+
+# -- diverged runs, intervals, interrupts (issue 13) ---------------------------------------------
+
+
+def diverged_row(variant, seed, epoch=2):
+    return {**fake_row(variant, seed, 0.0), "final_acc": None, "acc_by_epoch": [0.1], "seconds_by_epoch": [0.75],
+            "diverged_epoch": epoch}
+
+
+def two_variant_definition():
+    base = speedrun.make_config(device="cpu")
+    variants = [study.make_variant(base, "full", "the full recipe"),
+                study.make_variant(base, "high_lr", "lr 100", reference="full", lr=100.0),
+                study.make_variant(base, "huge_lr", "lr 1e6", reference="full", lr=1e6)]
+    return study.Study("tricks", "test", variants).definition()
+
+
+def test_a_diverged_variant_is_reported_as_diverged_not_as_low_accuracy(tmp_path):
+    rows = [fake_row("full", 0, 0.5), fake_row("full", 1, 0.6), fake_row("high_lr", 0, 0.4), diverged_row("high_lr", 1),
+            diverged_row("huge_lr", 0, 1), diverged_row("huge_lr", 1, 1)]
+    summary = study.write_reports(tmp_path, two_variant_definition(), rows, [], log=None)
+    high, huge = summary["variants"][1], summary["variants"][2]
+    assert (high["runs"], high["diverged"], high["acc_mean"], high["frac_at_target"]) == (2, 1, 0.4, 0.0)
+    assert high["delta_acc"]["pairs"] == 1, "the diverged seed is not paired"
+    assert huge["diverged"] == 2 and huge["acc_mean"] is None and huge["diverged_seeds"] == [0, 1]
+    table = (tmp_path / "summary.md").read_text()
+    assert "| high_lr | lr 100 | 2 (1 diverged) | 40.00 (—) |" in table
+    assert "| huge_lr | lr 1e6 | 2 (2 diverged) | diverged (every run) |" in table
+    json.loads((tmp_path / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+
+
+def test_a_diverged_run_round_trips_through_the_csv_and_its_progress_line(tmp_path):
+    result = dict(seed=3, diverged=True, diverged_epoch=2, final_acc=None, time_to_target_s=None, epochs_to_target=None,
+                  whitening_s=0.1, train_s=0.5, epochs=[dict(tta_acc=0.1, train_s=0.3)])
+    row = study.result_row("huge_lr", result, "cpu")
+    results = study.ResultsFile(tmp_path / "results.csv")
+    results.append(row)
+    assert results.read() == [row] and row["final_acc"] is None and row["diverged_epoch"] == 2
+    assert "seed 3: DIVERGED in epoch 2" in study._run_line(1, 2, row, 0.94, 0.0)
+
+
+def test_a_results_file_of_the_old_format_is_read_and_upgraded_before_appending(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text(",".join(study.OLD_CSV_COLUMNS) + "\nfull,0,0.5,,,1.5,0.25 0.5,0.75 1.5,cpu,now\n")
+    results = study.ResultsFile(path)
+    assert results.read()[0]["final_acc"] == 0.5 and results.old_format
+    rows = results.read()
+    results.write_all(rows)
+    results.append(fake_row("full", 1, 0.25))
+    assert [r["seed"] for r in study.ResultsFile(path).read()] == [0, 1]
+
+
+def test_accuracy_and_time_intervals_never_go_below_zero():
+    rows = [fake_row("x", s, a, t) for s, (a, t) in enumerate([(0.0, 0.1), (0.01, 0.1), (0.3, 9.0)])]
+    stats = study.variant_stats(rows, None, 0.005)
+    assert stats["acc_ci95"][0] == 0.0 and stats["acc_ci95"][1] > 0.1
+    assert stats["time_to_target_ci95"][0] == 0.0
+
+
+def test_interrupt_names_the_folder_and_the_command_that_resumes(tmp_path, monkeypatch, capsys):
+    def execute(jobs, devices, on_row, **kwargs):
+        on_row(fake_row(jobs[0][0].name, jobs[0][1], 0.5))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "execute", execute)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        tricks.main([*TINY, *PAIR])  # no --study: a new timestamped folder under studies/
+    assert stop.value.code == 130
+    err = capsys.readouterr().err.strip()
+    folder = err.split("saved in ")[1].split(";")[0]
+    assert folder.startswith("studies/tricks-") and len(err.splitlines()) == 1
+    assert err.endswith(f"resume with: python ablations/tricks.py {' '.join(TINY)} {' '.join(PAIR)} --study {folder}")
+    assert len(read_csv(tmp_path / folder)) == 1

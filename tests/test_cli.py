@@ -41,7 +41,18 @@ def test_flags_and_set_override_the_preset():
     (["--set", "nonsense=1"], "expected FIELD=VALUE"),
     (["--set", "ema"], "expected FIELD=VALUE"),
     (["--set", "ema=maybe"], "ema takes true or false"),
-    (["--set", "epochs=ten"], "epochs takes a float"),
+    (["--set", "epochs=ten"], "epochs takes a number, not 'ten'"),
+    (["--set", "lr=fast"], "lr takes a number, not 'fast'"),
+    (["--lr", "nan"], "lr must be a finite number"),
+    (["--set", "lr=inf"], "lr must be a finite number"),
+    (["--lr", "0"], "lr must be positive"),
+    (["--lr", "-0.1"], "lr must be positive"),
+    (["--momentum", "1"], r"momentum must be in \[0, 1\)"),
+    (["--ema-momentum", "-0.5"], r"ema_momentum must be in \[0, 1\)"),
+    (["--width", "0"], "width must be positive"),
+    (["--weight-decay", "-1"], "weight_decay must be 0 or more"),
+    (["--bn-momentum", "2"], "bn_momentum must be in"),
+    (["--preset", "fastest"], "unknown preset 'fastest'; choose one of davidnet"),
     (["--flip", "sideways"], "flip='sideways' is not one of"),
     (["--batch-size", "500"], "not divisible by ghost_bn_splits"),
     (["--epochs", "0"], "epochs must be positive"),
@@ -60,6 +71,44 @@ def test_cli_error_exits_2_with_message():
     assert proc.returncode == 2 and "error: lr_schedule='cosine' is not one of" in proc.stderr
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--preset", "fastest"], "unknown preset 'fastest'; choose one of davidnet"),
+    (["--epochs", "ten"], "argument --epochs: epochs takes a whole number, not 'ten'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_bad_flags_are_one_line_errors_not_the_usage(argv, message):
+    proc = run_cli(*argv)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_help_gives_examples_the_presets_settings_and_the_data_source():
+    text = speedrun.build_parser().format_help()
+    assert "python speedrun.py --preset cpu" in text and "torchrun --nproc_per_node" in text
+    presets = text[text.index("presets (each sets"):]
+    for name, fields in speedrun.PRESETS.items():
+        assert f"\n  {name} " in presets
+        for key in fields:
+            assert f"{key}=" in presets, f"preset {name}: {key} is not listed"
+    assert "$CIFAR10_HOME" in text and speedrun.CIFAR10_URL in text and "--data-url" in text
+
+
+def test_a_full_size_cpu_run_first_points_to_the_cpu_preset(monkeypatch):
+    said = []
+
+    class Started(Exception):
+        pass
+
+    def start(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(speedrun, "run_jobs", start)  # the runs (and the data loading) start here
+    with pytest.raises(Started):
+        speedrun.run_many(speedrun.make_config(device="cpu"), log=said.append)
+    text = "\n".join(said)
+    assert "takes hours" in text and "python speedrun.py --preset cpu" in text and "10 epochs on all 50,000" in text
+
+
 TINY = ["--subset", "256", "--test-subset", "200", "--width", "0.125", "--epochs", "2", "--batch-size", "64",
         "--ghost-bn-splits", "4", "--whiten-samples", "128", "--device", "cpu", "--runs", "2", "--eval-batch-size", "100"]
 
@@ -70,7 +119,8 @@ def test_json_result_schema_and_saved_weights(real_data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "EMA+TTA acc" in proc.stdout and "2 runs: TTA accuracy mean" in proc.stdout
     result = json.loads(out.read_text())
-    assert set(result) == {"config", "environment", "data_load_s", "warmup_s", "runs", "summary"}
+    assert set(result) == {"config", "environment", "data_load_s", "warmup_s", "runs", "summary", "complete"}
+    assert result["complete"] is True
     assert result["config"]["width"] == 0.125 and result["config"]["runs"] == 2
     assert {"device_name", "torch"} <= set(result["environment"])
     assert [r["seed"] for r in result["runs"]] == [0, 1]

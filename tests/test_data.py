@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from conftest import SIZES, fake_arrays, make_archive, write_binary_folder, write_python_folder
+from conftest import SIZES, fake_arrays, make_archive, md5_sums, write_binary_folder, write_python_folder
 import speedrun
 
 
@@ -21,8 +21,8 @@ def assert_same(loaded, arrays):
 
 def test_python_folder_is_parsed_exactly(tmp_path):
     arrays = fake_arrays()
-    write_python_folder(tmp_path / "cifar-10-batches-py", arrays)
-    assert_same(speedrun.load_cifar10(tmp_path, expect_sizes=SIZES), arrays)
+    folder = write_python_folder(tmp_path / "cifar-10-batches-py", arrays)
+    assert_same(speedrun.load_cifar10(tmp_path, py_md5=md5_sums(folder), expect_sizes=SIZES), arrays)
 
 
 def test_binary_folder_is_parsed_exactly_and_checksummed(tmp_path):
@@ -59,8 +59,9 @@ def test_official_archives_are_verified_extracted_and_cached(tmp_path, kind):
     data.mkdir()
     archive.rename(data / archive.name)
     sums = {archive.name: md5(data / archive.name)}
-    bin_sums = {p.name: md5(p) for p in (tmp_path / "build" / "src-bin" / "cifar-10-batches-bin").glob("*.bin")} if kind == "bin" else {}
-    assert_same(speedrun.load_cifar10(data, archive_md5=sums, bin_md5=bin_sums, expect_sizes=SIZES), arrays)
+    file_sums = md5_sums(tmp_path / "build" / f"src-{kind}" / f"cifar-10-batches-{kind}")
+    assert_same(speedrun.load_cifar10(data, archive_md5=sums, bin_md5=file_sums, py_md5=file_sums, expect_sizes=SIZES),
+                arrays)
     assert (data / f"cifar-10-batches-{kind}").is_dir()
     assert (data / speedrun.CACHE_NAME).is_file()
     assert not [p for p in data.iterdir() if p.name.startswith(".")], "temporary files left behind"
@@ -91,14 +92,14 @@ def test_missing_batch_file_is_named(tmp_path):
     folder = write_python_folder(tmp_path / "cifar-10-batches-py", fake_arrays())
     (folder / "data_batch_4").unlink()
     with pytest.raises(speedrun.DataError, match="missing batch file .*data_batch_4"):
-        speedrun.load_cifar10(tmp_path, expect_sizes=SIZES)
+        speedrun.load_cifar10(tmp_path, py_md5=md5_sums(folder), expect_sizes=SIZES)
 
 
 def test_corrupt_pickle_is_named(tmp_path):
     folder = write_python_folder(tmp_path / "cifar-10-batches-py", fake_arrays())
     (folder / "test_batch").write_bytes(b"not a pickle")
     with pytest.raises(speedrun.DataError, match="test_batch is not a readable CIFAR-10 python batch"):
-        speedrun.load_cifar10(tmp_path, expect_sizes=SIZES)
+        speedrun.load_cifar10(tmp_path, py_md5=md5_sums(folder), expect_sizes=SIZES)
 
 
 def test_pickle_with_foreign_objects_is_refused(tmp_path):
@@ -106,13 +107,13 @@ def test_pickle_with_foreign_objects_is_refused(tmp_path):
     import pickle
     (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": __import__("os").getcwd}))
     with pytest.raises(speedrun.DataError, match="refusing to load"):
-        speedrun.load_cifar10(tmp_path, expect_sizes=SIZES)
+        speedrun.load_cifar10(tmp_path, py_md5=md5_sums(folder), expect_sizes=SIZES)
 
 
 def test_wrong_number_of_images_is_reported(tmp_path):
-    write_python_folder(tmp_path / "cifar-10-batches-py", fake_arrays())
+    folder = write_python_folder(tmp_path / "cifar-10-batches-py", fake_arrays())
     with pytest.raises(speedrun.DataError, match="holds 20 images, expected 50000"):
-        speedrun.load_cifar10(tmp_path)
+        speedrun.load_cifar10(tmp_path, py_md5=md5_sums(folder))
 
 
 def test_binary_file_of_wrong_length_is_reported(tmp_path):
@@ -124,10 +125,10 @@ def test_binary_file_of_wrong_length_is_reported(tmp_path):
 
 def test_unreadable_cache_is_rebuilt(tmp_path, capsys):
     arrays = fake_arrays(2)
-    write_python_folder(tmp_path / "cifar-10-batches-py", arrays)
+    sums = md5_sums(write_python_folder(tmp_path / "cifar-10-batches-py", arrays))
     (tmp_path / speedrun.CACHE_NAME).write_bytes(b"half a file")
-    assert_same(speedrun.load_cifar10(tmp_path, expect_sizes=SIZES), arrays)
-    assert "ignoring unreadable cache" in capsys.readouterr().err
+    assert_same(speedrun.load_cifar10(tmp_path, py_md5=sums, expect_sizes=SIZES), arrays)
+    assert "ignoring the cache" in capsys.readouterr().err
     assert_same(speedrun.load_cifar10(tmp_path, expect_sizes=SIZES), arrays)  # now a good cache
 
 
@@ -189,8 +190,10 @@ def test_download_verify_extract(tmp_path, capsys):
     arrays = fake_arrays(3)
     archive = make_archive(tmp_path / "build", "py", arrays)
     data = tmp_path / "data"
+    data.mkdir()
     with _Server(archive.read_bytes()) as server:
-        got = speedrun.load_cifar10(data, url=server.url, archive_md5={archive.name: md5(archive)}, expect_sizes=SIZES)
+        got = speedrun.load_cifar10(data, url=server.url, archive_md5={archive.name: md5(archive)}, expect_sizes=SIZES,
+                                    py_md5=md5_sums(tmp_path / "build" / "src-py" / "cifar-10-batches-py"))
     assert_same(got, arrays)
     assert md5(data / "cifar-10-python.tar.gz") == md5(archive)
     assert "downloading" in capsys.readouterr().err
@@ -199,6 +202,7 @@ def test_download_verify_extract(tmp_path, capsys):
 def test_download_with_wrong_checksum_is_discarded(tmp_path):
     archive = make_archive(tmp_path / "build", "py", fake_arrays())
     data = tmp_path / "data"
+    data.mkdir()
     with _Server(archive.read_bytes()) as server, pytest.raises(speedrun.DataError, match="fails its MD5 check; it was discarded"):
         speedrun.load_cifar10(data, url=server.url, archive_md5={archive.name: "f" * 32}, expect_sizes=SIZES, quiet=True)
     assert list(data.iterdir()) == []
@@ -208,6 +212,7 @@ def test_truncated_download_is_discarded(tmp_path):
     archive = make_archive(tmp_path / "build", "py", fake_arrays())
     body = archive.read_bytes()
     data = tmp_path / "data"
+    data.mkdir()
     with _Server(body[: len(body) // 2], claimed_length=len(body)) as server, \
             pytest.raises(speedrun.DataError, match="truncated|could not download"):
         speedrun.load_cifar10(data, url=server.url, archive_md5={archive.name: md5(archive)}, expect_sizes=SIZES, quiet=True)
@@ -221,3 +226,115 @@ def test_no_network_says_where_to_put_the_archive(tmp_path):
         port = s.getsockname()[1]
     with pytest.raises(speedrun.DataError, match=r"Download it by hand and put it at .*cifar-10-python.tar.gz"):
         speedrun.load_cifar10(tmp_path, url=f"http://127.0.0.1:{port}/x.tar.gz", expect_sizes=SIZES, quiet=True)
+
+
+# -- issue 13: pickle checksums, the cache's digest, unwritable and mistyped folders, leftovers --
+
+def test_python_batch_failing_md5_is_refused_and_not_cached(tmp_path):
+    folder = write_python_folder(tmp_path / "cifar-10-batches-py", fake_arrays())
+    sums = md5_sums(folder)
+    raw = bytearray((folder / "data_batch_2").read_bytes())
+    raw[-500] ^= 1  # one damaged pixel: the pickle still loads
+    (folder / "data_batch_2").write_bytes(bytes(raw))
+    with pytest.raises(speedrun.DataError, match="data_batch_2 fails its MD5 check .*delete"):
+        speedrun.load_cifar10(tmp_path, py_md5=sums, expect_sizes=SIZES)
+    assert not (tmp_path / speedrun.CACHE_NAME).exists()
+
+
+def test_python_folder_is_checked_against_the_official_md5s_by_default(tmp_path):
+    write_python_folder(tmp_path / "cifar-10-batches-py", fake_arrays())
+    assert set(speedrun.PY_MD5) >= {*[f"data_batch_{i}" for i in range(1, 6)], "test_batch"}
+    with pytest.raises(speedrun.DataError, match="fails its MD5 check"):
+        speedrun.load_cifar10(tmp_path, expect_sizes=SIZES)
+
+
+def test_cache_with_right_shapes_and_wrong_content_is_rebuilt(tmp_path, capsys):
+    arrays = fake_arrays(4)
+    sums = md5_sums(write_python_folder(tmp_path / "cifar-10-batches-py", arrays))
+    speedrun.load_cifar10(tmp_path, py_md5=sums, expect_sizes=SIZES)
+    cache = tmp_path / speedrun.CACHE_NAME
+    with np.load(cache) as z:
+        stored = {k: z[k] for k in z.files}
+    stored["train_y"] = (stored["train_y"] + 1) % 10  # every label wrong, shapes and values still valid
+    with open(cache, "wb") as f:
+        np.savez(f, **stored)
+    assert_same(speedrun.load_cifar10(tmp_path, py_md5=sums, expect_sizes=SIZES), arrays)
+    assert "do not match the digest" in capsys.readouterr().err
+
+
+def test_cache_of_the_full_size_must_hold_the_official_arrays(tmp_path):
+    rng = np.random.default_rng(0)
+    fake = (rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 50000),
+            rng.integers(0, 256, (10000, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 10000))
+    with open(tmp_path / speedrun.CACHE_NAME, "wb") as f:  # a self-consistent cache of the wrong images
+        np.savez(f, train_x=fake[0], train_y=fake[1], test_x=fake[2], test_y=fake[3],
+                 digest=np.array(speedrun.arrays_digest(fake)))
+    with pytest.raises(speedrun.DataError, match="could not download"):  # refused, so it falls through to a download
+        speedrun.load_cifar10(tmp_path, url="http://127.0.0.1:9/none.tar.gz", quiet=True)
+
+
+def test_real_cache_matches_the_official_digest(real_data_dir):
+    arrays = speedrun.load_cifar10(real_data_dir)
+    assert speedrun.arrays_digest(arrays) == speedrun.OFFICIAL_ARRAYS_SHA256
+
+
+def test_read_only_data_folder_works_without_a_cache(tmp_path, monkeypatch, capsys):
+    arrays = fake_arrays(5)
+    sums = md5_sums(write_python_folder(tmp_path / "cifar-10-batches-py", arrays))
+
+    def refuse(path, write):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(speedrun, "write_atomic", refuse)  # as root, chmod cannot make a folder read-only
+    assert_same(speedrun.load_cifar10(tmp_path, py_md5=sums, expect_sizes=SIZES), arrays)
+    assert "could not write the cache" in capsys.readouterr().err
+    assert not (tmp_path / speedrun.CACHE_NAME).exists()
+
+
+def test_data_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "data").write_text("not a folder")
+    with pytest.raises(speedrun.DataError, match="is a file, not a folder"):
+        speedrun.load_cifar10(tmp_path / "data", expect_sizes=SIZES)
+
+
+def test_mistyped_data_dir_is_not_created(tmp_path):
+    with pytest.raises(speedrun.DataError, match=r"does not exist.*mkdir -p"):
+        speedrun.load_cifar10(tmp_path / "cifar10-typo", url="http://127.0.0.1:9/x.tar.gz", expect_sizes=SIZES)
+    assert not (tmp_path / "cifar10-typo").exists()
+
+
+def test_default_data_folder_is_created(tmp_path, monkeypatch):
+    home = tmp_path / "new" / "cifar10"
+    monkeypatch.setenv("CIFAR10_HOME", str(home))
+    with pytest.raises(speedrun.DataError, match="could not download"):
+        speedrun.load_cifar10(None, url="http://127.0.0.1:9/x.tar.gz", expect_sizes=SIZES, quiet=True)
+    assert home.is_dir()
+
+
+def test_stale_temporary_files_are_removed_and_fresh_ones_kept(tmp_path, capsys):
+    import os
+    import time
+    arrays = fake_arrays(6)
+    sums = md5_sums(write_python_folder(tmp_path / "cifar-10-batches-py", arrays))
+    stale = tmp_path / ".cifar-10-python.tar.gz.abc123.part"
+    stale.write_bytes(b"\0" * 1000)
+    stale_dir = tmp_path / ".extract-xyz"
+    stale_dir.mkdir()
+    fresh = tmp_path / ".cifar10-uint8.npz.def456.part"  # perhaps another run writing right now
+    fresh.write_bytes(b"\0")
+    old = time.time() - 2 * speedrun.STALE_S
+    os.utime(stale, (old, old))
+    os.utime(stale_dir, (old, old))
+    speedrun.load_cifar10(tmp_path, py_md5=sums, expect_sizes=SIZES)
+    assert not stale.exists() and not stale_dir.exists() and fresh.exists()
+    assert f"removed {stale}" in capsys.readouterr().err
+
+
+def test_bad_binary_archive_does_not_promise_a_re_download(tmp_path):
+    archive = make_archive(tmp_path, "bin", fake_arrays())
+    with pytest.raises(speedrun.DataError) as err:
+        speedrun.load_cifar10(tmp_path, archive_md5={archive.name: "0" * 32}, expect_sizes=SIZES)
+    assert "re-downloaded" not in str(err.value) and "downloads cifar-10-python.tar.gz" in str(err.value)
+    python_archive = make_archive(tmp_path / "py", "py", fake_arrays())
+    with pytest.raises(speedrun.DataError, match="it will be re-downloaded"):
+        speedrun.load_cifar10(tmp_path / "py", archive_md5={python_archive.name: "0" * 32}, expect_sizes=SIZES)

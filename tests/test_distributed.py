@@ -91,6 +91,7 @@ def test_runs_spread_over_worker_processes(real_data_dir, tmp_path):
 
 
 def test_a_failing_worker_is_reported(tmp_path):
+    (tmp_path / "nothing").mkdir()  # an empty data folder, and no network
     bad = subprocess.run([sys.executable, "speedrun.py", "--data-dir", str(tmp_path / "nothing"), "--data-url",
                           "http://127.0.0.1:9/none.tar.gz", *TINY, "--runs", "2", "--workers", "2"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)

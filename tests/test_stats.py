@@ -45,3 +45,40 @@ def test_summary_of_runs():
     assert s["frac_at_target"] == pytest.approx(2 / 3)
     assert s["time_to_target_mean_s"] == pytest.approx(3.2) and s["time_to_target_std_s"] == pytest.approx(math.sqrt(0.08))
     assert s["p_value"] == pytest.approx(speedrun.one_sided_t_test([0.945, 0.938, 0.941], 0.94)[1])
+
+
+def test_a_single_run_has_no_spread_or_interval_and_says_n_is_1():
+    s = speedrun.summarize([dict(seed=0, final_acc=0.93, time_to_target_s=None)], 0.94)
+    assert s["acc_std"] is None and s["acc_ci95"] is None and s["p_value"] is None
+    text = "\n".join(speedrun.summary_lines(s))
+    assert "n = 1" in text and "std 0.00" not in text
+
+
+def test_accuracy_interval_stays_within_0_and_100_percent():
+    s = speedrun.summarize([dict(seed=k, final_acc=a, time_to_target_s=None) for k, a in enumerate([0.0, 0.01, 0.3])], 0.94)
+    lo, hi = s["acc_ci95"]
+    assert lo == 0.0 and 0 < hi <= 1
+
+
+def test_diverged_runs_count_as_runs_but_not_in_the_accuracy():
+    runs = [dict(seed=0, final_acc=0.95, time_to_target_s=3.0), dict(seed=1, final_acc=0.93, time_to_target_s=None),
+            dict(seed=2, final_acc=None, time_to_target_s=None, diverged=True, diverged_epoch=3)]
+    s = speedrun.summarize(runs, 0.94)
+    assert s["runs"] == 3 and s["diverged"] == 1 and s["diverged_seeds"] == [2]
+    assert s["acc_mean"] == pytest.approx(0.94) and s["frac_at_target"] == pytest.approx(1 / 3)
+    assert any("1 of 3 runs diverged (seeds 2)" in line for line in speedrun.summary_lines(s))
+    everything_diverged = speedrun.summarize(runs[2:], 0.94)
+    assert everything_diverged["acc_mean"] is None
+    assert "every one diverged" in speedrun.summary_lines(everything_diverged)[0]
+
+
+def test_equal_accuracies_give_no_infinite_t_in_the_summary():
+    s = speedrun.summarize([dict(seed=k, final_acc=0.1, time_to_target_s=None) for k in range(3)], 0.94)
+    text = "\n".join(speedrun.summary_lines(s))
+    assert "inf" not in text and "not defined, every run has the same accuracy" in text
+
+
+def test_verdict_speaks_of_1_epoch_not_1_epochs():
+    cfg = speedrun.make_config(epochs=1)
+    assert "not reached in 1 epoch " in speedrun.verdict(dict(seed=0, final_acc=0.5, time_to_target_s=None), cfg)
+    assert "in 10 epochs" in speedrun.verdict(dict(seed=0, final_acc=0.5, time_to_target_s=None), speedrun.make_config())

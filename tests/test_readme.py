@@ -1,0 +1,56 @@
+"""The README's set-up commands work from a fresh clone as written, and its sample output is whole."""
+import re
+import shlex
+
+from conftest import ROOT
+
+
+def readme_section(title):
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"## {title}")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def shell_commands(section):
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    for block in blocks:
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line:
+                yield from (c.strip() for c in line.split("&&"))
+
+
+def test_setup_commands_need_nothing_outside_the_repository():
+    for title in ("Set up and run", "Tests"):
+        for command in shell_commands(readme_section(title)):
+            words = shlex.split(command)
+            assert not any(w.startswith("../") for w in words), f"{command!r} uses a path outside a fresh clone"
+            for k, w in enumerate(words):
+                if w == "-r":
+                    assert (ROOT / words[k + 1]).is_file(), f"{command!r}: no file {words[k + 1]}"
+                if w.endswith(".py") and not w.startswith("-"):
+                    assert (ROOT / w).is_file(), f"{command!r}: no script {w}"
+
+
+def test_test_setup_does_not_swap_the_installed_torch():
+    for command in shell_commands(readme_section("Tests")):
+        assert not re.search(r"\btorch\s*[=<>~!]=", command), f"{command!r} pins torch over the user's install"
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        for line in (ROOT / name).read_text().splitlines():
+            line = line.split("#")[0].strip()
+            assert not re.match(r"torch\s*==", line), f"{name} pins an exact torch"
+
+
+def test_setup_gives_a_cpu_only_install_line_and_names_the_measured_torch():
+    setup = readme_section("Set up and run")
+    cpu = [c for c in shell_commands(setup) if "download.pytorch.org/whl/cpu" in c]
+    assert cpu and cpu[0].startswith("pip install torch --index-url"), "a CPU-only machine gets the CPU wheel"
+    assert "macOS" in setup and "NVIDIA" in setup
+    assert re.search(r"measured with torch \d+\.\d+\.\d+", setup)
+
+
+def test_sample_output_ends_with_where_the_results_went():
+    setup = readme_section("Set up and run")
+    sample = re.search(r"```\n(epoch .*?)```", setup, re.S).group(1).splitlines()
+    assert sample[-2].startswith("time-to-94%:") and sample[-1].startswith("results written to runs/")
