@@ -113,7 +113,7 @@ def test_shards_split_the_jobs_without_overlap():
     (tricks, ["--subset", "100", "--batch-size", "128", "--ghost-bn-splits", "4"], "smaller than one batch"),
     (grid, ["--x", "colour=1,2"], "'colour' is not a field a grid can sweep"),
     (grid, ["--x", "lr=1,2", "--y", "lr=3"], "both sweep lr"),
-    (grid, ["--x", "epochs=ten"], "epochs takes a whole number"),
+    (grid, ["--x", "batch_size=ten"], "batch_size takes a whole number"),
     (grid, ["--x", "batch_size=100,512"], "variant 'batch_size=100 lr=0.5': batch_size 100 is not divisible"),
     (optimizers, ["--optimizers", "nesterov,lion"], "unknown lion"),
     (optimizers, ["--lr-for", "adam=fast"], "'fast' is not a number"),

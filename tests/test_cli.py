@@ -73,7 +73,8 @@ def test_cli_error_exits_2_with_message():
 
 @pytest.mark.parametrize("argv,message", [
     (["--preset", "fastest"], "unknown preset 'fastest'; choose one of davidnet"),
-    (["--epochs", "ten"], "argument --epochs: epochs takes a whole number, not 'ten'"),
+    (["--batch-size", "ten"], "argument --batch-size: batch_size takes a whole number, not 'ten'"),
+    (["--epochs", "ten"], "argument --epochs: epochs takes a number, not 'ten'"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ])
 def test_bad_flags_are_one_line_errors_not_the_usage(argv, message):

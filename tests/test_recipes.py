@@ -27,6 +27,7 @@ def drive_full_run(preset: str, n_train: int = 50000):
     setup.n_batches = n_batches
     setup.total_steps = speedrun.total_steps(cfg, n_batches)
     setup.whiten_bias_steps = speedrun.whiten_bias_steps(cfg, n_batches)
+    setup.opt = speedrun.build_optimizer(setup.model, cfg, setup.total_steps, setup.whiten_bias_steps)  # for the full size
     names = {id(p): n for n, p in setup.model.named_parameters()}
     steps, blends = [], []
 
@@ -124,3 +125,52 @@ def test_airbench94_is_keller_jordans_recipe_at_every_step():
         assert "whiten.weight" not in training and not any(n.endswith("2.weight") for n in training), "BN scales frozen"
     assert blends == [(s, pytest.approx(0.95 ** 5 * (s / total) ** 3, rel=1e-12)) for s in range(5, total + 1, 5)]
     assert setup.steps_per_epoch() == [48] * 9 + [44]
+
+
+def test_record_is_airbench94_muon_with_hiverges_changes_at_every_step():
+    # hiverge/cifar10-speedrun, cifar10_speedrun.py (newest commit; 94.02% over 2,000 runs, 1.98 s
+    # on an A100), on top of KellerJordan/cifar10-airbench airbench94_muon.py: batch 1536, drop_last
+    # (32 batches), total ceil(7.59 x 32) = 243 steps; wd = 1.0418e-6 x 1536. Nesterov SGD, momentum
+    # 0.825: the head at 0.5415 and the BN biases at 0.0573, each with weight_decay wd / its LR,
+    # times 1 - step/243 (0-based step, no warm-up); the whitening bias at 0.0573 x (1 - step/7)
+    # for its ceil(0.19 x 32) = 7 steps, then no gradient. Muon for the 3x3 filters: lr 0.205 x
+    # (1 - step/243), Nesterov momentum 0.655, decoupled decay lr x wd, renormalised when
+    # step - last >= 2 + int(15 x step/243) (1-based step). No EMA.
+    batch, total, bias_steps = 1536, math.ceil(7.59 * 32), math.ceil(0.19 * 32)
+    wd = 1.0418e-6 * batch
+    assert (total, bias_steps) == (243, 7)
+    cfg, setup, steps, blends = drive_full_run("record")
+    assert isinstance(setup.opt, speedrun.Muon) and blends == [] and setup.make_ema(cfg) is None
+    assert len(steps) == total
+    filters = {n for n, p in setup.model.named_parameters() if p.ndim == 4 and n != "whiten.weight"}
+    assert len(filters) == 6
+    for step, (groups, training) in enumerate(steps):
+        decay = 1 - step / total
+        head, norm = group_of(groups, "head.weight"), group_of(groups, "layer1.0.2.bias")
+        assert head[0] == pytest.approx(0.5415 * decay, rel=1e-12) and head[1] == pytest.approx(wd / 0.5415, rel=1e-12)
+        assert norm[0] == pytest.approx(0.0573 * decay, rel=1e-12) and norm[1] == pytest.approx(wd / 0.0573, rel=1e-12)
+        assert head[2] == norm[2] == 0.825
+        muon = group_of(groups, next(iter(filters)))
+        assert muon[4] == filters and muon[0] == pytest.approx(0.205 * decay, rel=1e-12) and muon[2] == 0.655
+        if step < bias_steps:
+            bias = group_of(groups, "whiten.bias")
+            assert bias[0] == pytest.approx(0.0573 * (1 - step / bias_steps), rel=1e-12)
+            assert bias[1] == pytest.approx(wd / 0.0573, rel=1e-12)
+        assert ("whiten.bias" in training) == (step < bias_steps)
+    muon_group = next(g for g in setup.opt.param_groups if g["orthogonalize"])
+    assert muon_group["decoupled_wd"] == pytest.approx(wd) and setup.opt.coeffs == (3.4576, -4.7391, 2.0843)
+    assert muon_group["ns_steps"] == 3
+
+
+def test_record_renormalises_its_filters_on_hiverges_growing_schedule():
+    # the 37 steps of hiverge's rule over 243 steps, written out from the rule by hand
+    published = [2, 4, 6, 8, 10, 12, 14, 16, 19, 22, 25, 28, 31, 35, 39, 43, 47, 52, 57, 62, 68, 74, 80, 87, 94, 102,
+                 110, 119, 128, 138, 149, 160, 172, 185, 199, 214, 230]
+    cfg = speedrun.make_config("record")
+    opt = speedrun.build_optimizer(speedrun.build_model(cfg), cfg, total_steps=243, bias_steps=7)
+    renormed = []
+    for step in range(1, 244):
+        opt.step()  # no gradients: only the step count and the renormalisation bookkeeping move
+        if opt.last_renorm == step:
+            renormed.append(step)
+    assert renormed == published

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Rebuild the README's "Measured accuracy" table from the full-scale result files in results/.
+
+    python bench/ledger.py            # rewrite the table between the README's ledger markers
+    python bench/ledger.py --check    # exit 1 if the README's table is not what the files give
+
+Every *.json under results/ is a result the trainer wrote (`python speedrun.py --out ...`). Only
+full-scale runs of a preset count: all 50,000 training and 10,000 test images and the preset's
+recipe unchanged (the seed, device, precision, memory format, evaluation cadence and workers may
+differ). Runs are grouped by preset, precision and memory format, device, and torch version; each
+row gives the number of runs, the mean, spread, min and max of the final accuracy, the fraction at
+or above 94%, the epochs, and the mean wall time of a run. A file that is not a full-scale run of
+a preset stops the script with its name: nothing is left out silently.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+import speedrun  # noqa: E402
+
+START, END = "<!-- ledger:start (bench/ledger.py writes this table) -->", "<!-- ledger:end -->"
+# fields a run may change without changing the recipe it measures
+FREE = {"seed", "runs", "device", "precision", "channels_last", "eval_every", "workers", "data_dir", "compile",
+        "compile_mode", "deterministic", "eval_batch_size"}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def preset_of(result: dict, source) -> str:
+    """The preset a full-scale result ran, checked against the recipe; ValueError if none."""
+    config = result["config"]
+    if config.get("subset") or config.get("test_subset"):
+        raise ValueError(f"{source}: not a full-scale run (subset {config.get('subset')}, test_subset "
+                         f"{config.get('test_subset')}); keep only full-scale results under results/")
+    names = [result["preset"]] if result.get("preset") else list(speedrun.PRESETS)
+    for name in names:
+        recipe = dataclasses.asdict(speedrun.make_config(name))
+        changed = sorted(k for k, v in recipe.items() if k not in FREE and k in config and config[k] != v)
+        if not changed:
+            return name
+    raise ValueError(f"{source}: its config is not the recipe of preset {names[0] if len(names) == 1 else 'any preset'}"
+                     + (f" (changed: {', '.join(changed)})" if len(names) == 1 else ""))
+
+
+def wall_s(run: dict) -> float:
+    """A run's wall time; results written before the trainer recorded wall_s give the sum of its
+    timed training and its evaluations instead (the rest, model building, is under a second)."""
+    return run.get("wall_s") or run["whitening_s"] + run["train_s"] + sum(e["eval_s"] or 0 for e in run["epochs"])
+
+
+def rows(folder: Path) -> list[dict]:
+    groups: dict[tuple, list] = {}
+    for path in sorted(folder.glob("*.json")):
+        result = json.loads(path.read_text())
+        preset = preset_of(result, path.name)
+        cfg = speedrun.Config(**result["config"])
+        env = result["environment"]
+        precision = DTYPE_NAMES[speedrun.compute_dtype(cfg, torch.device(env["device"].split(":")[0]))]
+        layout = "channels_last" if speedrun.uses_channels_last(cfg, torch.device(env["device"].split(":")[0])) else "NCHW"
+        key = (preset, f"{precision}, {layout}", env["device_name"], env["torch"], cfg.epochs)
+        groups.setdefault(key, []).extend(r for r in result["runs"] if not r.get("diverged"))
+    out = []
+    for (preset, precision, device, torch_version, epochs), runs in groups.items():
+        accs = [r["final_acc"] for r in runs]
+        mean, std = speedrun.mean_std(accs)
+        out.append(dict(preset=preset, precision=precision, device=device, torch=torch_version, runs=len(runs),
+                        mean=mean, std=std, min=min(accs), max=max(accs), at_94=sum(a >= 0.94 for a in accs) / len(accs),
+                        epochs=epochs, wall_s=sum(wall_s(r) for r in runs) / len(runs)))
+    return out
+
+
+def table(folder: Path) -> str:
+    lines = [START, "| preset | precision, memory format | device | torch | runs | accuracy mean ± std | min | max | "
+             "at ≥ 94% | epochs | wall time per run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows(folder):
+        spread = f" ± {100 * r['std']:.2f}" if r["runs"] > 1 else " (n = 1)"
+        lines.append(f"| {r['preset']} | {r['precision']} | {r['device']} | {r['torch']} | {r['runs']} | "
+                     f"{100 * r['mean']:.2f}%{spread} | {100 * r['min']:.2f}% | {100 * r['max']:.2f}% | "
+                     f"{100 * r['at_94']:.0f}% | {r['epochs']:g} | {speedrun.format_duration(r['wall_s'])} |")
+    if len(lines) == 3:
+        lines.append("| (no full-scale result yet) | | | | | | | | | | |")
+    return "\n".join(lines + [END])
+
+
+def rebuilt(readme: str, new_table: str) -> str:
+    if START not in readme or END not in readme:
+        raise ValueError(f"the README has no ledger markers; put {START} and {END} where the table goes")
+    head, rest = readme.split(START, 1)
+    return head + new_table + rest.split(END, 1)[1]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=ROOT / "results", help="folder of result JSON files (default: results/)")
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md", help="the README to rewrite (default: README.md)")
+    p.add_argument("--check", action="store_true", help="only check that the README's table is up to date")
+    args = p.parse_args(argv)
+    try:
+        readme = args.readme.read_text()
+        new = rebuilt(readme, table(args.results))
+    except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
+        p.exit(2, f"error: {e}\n")
+    if args.check:
+        if new != readme:
+            print(f"{args.readme} is out of date: run python bench/ledger.py", file=sys.stderr)
+            return 1
+        return 0
+    if new != readme:
+        speedrun.write_atomic(args.readme, lambda tmp: tmp.write_text(new))
+    print(table(args.results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""bench/ledger.py rebuilds the README's measured-accuracy table from result files, and refuses
+files that are not full-scale runs of a preset; bench/cpu_speed.py measures every cell it names."""
+import dataclasses
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT
+import speedrun
+
+sys.path.insert(0, str(ROOT / "bench"))
+import cpu_speed  # noqa: E402
+import ledger  # noqa: E402
+
+
+def result_file(folder, name, preset, accs, **changes):
+    cfg = dataclasses.asdict(speedrun.make_config(preset, device="cpu", **changes))
+    runs = [dict(seed=k, final_acc=a, diverged=False, whitening_s=1.0, train_s=100.0, wall_s=130.0 + k,
+                 epochs=[dict(eval_s=20.0)]) for k, a in enumerate(accs)]
+    env = dict(device="cpu", device_name="CPU Test (2 cores)", torch="2.13.0+cpu")
+    (folder / name).write_text(json.dumps(dict(preset=preset, config=cfg, environment=env, runs=runs)))
+
+
+def test_ledger_groups_runs_and_rewrites_only_its_table(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    result_file(results, "a.json", "airbench94", [0.9406], seed=0)
+    result_file(results, "b.json", "airbench94", [0.9390, 0.9420], seed=1, eval_every=100)
+    result_file(results, "c.json", "record", [0.9401])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{ledger.START}\nold table\n{ledger.END}\noutro\n")
+    assert ledger.main(["--results", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old table" not in text
+    (airbench,) = [line for line in text.splitlines() if line.startswith("| airbench94")]
+    cells = [c.strip() for c in airbench.split("|")[1:-1]]
+    assert cells[1] == "fp32, channels_last" and cells[4] == "3"
+    assert cells[5] == f"{100 * (0.9406 + 0.9390 + 0.9420) / 3:.2f}% ± {100 * speedrun.mean_std([0.9406, 0.939, 0.942])[1]:.2f}"
+    assert cells[6:9] == ["93.90%", "94.20%", "67%"] and cells[9] == "9.9"
+    assert "(n = 1)" in next(line for line in text.splitlines() if line.startswith("| record"))
+    assert ledger.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
+    result_file(results, "d.json", "record", [0.9350])
+    assert ledger.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
+
+
+@pytest.mark.parametrize("changes,message", [(dict(subset=5000), "not a full-scale run"),
+                                             (dict(lr=2.0), r"not the recipe of preset airbench94 \(changed: lr\)")])
+def test_ledger_refuses_what_is_not_a_full_scale_run_of_its_preset(tmp_path, capsys, changes, message):
+    result_file(tmp_path, "bad.json", "airbench94", [0.95], **changes)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{ledger.START}\n{ledger.END}\n")
+    with pytest.raises(SystemExit) as stop:
+        ledger.main(["--results", str(tmp_path), "--readme", str(readme)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "bad.json" in err and __import__("re").search(message, err)
+
+
+def test_cpu_speed_measures_every_cell_with_its_ratio_to_fp32_nchw():
+    medians = cpu_speed.measure(["cpu"], batch_size=16, steps=1, repeats=1)
+    assert set(medians) == {("cpu", p, cl) for p, cl in cpu_speed.CELLS} and all(s > 0 for s in medians.values())
+    lines = cpu_speed.table(medians, 16)
+    assert len(lines) == 2 + 4 and "| cpu | fp32 | NCHW |" in lines[2] and lines[2].endswith("| 1.00x |")
