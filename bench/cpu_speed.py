@@ -49,12 +49,12 @@ def step_seconds(cfg: speedrun.Config, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def measure(presets: list[str], batch_size: int, steps: int, repeats: int) -> dict:
+def measure(presets: list[str], batch_size: int, steps: int, repeats: int, precisions=("fp32", "bf16")) -> dict:
     configs = {}
     for preset in presets:
         base = speedrun.make_config(preset, device="cpu")
         splits = min(base.ghost_bn_splits, batch_size)  # keep whole ghost-BN groups at a smaller batch
-        for precision, channels_last in CELLS:
+        for precision, channels_last in [c for c in CELLS if c[0] in precisions]:
             configs[preset, precision, channels_last] = dataclasses.replace(
                 base, batch_size=batch_size, ghost_bn_splits=splits if batch_size % splits == 0 else 1,
                 precision=precision, channels_last=channels_last)
@@ -70,7 +70,7 @@ def measure(presets: list[str], batch_size: int, steps: int, repeats: int) -> di
 def table(medians: dict, batch_size: int) -> list[str]:
     lines = ["| preset | precision | memory format | s/step (median) | images/s | vs fp32 NCHW |", "|---|---|---|---|---|---|"]
     for (preset, precision, channels_last), s in medians.items():
-        ratio = medians[preset, "fp32", False] / s
+        ratio = medians[preset, "fp32", False] / s if (preset, "fp32", False) in medians else float("nan")
         lines.append(f"| {preset} | {precision} | {'channels_last' if channels_last else 'NCHW'} | {s:.3f} | "
                      f"{batch_size / s:,.0f} | {ratio:.2f}x |")
     return lines
@@ -83,10 +83,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=256, help="images per step in every cell (default: 256)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per cell and repeat (default: 3)")
     p.add_argument("--repeats", type=int, default=1, help="rounds over every cell (default: 1)")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated precisions to measure (default: fp32,bf16)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
     presets = [s.strip() for s in args.presets.split(",") if s.strip()]
     unknown = [s for s in presets if s not in speedrun.PRESETS]
+    precisions = tuple(s.strip() for s in args.precisions.split(","))
+    if not set(precisions) <= {"fp32", "bf16"}:
+        p.exit(2, "error: --precisions takes fp32 and/or bf16\n")
     if unknown or args.batch_size < 1 or args.steps < 1 or args.repeats < 1:
         p.exit(2, f"error: unknown preset {unknown[0]!r}; choose from {', '.join(speedrun.PRESETS)}\n" if unknown else
                "error: --batch-size, --steps and --repeats must be at least 1\n")
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
     env = speedrun.environment(torch.device("cpu"))
     print(f"{env['device_name']}, torch {env['torch']}, batch {args.batch_size}, {args.steps} steps x {args.repeats} "
           f"repeats per cell\n")
-    print("\n".join(table(measure(presets, args.batch_size, args.steps, args.repeats), args.batch_size)))
+    print("\n".join(table(measure(presets, args.batch_size, args.steps, args.repeats, precisions), args.batch_size)))
     return 0
 
 

@@ -56,7 +56,10 @@ def changed_fields(a: speedrun.Config, b: speedrun.Config) -> dict:
 def test_leave_one_out_switches_off_one_trick_per_variant():
     base = speedrun.make_config()
     variants, notes = tricks.leave_one_out(base)
-    assert variants[0].name == "full" and variants[0].config == base and not notes
+    assert variants[0].name == "full" and variants[0].config == base
+    assert {n.split()[0] for n in notes} == {"flip_tta", "tta_all_images", "random_flip", "no_whitening_bias",
+                                             "no_whitening_negatives", "default_init", "no_colour_jitter",
+                                             "no_muon_renorm"}, "the other presets' tricks, which davidnet lacks"
     changes = {v.name: changed_fields(base, v.config) for v in variants[1:]}
     assert changes == {
         "no_whitening": dict(whiten=False), "no_label_smoothing": dict(label_smoothing=0.0),
@@ -68,6 +71,20 @@ def test_leave_one_out_switches_off_one_trick_per_variant():
     # a switch already off in the base would repeat the full recipe: skipped, and said so
     without_ema, notes = tricks.leave_one_out(dataclasses.replace(base, ema=False))
     assert "no_ema" not in [v.name for v in without_ema] and any("no_ema skipped" in n for n in notes)
+
+
+def test_leave_one_out_covers_the_tricks_of_airbench94_and_the_record():
+    airbench = speedrun.make_config("airbench94")
+    changes = {v.name: changed_fields(airbench, v.config) for v in tricks.leave_one_out(airbench)[0][1:]}
+    assert changes["no_whitening_bias"] == dict(whiten_bias_epochs=0.0) and changes["random_flip"] == dict(flip="random")
+    assert changes["default_init"] == dict(conv_init="default") and changes["flip_tta"] == dict(tta="flip")
+    assert changes["no_whitening_negatives"] == dict(whiten_negatives=False) and changes["no_ema"] == dict(ema=False)
+    assert "plain_bn" not in changes and "no_colour_jitter" not in changes, "airbench94 has neither trick"
+    record = speedrun.make_config("record")
+    changes = {v.name: changed_fields(record, v.config) for v in tricks.leave_one_out(record)[0][1:]}
+    assert changes["no_colour_jitter"] == dict(brightness=0.0, contrast=0.0)
+    assert changes["tta_all_images"] == dict(tta_unsure_frac=1.0) and changes["no_muon_renorm"] == dict(muon_renorm="none")
+    assert "no_ema" not in changes, "the record has no EMA to remove"
 
 
 def test_cumulative_adds_one_trick_per_step_in_pages_order():

@@ -96,3 +96,13 @@ def test_a_failing_worker_is_reported(tmp_path):
                           "http://127.0.0.1:9/none.tar.gz", *TINY, "--runs", "2", "--workers", "2"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "error: the worker on cpu failed in run" in bad.stderr and "could not download" in bad.stderr
+
+
+def test_whitening_bias_freezes_by_gradient_under_torchrun(real_data_dir, tmp_path):
+    # freezing changes which parameters take a gradient: each process rebuilds its DDP wrapper then
+    out = tmp_path / "r.json"
+    proc = torchrun("speedrun.py", "--preset", "airbench94", "--data-dir", real_data_dir, *TINY, "--ghost-bn-splits", "2",
+                    "--epochs", "3", "--whiten-bias-epochs", "1", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["distributed"]["weights_identical"] and len(run["epochs"]) == 3
