@@ -120,8 +120,8 @@ def test_json_result_schema_and_saved_weights(real_data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "EMA+TTA acc" in proc.stdout and "2 runs: TTA accuracy mean" in proc.stdout
     result = json.loads(out.read_text())
-    assert set(result) == {"config", "environment", "data_load_s", "warmup_s", "runs", "summary", "complete"}
-    assert result["complete"] is True
+    assert set(result) == {"preset", "config", "environment", "data_load_s", "warmup_s", "runs", "summary", "complete"}
+    assert result["complete"] is True and result["preset"] == "davidnet"
     assert result["config"]["width"] == 0.125 and result["config"]["runs"] == 2
     assert {"device_name", "torch"} <= set(result["environment"])
     assert [r["seed"] for r in result["runs"]] == [0, 1]
