@@ -348,7 +348,7 @@ class EpochAugmenter:
 
 
 # =============================================================================================
-# 4. Model: frozen patch whitening, ghost batch norm, ResNet-9 (or airbench) layers, scaled linear head
+# 4. Model: frozen patch whitening, ghost batch norm, a class per network (ResNet-9, airbench), scaled head
 # =============================================================================================
 
 
@@ -435,39 +435,58 @@ def whitening_layer(cfg: Config) -> tuple[nn.Module, int]:
     return conv, channels
 
 
-class ResNet9(nn.Module):
-    """Page's network: whitening, a prep conv, three pooled layers (the first and last with a
-    residual of two conv-BN-act), global max-pool, a scaled bias-free linear head.
-    With arch 'airbench' it is instead whitening -> act -> three groups of
-    conv-pool-BN-act-conv-BN-act (64/256/256), without prep conv or residuals."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.whiten, c_white = whitening_layer(cfg)
-        if cfg.arch == "airbench":
-            c1, c2, c3 = (max(1, round(cfg.width * c)) for c in (64, 256, 256))
-            after_whitening = None if cfg.whiten_activation == "same" else cfg.whiten_activation
-            self.prep = make_activation(cfg, after_whitening) if cfg.whiten else nn.Identity()
-
-            def group(c_in, c_out):
-                return nn.Sequential(conv_bn(c_in, c_out, cfg, pool=True), conv_bn(c_out, c_out, cfg))
-            self.layer1, self.layer2, self.layer3 = group(c_white, c1), group(c1, c2), group(c2, c3)
-        else:
-            c0, c1, c2, c3 = (max(1, round(cfg.width * c)) for c in (64, 128, 256, 512))
-            self.prep = conv_bn(c_white, c0, cfg, kernel=1) if cfg.whiten else conv_bn(3, c0, cfg)
-
-            def res(c):
-                return [Residual(conv_bn(c, c, cfg), conv_bn(c, c, cfg))] if cfg.residual else []
-            self.layer1 = nn.Sequential(conv_bn(c0, c1, cfg, pool=True), *res(c1))
-            self.layer2 = conv_bn(c1, c2, cfg, pool=True)
-            self.layer3 = nn.Sequential(conv_bn(c2, c3, cfg, pool=True), *res(c3))
-        self.head = nn.Linear(c3, 10, bias=False)
-        self.head_scale = cfg.head_scale
+class Network(nn.Module):
+    """What every network shares: whitening -> prep -> layer1 -> layer2 -> layer3 -> global
+    max-pool -> bias-free linear head, its logits scaled by head_scale. A subclass builds the layers."""
 
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.prep(self.whiten(x)))))
         x = torch.amax(x, dim=(2, 3))  # global max-pool
         return self.head(x) * self.head_scale
+
+
+def channels(cfg: Config, *counts: int) -> list[int]:
+    return [max(1, round(cfg.width * c)) for c in counts]
+
+
+class ResNet9(Network):
+    """Page's ResNet-9: whitening, a prep conv, three pooled layers (the first and last with a
+    residual of two conv-BN-act), 64/128/256/512 channels at width 1."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.whiten, c_white = whitening_layer(cfg)
+        c0, c1, c2, c3 = channels(cfg, 64, 128, 256, 512)
+        self.prep = conv_bn(c_white, c0, cfg, kernel=1) if cfg.whiten else conv_bn(3, c0, cfg)
+
+        def res(c):
+            return [Residual(conv_bn(c, c, cfg), conv_bn(c, c, cfg))] if cfg.residual else []
+        self.layer1 = nn.Sequential(conv_bn(c0, c1, cfg, pool=True), *res(c1))
+        self.layer2 = conv_bn(c1, c2, cfg, pool=True)
+        self.layer3 = nn.Sequential(conv_bn(c2, c3, cfg, pool=True), *res(c3))
+        self.head = nn.Linear(c3, 10, bias=False)
+        self.head_scale = cfg.head_scale
+
+
+class AirbenchNet(Network):
+    """Keller Jordan's airbench network: whitening -> activation -> three groups of
+    conv-pool-BN-act-conv-BN-act, 64/256/256 channels at width 1; no prep conv, no residuals."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.whiten, c_white = whitening_layer(cfg)
+        c1, c2, c3 = channels(cfg, 64, 256, 256)
+        after_whitening = None if cfg.whiten_activation == "same" else cfg.whiten_activation
+        self.prep = make_activation(cfg, after_whitening) if cfg.whiten else nn.Identity()
+
+        def group(c_in, c_out):
+            return nn.Sequential(conv_bn(c_in, c_out, cfg, pool=True), conv_bn(c_out, c_out, cfg))
+        self.layer1, self.layer2, self.layer3 = group(c_white, c1), group(c1, c2), group(c2, c3)
+        self.head = nn.Linear(c3, 10, bias=False)
+        self.head_scale = cfg.head_scale
+
+
+NETWORKS = {"resnet9": ResNet9, "airbench": AirbenchNet}  # Config.arch -> the network's class
 
 
 def whitening_filters(images: torch.Tensor, kernel: int = 3, eps: float = 1e-2) -> torch.Tensor:
@@ -489,7 +508,7 @@ def whitening_filters(images: torch.Tensor, kernel: int = 3, eps: float = 1e-2) 
     return filters.reshape(d, c, kernel, kernel).float()
 
 
-def init_whitening(model: ResNet9, train_x: torch.Tensor, cfg: Config) -> None:
+def init_whitening(model: Network, train_x: torch.Tensor, cfg: Config) -> None:
     if cfg.whiten:
         filters = whitening_filters(train_x[:cfg.whiten_samples], cfg.whiten_kernel, cfg.whiten_eps)
         if cfg.whiten_negatives:
@@ -502,8 +521,9 @@ def uses_channels_last(cfg: Config, device: torch.device) -> bool:
     return cfg.channels_last and device.type in ("cuda", "cpu")
 
 
-def build_model(cfg: Config, device: torch.device | str = "cpu") -> ResNet9:
-    model = ResNet9(cfg)
+def build_model(cfg: Config, device: torch.device | str = "cpu") -> Network:
+    """The network of cfg.arch with its initialisation switches, on the device in its memory layout."""
+    model = NETWORKS[cfg.arch](cfg)
     if cfg.conv_init == "dirac":
         with torch.no_grad():
             for m in model.modules():
@@ -1646,7 +1666,7 @@ def write_atomic(path: Path, write) -> None:
 
 def check_config(cfg: Config) -> None:
     choices = dict(flip=("random", "alternating", "none"), activation=tuple(ACTIVATIONS),
-                   arch=("resnet9", "airbench"), conv_init=("default", "dirac"), ema_mode=tuple(EMA_KINDS),
+                   arch=tuple(NETWORKS), conv_init=("default", "dirac"), ema_mode=tuple(EMA_KINDS),
                    lr_schedule_at=("end", "start"), whiten_bias_init=("zero", "default"),
                    whiten_bias_schedule=("shared", "own"), whiten_activation=("same", *ACTIVATIONS),
                    head_init=("default", "unit_std"), muon_ns_coeffs=tuple(NS_COEFFICIENTS),
@@ -1939,11 +1959,11 @@ def save_weights(model: nn.Module, cfg: Config, path: Path) -> None:
     write_atomic(path, lambda tmp: torch.save({"config": config, "state_dict": state}, tmp))
 
 
-def load_weights(path: str | Path, device="cpu") -> ResNet9:
+def load_weights(path: str | Path, device="cpu") -> Network:
     """Rebuild a network saved with --save (weights of the evaluated, EMA model)."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     cfg = dataclasses.replace(Config(), **blob["config"])
-    model = ResNet9(cfg)
+    model = NETWORKS[cfg.arch](cfg)
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval()
 
@@ -2345,7 +2365,7 @@ def run_jobs(jobs: list, devices: list[str], on_result, url: str = CIFAR10_URL, 
             weights = payload.pop("weights")
             model = None
             if weights is not None:
-                model = ResNet9(jobs[index][0])
+                model = NETWORKS[jobs[index][0].arch](jobs[index][0])
                 model.load_state_dict(torch.load(io.BytesIO(weights), weights_only=True))
             pending -= 1
             on_result(index, {**payload, "model": model}, where)

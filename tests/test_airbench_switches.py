@@ -118,7 +118,7 @@ def test_airbench94_preset_trains_end_to_end_and_reproducibly():
     assert [e["train_loss"] for e in a["epochs"]] == [e["train_loss"] for e in b["epochs"]]
     assert a["model"].whiten.weight.shape == (24, 3, 2, 2)
     # lookahead: the evaluated model is the trained one, which ends at the EMA's values
-    assert isinstance(a["model"], speedrun.ResNet9) and a["model"].training is False
+    assert isinstance(a["model"], speedrun.AirbenchNet) and a["model"].training is False
 
 
 def test_new_switches_are_checked():
@@ -185,3 +185,15 @@ def test_tta_only_for_the_least_confident_images():
     torch.testing.assert_close(speedrun.predict(net, x, tiny_config(tta="flip", tta_unsure_frac=0.0), cpu, f32), plain)
     with pytest.raises(ValueError, match="tta_unsure_frac is a fraction"):
         speedrun.make_config(tta_unsure_frac=1.5)
+
+
+def test_each_arch_builds_its_own_network_and_weights_rebuild_it(tmp_path):
+    for arch, kind in speedrun.NETWORKS.items():
+        cfg = speedrun.make_config("airbench94" if arch == "airbench" else "davidnet", width=0.125)
+        model = speedrun.build_model(cfg)
+        assert type(model) is kind
+        path = tmp_path / f"{arch}.pt"
+        speedrun.save_weights(model, cfg, path)
+        again = speedrun.load_weights(path)
+        assert type(again) is kind
+        assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
