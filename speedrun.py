@@ -77,26 +77,26 @@ class Config:
     subset: int = _f(0, "train on the first N training images only (0 = all 50,000)")
     test_subset: int = _f(0, "evaluate on the first M test images only (0 = all 10,000)")
     # -- augmentation (on the device, one whole epoch at a time)
-    flip: str = _f("random", "horizontal flip: random | alternating (random half at epoch 0, then each image's opposite on odd epochs) | none")
+    flip: str = _f("random", "horizontal flip; alternating: a random half at epoch 0, then each image's opposite on odd epochs")
     crop_pad: int = _f(4, "random crop after reflect padding by this many pixels (0 = no crop)")
     cutout: int = _f(0, "zero a random square of this side in every training image (0 = off)")
     brightness: float = _f(0.0, "after crop and flip, shift each image by a uniform draw from +-this (normalised units; 0 = off)")
     contrast: float = _f(0.0, "then scale each image by 1 + a uniform draw from +-this (0 = off)")
     # -- model
-    arch: str = _f("resnet9", "network: resnet9 (Page's ResNet-9) | airbench (three conv-pool-BN-act-conv-BN-act groups, no residuals)")
+    arch: str = _f("resnet9", "network: Page's ResNet-9, or airbench's three conv-pool-BN-act-conv-BN-act groups without residuals")
     width: float = _f(1.0, "multiplier of every layer's channel count (resnet9 64/128/256/512, airbench 64/256/256 at 1.0)")
     whiten: bool = _f(True, "frozen patch-whitening conv (PCA of training patches) as the first layer")
     whiten_kernel: int = _f(3, "side of the whitened patches (3: 27 filters, 2: 12 filters)")
     whiten_negatives: bool = _f(False, "also use each whitening filter's negative (twice the channels)")
     whiten_bias_epochs: float = _f(0.0, "give the whitening conv a bias, trained for this many epochs and then frozen (0 = no bias)")
-    whiten_bias_init: str = _f("zero", "whitening bias start: zero (airbench94) | default (PyTorch's uniform +-1/sqrt(fan-in): hiverge)")
-    whiten_bias_schedule: str = _f("shared", "whitening bias LR: shared (with the weights, on the run's schedule: airbench94) | "
-                                             "own (the BN biases' LR, decaying linearly to 0 over its own steps: hiverge)")
-    whiten_activation: str = _f("same", "airbench network: activation right after the whitening (same = activation)")
+    whiten_bias_init: str = _f("zero", "whitening bias start: zero (airbench94), or PyTorch's default uniform +-1/sqrt(fan-in) (hiverge)")
+    whiten_bias_schedule: str = _f("shared", "whitening bias LR: shared with the weights, on the run's schedule (airbench94), or its "
+                                             "own, the BN biases' LR decaying linearly to 0 over its own steps (hiverge)")
+    whiten_activation: str = _f("same", "airbench network: activation right after the whitening (same: the field activation)")
     whiten_eps: float = _f(1e-2, "eigenvalue regulariser of the whitening filters")
     whiten_samples: int = _f(10000, "training images whose patches estimate the whitening")
-    conv_init: str = _f("default", "3x3 conv init: default (PyTorch's) | dirac (the first in-channels filters start as the identity)")
-    activation: str = _f("celu", "activation: celu | relu | gelu | silu")
+    conv_init: str = _f("default", "3x3 conv init: PyTorch's default, or dirac (the first in-channels filters start as the identity)")
+    activation: str = _f("celu", "activation after each BN")
     celu_alpha: float = _f(0.3, "alpha of CELU")
     ghost_bn_splits: int = _f(16, "ghost batch norm: each training batch is normalised in this many groups (1 = plain BN)")
     bn_scale_frozen: bool = _f(True, "freeze every BN scale at 1 (only the BN bias trains)")
@@ -104,49 +104,49 @@ class Config:
     bn_eps: float = _f(1e-5, "BN epsilon")
     residual: bool = _f(True, "residual blocks after layer1 and layer3")
     head_scale: float = _f(1 / 16, "multiplier of the logits after the bias-free linear head")
-    head_init: str = _f("default", "head weights: default (PyTorch's) | unit_std (rescaled to standard deviation 1: hiverge)")
+    head_init: str = _f("default", "head weights: PyTorch's default, or rescaled to standard deviation 1 (unit_std: hiverge)")
     # -- optimisation
     epochs: float = _f(10.0, "training epochs; a fraction trains ceil(epochs x batches per epoch) steps, the last epoch partial")
     batch_size: int = _f(512, "training batch size")
-    optimizer: str = _f("nesterov", "nesterov | sgd | muon (conv filters by Muon, the rest by Nesterov SGD) | adam | adamw | rmsprop | adagrad | adadelta")
+    optimizer: str = _f("nesterov", "optimizer; muon: the conv filters by Muon, the rest by Nesterov SGD")
     lr: float = _f(1.0, "peak learning rate per summed-loss sample: each step uses lr/batch_size")
     momentum: float = _f(0.9, "SGD momentum")
     muon_lr: float = _f(0.24, "optimizer muon: peak LR of the conv filters (per step, not per sample)")
     muon_momentum: float = _f(0.6, "optimizer muon: Nesterov momentum of the conv filters")
     muon_ns_steps: int = _f(5, "optimizer muon: Newton-Schulz iterations per step")
-    muon_ns_coeffs: str = _f("keller", "optimizer muon: quintic coefficients keller (3.4445, -4.7750, 2.0315) | hiverge (3.4576, -4.7391, 2.0843)")
+    muon_ns_coeffs: str = _f("keller", "optimizer muon: Newton-Schulz quintic coefficients, Keller Jordan's or hiverge's")
     muon_weight_decay: float = _f(0.0, "optimizer muon: decoupled decay of the conv filters, each step times their LR")
     muon_renorm: str = _f("none", "optimizer muon: rescale each filter bank to Frobenius norm sqrt(filters) before its update: "
-                                  "none | every_step (airbench94_muon) | growing (every 2 + int(15 x step/total) steps: hiverge)")
+                                  "never, every_step (airbench94_muon), or growing: every 2 + int(15 x step/total) steps (hiverge)")
     weight_decay: float = _f(5e-4, "weight decay, applied as weight_decay*batch_size to the summed loss")
     bias_lr_scale: float = _f(64.0, "BN parameters learn this many times faster, with 1/this of the decay")
     label_smoothing: float = _f(0.2, "label smoothing of the cross-entropy (0 = off)")
-    lr_schedule: str = _f("onecycle", "onecycle (lr_start -> 1 -> lr_final, piecewise linear) | linear (1 -> 0) | constant")
+    lr_schedule: str = _f("onecycle", "LR schedule: onecycle (lr_start -> 1 -> lr_final, piecewise linear), linear (1 -> 0) or constant")
     lr_start: float = _f(0.0, "one-cycle: first LR as a fraction of the peak")
     lr_peak_frac: float = _f(0.2, "one-cycle: fraction of training at which the LR peaks")
     lr_final_frac: float = _f(0.8, "one-cycle: fraction of training at which the LR reaches lr_final, then stays")
     lr_final: float = _f(0.1, "one-cycle: final LR as a fraction of the peak")
-    lr_schedule_at: str = _f("end", "end (step k of 1..T takes the schedule at k steps done: Page) | start (at k-1: airbench)")
+    lr_schedule_at: str = _f("end", "step k of 1..T reads the schedule at k steps done (end: Page) or at k-1 (start: airbench)")
     ema: bool = _f(True, "keep an exponential moving average (EMA) of the weights and BN statistics")
-    ema_mode: str = _f("average", "average (evaluate the EMA) | lookahead (pull the weights back to the EMA at each update, "
-                                  "with decay ramped by (step/total)^3; the weights end as the EMA)")
+    ema_mode: str = _f("average", "average: evaluate the EMA; lookahead: pull the weights back to the EMA at each update, "
+                                  "with decay ramped by (step/total)^3, so that the weights end as the EMA")
     ema_momentum: float = _f(0.99, "EMA momentum per training step")
     ema_every: int = _f(5, "update the EMA every this many steps (decay ema_momentum**ema_every)")
     ema_warmup: bool = _f(False, "average: blend the k-th update with decay min(ema_momentum**ema_every, k/(k+1)), a plain mean "
                                  "at first, instead of starting from the initial weights as Page does")
     # -- evaluation
-    tta: str = _f("flip", "test-time augmentation: none | flip (image + mirror) | flip_translate (6 views, weights 1/4, 1/4, "
-                          "1/8 x 4) | flip_translate_equal (the 6 views, 1/6 each: hiverge)")
+    tta: str = _f("flip", "test-time augmentation: flip (image + mirror), flip_translate (6 views, weights 1/4, 1/4, "
+                          "1/8 x 4), flip_translate_equal (the 6 views, 1/6 each: hiverge)")
     tta_unsure_frac: float = _f(1.0, "give the TTA views only to this fraction of the test images, those the plain view is least sure of")
     target_acc: float = _f(0.94, "test accuracy that stops the clock")
     eval_every: int = _f(1, "evaluate after every k-th epoch (and always after the last); evaluation is outside the timer")
     eval_batch_size: int = _f(1000, "evaluation batch size")
     # -- speed and reproducibility
     device: str = _f("auto", "auto (CUDA, then Apple MPS, then CPU) | cuda | cuda:N | mps | cpu")
-    precision: str = _f("auto", "auto (fp16 on CUDA, else fp32) | fp16 | bf16 | fp32: data storage and autocast")
+    precision: str = _f("auto", "data storage and autocast; auto: fp16 on CUDA, else fp32")
     channels_last: bool = _f(True, "channels_last memory format of the images and network (CUDA and CPU)")
     compile: bool = _f(False, "torch.compile the network (a warm-up run happens outside the timer)")
-    compile_mode: str = _f("default", "torch.compile mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs")
+    compile_mode: str = _f("default", "torch.compile mode")
     seed: int = _f(0, "seed of the first run; run k uses seed+k")
     runs: int = _f(1, "independent runs")
     workers: int = _f(0, "processes that share the runs: 0 = one per visible CUDA GPU (1 on other devices)")
@@ -229,9 +229,12 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
+PRECISIONS = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # auto: by device
+
+
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     name = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    return PRECISIONS[name]
 
 
 def to_device(images: np.ndarray, device, dtype) -> torch.Tensor:
@@ -268,6 +271,9 @@ def load_data(cfg: Config, device: torch.device | None = None, quiet: bool = Fal
 # =============================================================================================
 # 3. Augmentation: a whole epoch at once on the device, no Python loop over images
 # =============================================================================================
+
+
+FLIPS = ("random", "alternating", "none")  # see EpochAugmenter
 
 
 @dataclass
@@ -421,6 +427,10 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
+WHITEN_KERNELS = (2, 3)  # side of the whitened patches
+WHITEN_BIAS_INITS = ("zero", "default")  # default: PyTorch's uniform +-1/sqrt(fan-in)
+
+
 def whitening_layer(cfg: Config) -> tuple[nn.Module, int]:
     """The frozen whitening conv (filled by init_whitening) and its channel count; the identity
     and 3 channels when whitening is off. Its bias, if any, trains for whiten_bias_epochs."""
@@ -521,17 +531,32 @@ def uses_channels_last(cfg: Config, device: torch.device) -> bool:
     return cfg.channels_last and device.type in ("cuda", "cpu")
 
 
+@torch.no_grad()
+def dirac_filters(model: Network) -> None:
+    """Every 3x3 conv but the whitening starts as the identity on its first in-channels filters."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m is not model.whiten and m.kernel_size == (3, 3):
+            nn.init.dirac_(m.weight[:min(m.in_channels, m.out_channels)])
+
+
+@torch.no_grad()
+def unit_std_head(model: Network) -> None:
+    model.head.weight.div_(model.head.weight.std())
+
+
+def keep_init(model: Network) -> None:
+    """PyTorch's default initialisation, as the modules were built."""
+
+
+CONV_INITS = {"default": keep_init, "dirac": dirac_filters}
+HEAD_INITS = {"default": keep_init, "unit_std": unit_std_head}
+
+
 def build_model(cfg: Config, device: torch.device | str = "cpu") -> Network:
     """The network of cfg.arch with its initialisation switches, on the device in its memory layout."""
     model = NETWORKS[cfg.arch](cfg)
-    if cfg.conv_init == "dirac":
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.Conv2d) and m is not model.whiten and m.kernel_size == (3, 3):
-                    nn.init.dirac_(m.weight[:min(m.in_channels, m.out_channels)])
-    if cfg.head_init == "unit_std":
-        with torch.no_grad():
-            model.head.weight.div_(model.head.weight.std())
+    CONV_INITS[cfg.conv_init](model)
+    HEAD_INITS[cfg.head_init](model)
     model = model.to(device)
     if uses_channels_last(cfg, torch.device(device)):
         model = model.to(memory_format=torch.channels_last)
@@ -548,17 +573,22 @@ def total_steps(cfg: Config, n_batches: int) -> int:
     return math.ceil(round(cfg.epochs * n_batches, 9))  # round: 10.0 x 97 must not become 971
 
 
-def lr_factor(cfg: Config, step: int, total: int) -> float:
-    """The schedule's multiplier of the peak LR for the step that has `step` steps done before it
-    (0 .. total-1). Page reads his schedule after counting the step (lr_schedule_at 'end'),
-    airbench before it ('start'). One-cycle knots sit at whole steps, int(fraction x total)."""
-    t = step + (cfg.lr_schedule_at == "end")
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    if cfg.lr_schedule == "linear":
-        return max(0.0, 1.0 - t / total)
+def one_cycle(cfg: Config, t: int, total: int) -> float:
+    """lr_start -> 1 -> lr_final, piecewise linear, its knots at whole steps int(fraction x total)."""
     knots = [0, int(round(cfg.lr_peak_frac * total, 9)), int(round(cfg.lr_final_frac * total, 9)), total]
     return float(np.interp(t, knots, [cfg.lr_start, 1.0, cfg.lr_final, cfg.lr_final]))
+
+
+LR_SCHEDULES = {"onecycle": one_cycle, "linear": lambda cfg, t, total: max(0.0, 1.0 - t / total),
+                "constant": lambda cfg, t, total: 1.0}
+# Where a step reads the schedule: Page after counting the step ('end'), airbench before it ('start').
+LR_SCHEDULE_AT = {"end": 1, "start": 0}
+
+
+def lr_factor(cfg: Config, step: int, total: int) -> float:
+    """The schedule's multiplier of the peak LR for the step that has `step` steps done before it
+    (0 .. total-1), read at step + LR_SCHEDULE_AT[cfg.lr_schedule_at] of `total`."""
+    return LR_SCHEDULES[cfg.lr_schedule](cfg, step + LR_SCHEDULE_AT[cfg.lr_schedule_at], total)
 
 
 def whiten_bias_steps(cfg: Config, n_batches: int) -> int:
@@ -600,6 +630,9 @@ def orthogonalize_all(mats: list[torch.Tensor], steps: int, coeffs) -> list[torc
     out = orthogonalize(batch, steps, coeffs)
     return [o[:w.shape[0], :w.shape[1]].mT if m is not w else o[:w.shape[0], :w.shape[1]]
             for o, w, m in zip(out, wide, mats)]
+
+
+MUON_RENORMS = ("none", "every_step", "growing")  # see Muon.renorm_due
 
 
 class Muon(torch.optim.Optimizer):
@@ -652,6 +685,24 @@ class Muon(torch.optim.Optimizer):
                     p.mul_(1 - g["lr"] * g["decoupled_wd"])
 
 
+# Config.optimizer -> make(parameter groups, cfg, total steps); set_lr() sets every group's LR before each step.
+OPTIMIZERS = {
+    "nesterov": lambda groups, cfg, total: torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=True),
+    "sgd": lambda groups, cfg, total: torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum),
+    "muon": lambda groups, cfg, total: Muon(groups, momentum=cfg.momentum, ns_steps=cfg.muon_ns_steps,
+                                            coeffs=NS_COEFFICIENTS[cfg.muon_ns_coeffs], renorm=cfg.muon_renorm,
+                                            total_steps=total),
+    "adam": lambda groups, cfg, total: torch.optim.Adam(groups, lr=0.0),
+    # AdamW decays by lr x weight_decay per step, not by the summed loss's weight_decay x batch_size
+    "adamw": lambda groups, cfg, total: torch.optim.AdamW(
+        [{**g, "weight_decay": g["weight_decay"] / cfg.batch_size} for g in groups], lr=0.0),
+    "rmsprop": lambda groups, cfg, total: torch.optim.RMSprop(groups, lr=0.0, momentum=cfg.momentum),
+    "adagrad": lambda groups, cfg, total: torch.optim.Adagrad(groups, lr=0.0),
+    "adadelta": lambda groups, cfg, total: torch.optim.Adadelta(groups, lr=0.0),
+}
+WHITEN_BIAS_SCHEDULES = ("shared", "own")  # see build_optimizer
+
+
 def build_optimizer(model: nn.Module, cfg: Config, total_steps: int = 0, bias_steps: int = 0) -> torch.optim.Optimizer:
     """Parameter groups: weights at lr/batch_size; BN parameters at bias_lr_scale x that with
     1/bias_lr_scale the decay; the whitening bias with the weights (whiten_bias_schedule
@@ -674,23 +725,14 @@ def build_optimizer(model: nn.Module, cfg: Config, total_steps: int = 0, bias_st
     groups = [g for g in groups if g["params"]]
     for g in groups:
         g["lr"] = 0.0
-    opt = {"nesterov": lambda: torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=True),
-           "sgd": lambda: torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum),
-           "muon": lambda: Muon(groups, momentum=cfg.momentum, ns_steps=cfg.muon_ns_steps,
-                                coeffs=NS_COEFFICIENTS[cfg.muon_ns_coeffs], renorm=cfg.muon_renorm, total_steps=total_steps),
-           "adam": lambda: torch.optim.Adam(groups, lr=0.0),
-           "adamw": lambda: torch.optim.AdamW([{**g, "weight_decay": g["weight_decay"] / cfg.batch_size} for g in groups], lr=0.0),
-           "rmsprop": lambda: torch.optim.RMSprop(groups, lr=0.0, momentum=cfg.momentum),
-           "adagrad": lambda: torch.optim.Adagrad(groups, lr=0.0),
-           "adadelta": lambda: torch.optim.Adadelta(groups, lr=0.0)}[cfg.optimizer]()
-    return opt
+    return OPTIMIZERS[cfg.optimizer](groups, cfg, total_steps)
 
 
 def set_lr(opt: torch.optim.Optimizer, cfg: Config, step: int, total: int) -> None:
     """Every group's LR for the step with `step` steps done before it, of `total`; a group with
     'decay_over' (the whitening bias's own schedule) decays linearly to 0 over that many steps."""
     factor = lr_factor(cfg, step, total)
-    t = step + (cfg.lr_schedule_at == "end")
+    t = step + LR_SCHEDULE_AT[cfg.lr_schedule_at]
     for g in opt.param_groups:
         g["lr"] = g["peak_lr"] * (max(0.0, 1 - t / g["decay_over"]) if "decay_over" in g else factor)
 
@@ -833,6 +875,9 @@ def set_determinism(cfg: Config, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cudnn.deterministic = cfg.deterministic
         torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 def make_step_fn(model, opt, cfg, device, dtype, world: int = 1):
@@ -1664,19 +1709,18 @@ def write_atomic(path: Path, write) -> None:
 # =============================================================================================
 
 
+# Each Config field that names a choice, and the table its choices come from (by the code it switches).
+SWITCHES = dict(flip=FLIPS, arch=NETWORKS, activation=ACTIVATIONS, whiten_activation=("same", *ACTIVATIONS),
+                whiten_kernel=WHITEN_KERNELS, whiten_bias_init=WHITEN_BIAS_INITS,
+                whiten_bias_schedule=WHITEN_BIAS_SCHEDULES, conv_init=CONV_INITS, head_init=HEAD_INITS,
+                optimizer=OPTIMIZERS, muon_ns_coeffs=NS_COEFFICIENTS, muon_renorm=MUON_RENORMS,
+                lr_schedule=LR_SCHEDULES, lr_schedule_at=LR_SCHEDULE_AT, ema_mode=EMA_KINDS, tta=TTA_WEIGHTS,
+                precision=PRECISIONS, compile_mode=COMPILE_MODES)
+
+
 def check_config(cfg: Config) -> None:
-    choices = dict(flip=("random", "alternating", "none"), activation=tuple(ACTIVATIONS),
-                   arch=tuple(NETWORKS), conv_init=("default", "dirac"), ema_mode=tuple(EMA_KINDS),
-                   lr_schedule_at=("end", "start"), whiten_bias_init=("zero", "default"),
-                   whiten_bias_schedule=("shared", "own"), whiten_activation=("same", *ACTIVATIONS),
-                   head_init=("default", "unit_std"), muon_ns_coeffs=tuple(NS_COEFFICIENTS),
-                   muon_renorm=("none", "every_step", "growing"),
-                   whiten_kernel=(2, 3),
-                   optimizer=("nesterov", "sgd", "muon", "adam", "adamw", "rmsprop", "adagrad", "adadelta"),
-                   lr_schedule=("onecycle", "linear", "constant"), tta=tuple(TTA_WEIGHTS),
-                   precision=("auto", "fp16", "bf16", "fp32"),
-                   compile_mode=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
-    for name, allowed in choices.items():
+    for name, table in SWITCHES.items():
+        allowed = tuple(table)
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(map(str, allowed))}")
     if not cfg.epochs > 0:
@@ -1830,10 +1874,14 @@ def build_parser(description: str | None = None, outputs: bool = True) -> argpar
 
 
 def _field_help(f: dataclasses.Field) -> str:
+    """The field's help, then its choices (from its table in SWITCHES) and its default."""
+    text = f.metadata["help"]
+    if f.name in SWITCHES:
+        text += f"; one of {' | '.join(map(str, SWITCHES[f.name]))}"
     if f.default == "":
-        return f.metadata["help"]
+        return text
     shown = f"{f.default:g}" if isinstance(f.default, float) else repr(f.default) if isinstance(f.default, str) else f.default
-    return f"{f.metadata['help']} (default: {shown})"
+    return f"{text} (default: {shown})"
 
 
 def parse_assignments(items: list[str]) -> dict:

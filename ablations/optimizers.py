@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Optimizers compared on the same network, data, schedule and epoch budget.
 
-    python ablations/optimizers.py --runs 3                              # all seven at their starting LRs
+    python ablations/optimizers.py --runs 3                              # every one at its starting LR
     python ablations/optimizers.py --lr-multipliers 0.25,0.5,1,2,4       # a tuning sweep around them
     python ablations/optimizers.py --optimizers nesterov,adam --lr-for adam=0.5
 
 Learning rates are in speedrun's unit (`--lr`: per summed-loss sample; each step uses lr/batch_size).
-Nesterov and SGD start from the recipe's --lr; the adaptive optimizers from the step LRs in
+The optimizers are speedrun's, its OPTIMIZERS table. Nesterov, SGD and Muon (the conv filters
+at the recipe's muon_lr) start from the recipe's --lr; the adaptive optimizers from the step LRs in
 ADAPTIVE_STEP_LR (common starting points, not tuned here) and with bias_lr_scale 1, since the
 recipe's 64x LR on BN parameters is far too high for them. --lr-for gives an LR outright. With
 several multipliers, the best per optimizer is chosen on the same seeds (an optimistic estimate);
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ablations import study  # noqa: E402
 import speedrun  # noqa: E402
 
-OPTIMIZERS = ("nesterov", "sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
+OPTIMIZERS = tuple(speedrun.OPTIMIZERS)
 ADAPTIVE_STEP_LR = dict(adam=2e-3, adamw=2e-3, rmsprop=2e-4, adagrad=1e-2, adadelta=1.0)
 
 

@@ -81,6 +81,11 @@ def test_cumulative_adds_one_trick_per_step_in_pages_order():
     assert variants[-1].config == base, "with every trick added back, the last step is the full recipe"
 
 
+def test_optimizer_study_compares_every_optimizer_of_speedrun_by_default():
+    s = optimizers.make_study(optimizers.build_parser().parse_args([]), speedrun.make_config())
+    assert [v.tags["optimizer"] for v in s.variants] == list(speedrun.OPTIMIZERS)
+
+
 def test_optimizer_study_uses_each_optimizer_at_its_lr():
     args = optimizers.build_parser().parse_args(["--optimizers", "nesterov,adam,adadelta", "--lr-for", "adadelta=100",
                                                  "--lr-multipliers", "0.5,1"])

@@ -153,3 +153,14 @@ def test_default_out_path_is_new(tmp_path):
     a.write_text("{}")
     b = speedrun.default_out_path(tmp_path)
     assert a != b and not b.exists()
+
+
+def test_each_switch_accepts_exactly_its_tables_choices_and_help_lists_them(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: no choice is cut at a hyphen
+    text = " ".join(speedrun.build_parser().format_help().split())
+    for name, table in speedrun.SWITCHES.items():
+        for choice in table:
+            assert getattr(speedrun.make_config(**{name: choice}), name) == choice
+        with pytest.raises(ValueError, match=f"{name}='nonesuch' is not one of"):
+            speedrun.make_config(**{name: "nonesuch"})
+        assert "one of " + " | ".join(map(str, table)) in text, name
