@@ -228,7 +228,7 @@ def test_summary_matches_a_recomputation_from_the_csv(full_study):
 
 
 @pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed")
-def test_charts_are_pngs(full_study):
+def test_study_draws_each_chart_as_a_png_file(full_study):
     folder, _ = full_study
     for name in ("accuracy.png", "time.png", "curves_epoch.png", "curves_seconds.png"):
         assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

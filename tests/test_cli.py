@@ -114,7 +114,7 @@ TINY = ["--subset", "256", "--test-subset", "200", "--width", "0.125", "--epochs
         "--ghost-bn-splits", "4", "--whiten-samples", "128", "--device", "cpu", "--runs", "2", "--eval-batch-size", "100"]
 
 
-def test_json_result_schema_and_saved_weights(real_data_dir, tmp_path):
+def test_json_result_has_every_field_and_saved_weights_reproduce_the_accuracy(real_data_dir, tmp_path):
     out, weights = tmp_path / "r.json", tmp_path / "w.pt"
     proc = run_cli("--data-dir", str(real_data_dir), *TINY, "--out", str(out), "--save", str(weights))
     assert proc.returncode == 0, proc.stderr
