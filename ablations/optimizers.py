@@ -51,6 +51,30 @@ def parse_given_lrs(text: str | None) -> dict[str, float]:
     return given
 
 
+def best_per_optimizer(summary: dict) -> list[dict]:
+    """Per optimizer, the variant with the highest mean accuracy among its LRs."""
+    best = {}
+    for v in summary["variants"]:
+        opt = v["tags"].get("optimizer")
+        if v["runs"] and v["acc_mean"] is not None and (opt not in best or v["acc_mean"] > best[opt]["acc_mean"]):
+            best[opt] = v
+    return list(best.values())
+
+
+def best_lr_table(summary: dict) -> list[str]:
+    lines = ["", "Best learning rate per optimizer (chosen on the same seeds, so its accuracy is optimistic):", "",
+             "| optimizer | lr | step lr | acc % mean | time-to-target s |", "|---|---|---|---|---|"]
+    for v in best_per_optimizer(summary):
+        ttt = "—" if not v["runs_reaching_target"] else f"{v['time_to_target_mean_s']:.2f}"
+        lines.append(f"| {v['tags']['optimizer']} | {v['tags']['lr']:g} | {v['tags']['step_lr']:.3g} "
+                     f"| {study.fmt_pct(v['acc_mean'])} | {ttt} |")
+    return lines
+
+
+# The curves show each optimizer at its best LR.
+REPORT = study.Report(tables=best_lr_table, curves=best_per_optimizer)
+
+
 def make_study(args, base: speedrun.Config) -> study.Study:
     names = parse_list(args.optimizers, "--optimizers")
     unknown = [n for n in names if n not in OPTIMIZERS]
@@ -79,7 +103,7 @@ def make_study(args, base: speedrun.Config) -> study.Study:
     notes = [f"Δ columns: variant minus `{reference}` (the recipe)" if reference else "Δ columns: none (no Nesterov run at the recipe's LR)",
              "same network, data, one-cycle schedule, weight decay and epochs for every optimizer; "
              "adaptive optimizers use bias_lr_scale 1"]
-    return study.Study("optimizers", "Optimizers on the same network and budget", variants, notes)
+    return study.Study("optimizers", "Optimizers on the same network and budget", variants, notes, report=REPORT)
 
 
 def build_parser():

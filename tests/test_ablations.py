@@ -306,7 +306,7 @@ def test_merge_refuses_shards_of_different_studies(full_study, tmp_path, capsys)
     assert "holds a different study" in capsys.readouterr().err
 
 
-def test_grid_and_optimizer_studies_end_to_end(real_data_dir, tmp_path, capsys):
+def test_grid_and_optimizer_studies_add_their_own_tables_and_charts_and_merge_keeps_them(real_data_dir, tmp_path, capsys):
     base = ["--data-dir", str(real_data_dir), *TINY, "--runs", "1", "--quiet"]
     grid.main([*base, "--x", "batch_size=32,64", "--y", "lr=1.0", "--study", str(tmp_path / "g")])
     text = (tmp_path / "g" / "summary.md").read_text()
@@ -321,6 +321,10 @@ def test_grid_and_optimizer_studies_end_to_end(real_data_dir, tmp_path, capsys):
     if HAVE_MATPLOTLIB:
         assert (tmp_path / "g" / "heatmap_accuracy.png").exists() and (tmp_path / "g" / "heatmap_time.png").exists()
         assert (tmp_path / "o" / "curves_seconds.png").exists()
+    merge.merge(tmp_path / "gm", [tmp_path / "g"], log=None)
+    assert "| lr \\ batch_size | 32 | 64 |" in (tmp_path / "gm" / "summary.md").read_text()
+    merge.merge(tmp_path / "om", [tmp_path / "o"], log=None)
+    assert "| adam | 0.128 | 0.002 |" in (tmp_path / "om" / "summary.md").read_text()
 
 
 # -- diverged runs, intervals, interrupts (issue 13) ---------------------------------------------
