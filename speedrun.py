@@ -1897,11 +1897,16 @@ def parse_assignments(items: list[str]) -> dict:
     return overrides
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Preset, then --set assignments, then dedicated flags; raises ValueError on bad input."""
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """{field: value} of the --set assignments, then of the dedicated flags given (a flag wins)."""
     overrides = parse_assignments(args.set)
     overrides.update({f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)})
-    return make_config(args.preset, **overrides)
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Preset, then --set assignments, then dedicated flags; raises ValueError on bad input."""
+    return make_config(args.preset, **overrides_from_args(args))
 
 
 def check_world(cfg: Config, world: int) -> None:
