@@ -1305,8 +1305,7 @@ def main(argv=None) -> int:
         cfg = config_from_args(args)
         out = args.out or default_out_path()
         for path, what in ((args.out, "--out"), (args.save, "--save")):
-            if path is not None and path.exists():
-                raise ValueError(f"{what} {path} already exists; choose another path (results are never overwritten)")
+            refuse_existing(path, what)
         if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 writes: check before any data is read
             check_writable(out, "--out")
             if args.save:
@@ -1939,19 +1938,44 @@ def check_writable(path: Path, what: str) -> None:
         raise ValueError(f"{what} {path}: cannot write in {path.parent} ({e.strerror}); choose another path") from None
 
 
+def timestamp() -> str:
+    """The time now as it goes into file names, e.g. 20250101-120000."""
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def new_path(root: Path, stem: str, suffix: str = "") -> Path:
+    """root/<stem><suffix>, or root/<stem>-1<suffix>, -2, ... when that exists already."""
+    path, k = Path(root) / f"{stem}{suffix}", 1
+    while path.exists():
+        path, k = Path(root) / f"{stem}-{k}{suffix}", k + 1
+    return path
+
+
 def default_out_path(root: Path = Path("runs"), prefix: str = "") -> Path:
     """A new file root/<prefix><time>.json (with -1, -2, ... if that exists already)."""
-    stamp = prefix + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path, k = root / f"{stamp}.json", 1
-    while path.exists():
-        path, k = root / f"{stamp}-{k}.json", k + 1
-    return path
+    return new_path(root, prefix + timestamp(), ".json")
+
+
+def refuse_existing(path: Path | None, flag: str) -> None:
+    """ValueError when the output path given with `flag` exists: results are never overwritten."""
+    if path is not None and Path(path).exists():
+        raise ValueError(f"{flag} {path} already exists; choose another path (results are never overwritten)")
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (the Agg backend), or None: matplotlib is optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def fallback_path(path: Path) -> Path:
     """Where a result that cannot be written at `path` goes instead: a new file in the temp folder."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    fd, name = tempfile.mkstemp(prefix=f"speedrun-{stamp}-", suffix=f"-{Path(path).name}")
+    fd, name = tempfile.mkstemp(prefix=f"speedrun-{timestamp()}-", suffix=f"-{Path(path).name}")
     os.close(fd)
     return Path(name)
 

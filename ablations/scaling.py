@@ -353,11 +353,8 @@ def write_reports(folder: Path, report: dict, log=print) -> list[Path]:
     text = markdown_report(report)
     speedrun.write_atomic(folder / "scaling.md", lambda tmp: tmp.write_text(text))
     paths = [folder / "scaling.json", folder / "scaling.md"]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = speedrun.pyplot()
+    if plt is None:
         log(CHART_NOTICE)
         return paths
     if report["rows"]:

@@ -528,14 +528,9 @@ def write_reports(folder: Path, definition: dict, rows: list[dict], sessions: li
     speedrun.write_atomic(folder / "summary.md", lambda tmp: tmp.write_text(text))
     if not rows:
         return summary
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        if log:
-            log(PLOT_NOTICE)
-        plt = None
+    plt = speedrun.pyplot()
+    if plt is None and log:
+        log(PLOT_NOTICE)
     charts = draw_charts(folder, summary, plt, report) if plt else []
     if log:
         log("\n" + text.rstrip())
@@ -628,11 +623,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 
 def default_study_folder(name: str, root: Path = Path("studies")) -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path, k = root / f"{name}-{stamp}", 1
-    while path.exists():
-        path, k = root / f"{name}-{stamp}-{k}", k + 1
-    return path
+    return speedrun.new_path(root, f"{name}-{speedrun.timestamp()}")
 
 
 def base_config(args) -> speedrun.Config:

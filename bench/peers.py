@@ -433,8 +433,7 @@ def main(argv=None, make_peer=None) -> int:
         if seed < 0:
             raise ValueError(f"--seed must be 0 or more, got {seed}")
         out = args.out or speedrun.default_out_path(prefix="peers-")
-        if out.exists():
-            raise ValueError(f"--out {out} already exists; choose another path (results are never overwritten)")
+        speedrun.refuse_existing(out, "--out")
         airbench_dir = (args.airbench_dir or out.with_name(f"{out.stem}-airbench")).resolve()
         device = speedrun.pick_device(device_name)
         names = [n.strip() for n in args.presets.split(",") if n.strip()]

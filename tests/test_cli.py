@@ -164,3 +164,14 @@ def test_each_switch_accepts_exactly_its_tables_choices_and_help_lists_them(monk
         with pytest.raises(ValueError, match=f"{name}='nonesuch' is not one of"):
             speedrun.make_config(**{name: "nonesuch"})
         assert "one of " + " | ".join(map(str, table)) in text, name
+
+
+def test_a_new_output_path_never_names_an_existing_file_or_folder_and_existing_ones_are_refused(tmp_path):
+    (tmp_path / "study").mkdir()
+    assert speedrun.new_path(tmp_path, "study") == tmp_path / "study-1"
+    (tmp_path / "run.prof").write_text("keep")
+    assert speedrun.new_path(tmp_path, "run", ".prof") == tmp_path / "run-1.prof"
+    with pytest.raises(ValueError, match="--prof .* already exists"):
+        speedrun.refuse_existing(tmp_path / "run.prof", "--prof")
+    speedrun.refuse_existing(None, "--out")
+    speedrun.refuse_existing(tmp_path / "new.json", "--out")
