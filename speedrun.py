@@ -2092,6 +2092,11 @@ def _quiet(*args, **kwargs):
     pass
 
 
+def log_lines(quiet: bool = False):
+    """The log of a tool: print, each line flushed at once (also through a pipe), or nothing when quiet."""
+    return _quiet if quiet else (lambda *args, **kwargs: print(*args, **kwargs, flush=True))
+
+
 def _plural(n, word: str) -> str:
     return f"{n:g} {word}" + ("" if n == 1 else "s")
 

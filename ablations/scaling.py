@@ -412,7 +412,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.worker is not None:
         return run_worker(args.worker)
-    log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
+    log = speedrun.log_lines(args.quiet)
     try:
         cfg = speedrun.config_from_args(args)
         device = speedrun.pick_device(cfg.device)

@@ -19,7 +19,6 @@ import argparse
 import csv
 import dataclasses
 import datetime
-import functools
 import io
 import json
 import os
@@ -645,7 +644,7 @@ def main(parser, make_study, name, script: str, argv=None) -> int:
     `name` (a string, or a function of the parsed arguments) names the default study folder;
     `script` is how the command is written in the summary."""
     args = parser.parse_args(argv)
-    log = (lambda *a, **k: None) if args.quiet else functools.partial(print, flush=True)
+    log = speedrun.log_lines(args.quiet)
     folder = argv_used = None
     previous_sigterm = speedrun._stop_on_sigterm()
     try:

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         if cfg.workers > 1:
             print(f"note: --workers {cfg.workers} ignored; under cProfile all runs stay in this process")
         cfg = dataclasses.replace(cfg, workers=1)
-    log = (lambda *a, **k: None) if args.quiet else print
+    log = speedrun.log_lines(args.quiet)
     data = _common.load_data(parser, cfg, device, args)
 
     # torch imports parts of itself lazily on first use (building the first optimizer imports

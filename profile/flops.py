@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     if args.train:
         data = _common.load_data(parser, cfg, device, args)
         try:
-            run = speedrun.train(cfg, data, log=(lambda *a, **k: None) if args.quiet else print)
+            run = speedrun.train(cfg, data, log=speedrun.log_lines(args.quiet))
         except ValueError as e:
             parser.exit(2, f"error: {e}\n")
         runs = [(run["full_budget_s"], cfg.epochs,
