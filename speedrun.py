@@ -11,7 +11,7 @@ Part I, the method, in reading order:
   1. configuration and presets      every choice of a run is a Config field; presets name sets of them
   2. data on the device             CIFAR-10, normalised, kept on the device for the whole run
   3. augmentation                   crop, flip, colour jitter, cutout of a whole epoch at once
-  4. model                          frozen patch whitening, ghost batch norm, a builder per network
+  4. model                          frozen patch whitening, ghost batch norm, a class per network
   5. optimizer, schedule, loss, EMA Nesterov SGD or Muon, one-cycle or linear LR, EMA or lookahead
   6. one run                        timer, step, epoch, train()
   7. evaluation                     EMA weights and test-time augmentation
@@ -21,6 +21,8 @@ Appendices, what the method needs but a reader need not: A. CIFAR-10 files (cach
 archives, download, checksums, safe unpickler, atomic writes); B. config checks, argument
 parsing, paths, weights, environment, printed reports; C. Student-t numerics; D. several
 processes (torchrun helpers, worker pool). A reader can stop at the Appendices banner.
+Each switch's choices are one table beside the code it switches (NETWORKS, OPTIMIZERS,
+LR_SCHEDULES, EMA_KINDS, TTA_WEIGHTS, ...); SWITCHES names them all for checks, --help and tools.
 
 Timing rule. time_to_target_s = whitening init + every training step (augmentation included)
 up to the end of the first epoch whose evaluated (EMA + TTA) accuracy reaches the target, +
