@@ -7,11 +7,22 @@
     torchrun --nproc_per_node=4 speedrun.py   # one run over 4 GPUs (the batch stays global)
     python speedrun.py --help          # every flag
 
-Method, top to bottom: configuration and presets; data (read once, checksummed, kept on the
-device); augmentation of a whole epoch at once on the device; the network (frozen patch
-whitening, ghost batch norm, CELU, residual layers); optimizer and one-cycle schedule;
-training loop and timer; evaluation with EMA weights and test-time augmentation; statistics
-and reporting; command line.
+Part I, the method, in reading order:
+  1. configuration and presets      every choice of a run is a Config field; presets name sets of them
+  2. data on the device             CIFAR-10, normalised, kept on the device for the whole run
+  3. augmentation                   crop, flip, colour jitter, cutout of a whole epoch at once
+  4. model                          frozen patch whitening, ghost batch norm, a class per network
+  5. optimizer, schedule, loss, EMA Nesterov SGD or Muon, one-cycle or linear LR, EMA or lookahead
+  6. one run                        timer, step, epoch, train()
+  7. evaluation                     EMA weights and test-time augmentation
+  8. many seeds                     runs with consecutive seeds, their mean, spread and t-test
+  9. main                           the command line's run
+Appendices, what the method needs but a reader need not: A. CIFAR-10 files (cache, folders,
+archives, download, checksums, safe unpickler, atomic writes); B. config checks, argument
+parsing, paths, weights, environment, printed reports; C. Student-t numerics; D. several
+processes (torchrun helpers, worker pool). A reader can stop at the Appendices banner.
+Each switch's choices are one table beside the code it switches (NETWORKS, OPTIMIZERS,
+LR_SCHEDULES, EMA_KINDS, TTA_WEIGHTS, ...); SWITCHES names them all for checks, --help and tools.
 
 Timing rule. time_to_target_s = whitening init + every training step (augmentation included)
 up to the end of the first epoch whose evaluated (EMA + TTA) accuracy reaches the target, +
@@ -51,6 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
 
+
 # =============================================================================================
 # 1. Configuration and presets
 # =============================================================================================
@@ -67,26 +79,26 @@ class Config:
     subset: int = _f(0, "train on the first N training images only (0 = all 50,000)")
     test_subset: int = _f(0, "evaluate on the first M test images only (0 = all 10,000)")
     # -- augmentation (on the device, one whole epoch at a time)
-    flip: str = _f("random", "horizontal flip: random | alternating (random half at epoch 0, then each image's opposite on odd epochs) | none")
+    flip: str = _f("random", "horizontal flip; alternating: a random half at epoch 0, then each image's opposite on odd epochs")
     crop_pad: int = _f(4, "random crop after reflect padding by this many pixels (0 = no crop)")
     cutout: int = _f(0, "zero a random square of this side in every training image (0 = off)")
     brightness: float = _f(0.0, "after crop and flip, shift each image by a uniform draw from +-this (normalised units; 0 = off)")
     contrast: float = _f(0.0, "then scale each image by 1 + a uniform draw from +-this (0 = off)")
     # -- model
-    arch: str = _f("resnet9", "network: resnet9 (Page's ResNet-9) | airbench (three conv-pool-BN-act-conv-BN-act groups, no residuals)")
+    arch: str = _f("resnet9", "network: Page's ResNet-9, or airbench's three conv-pool-BN-act-conv-BN-act groups without residuals")
     width: float = _f(1.0, "multiplier of every layer's channel count (resnet9 64/128/256/512, airbench 64/256/256 at 1.0)")
     whiten: bool = _f(True, "frozen patch-whitening conv (PCA of training patches) as the first layer")
     whiten_kernel: int = _f(3, "side of the whitened patches (3: 27 filters, 2: 12 filters)")
     whiten_negatives: bool = _f(False, "also use each whitening filter's negative (twice the channels)")
     whiten_bias_epochs: float = _f(0.0, "give the whitening conv a bias, trained for this many epochs and then frozen (0 = no bias)")
-    whiten_bias_init: str = _f("zero", "whitening bias start: zero (airbench94) | default (PyTorch's uniform +-1/sqrt(fan-in): hiverge)")
-    whiten_bias_schedule: str = _f("shared", "whitening bias LR: shared (with the weights, on the run's schedule: airbench94) | "
-                                             "own (the BN biases' LR, decaying linearly to 0 over its own steps: hiverge)")
-    whiten_activation: str = _f("same", "airbench network: activation right after the whitening (same = activation)")
+    whiten_bias_init: str = _f("zero", "whitening bias start: zero (airbench94), or PyTorch's default uniform +-1/sqrt(fan-in) (hiverge)")
+    whiten_bias_schedule: str = _f("shared", "whitening bias LR: shared with the weights, on the run's schedule (airbench94), or its "
+                                             "own, the BN biases' LR decaying linearly to 0 over its own steps (hiverge)")
+    whiten_activation: str = _f("same", "airbench network: activation right after the whitening (same: the field activation)")
     whiten_eps: float = _f(1e-2, "eigenvalue regulariser of the whitening filters")
     whiten_samples: int = _f(10000, "training images whose patches estimate the whitening")
-    conv_init: str = _f("default", "3x3 conv init: default (PyTorch's) | dirac (the first in-channels filters start as the identity)")
-    activation: str = _f("celu", "activation: celu | relu | gelu | silu")
+    conv_init: str = _f("default", "3x3 conv init: PyTorch's default, or dirac (the first in-channels filters start as the identity)")
+    activation: str = _f("celu", "activation after each BN")
     celu_alpha: float = _f(0.3, "alpha of CELU")
     ghost_bn_splits: int = _f(16, "ghost batch norm: each training batch is normalised in this many groups (1 = plain BN)")
     bn_scale_frozen: bool = _f(True, "freeze every BN scale at 1 (only the BN bias trains)")
@@ -94,49 +106,49 @@ class Config:
     bn_eps: float = _f(1e-5, "BN epsilon")
     residual: bool = _f(True, "residual blocks after layer1 and layer3")
     head_scale: float = _f(1 / 16, "multiplier of the logits after the bias-free linear head")
-    head_init: str = _f("default", "head weights: default (PyTorch's) | unit_std (rescaled to standard deviation 1: hiverge)")
+    head_init: str = _f("default", "head weights: PyTorch's default, or rescaled to standard deviation 1 (unit_std: hiverge)")
     # -- optimisation
     epochs: float = _f(10.0, "training epochs; a fraction trains ceil(epochs x batches per epoch) steps, the last epoch partial")
     batch_size: int = _f(512, "training batch size")
-    optimizer: str = _f("nesterov", "nesterov | sgd | muon (conv filters by Muon, the rest by Nesterov SGD) | adam | adamw | rmsprop | adagrad | adadelta")
+    optimizer: str = _f("nesterov", "optimizer; muon: the conv filters by Muon, the rest by Nesterov SGD")
     lr: float = _f(1.0, "peak learning rate per summed-loss sample: each step uses lr/batch_size")
     momentum: float = _f(0.9, "SGD momentum")
     muon_lr: float = _f(0.24, "optimizer muon: peak LR of the conv filters (per step, not per sample)")
     muon_momentum: float = _f(0.6, "optimizer muon: Nesterov momentum of the conv filters")
     muon_ns_steps: int = _f(5, "optimizer muon: Newton-Schulz iterations per step")
-    muon_ns_coeffs: str = _f("keller", "optimizer muon: quintic coefficients keller (3.4445, -4.7750, 2.0315) | hiverge (3.4576, -4.7391, 2.0843)")
+    muon_ns_coeffs: str = _f("keller", "optimizer muon: Newton-Schulz quintic coefficients, Keller Jordan's or hiverge's")
     muon_weight_decay: float = _f(0.0, "optimizer muon: decoupled decay of the conv filters, each step times their LR")
     muon_renorm: str = _f("none", "optimizer muon: rescale each filter bank to Frobenius norm sqrt(filters) before its update: "
-                                  "none | every_step (airbench94_muon) | growing (every 2 + int(15 x step/total) steps: hiverge)")
+                                  "never, every_step (airbench94_muon), or growing: every 2 + int(15 x step/total) steps (hiverge)")
     weight_decay: float = _f(5e-4, "weight decay, applied as weight_decay*batch_size to the summed loss")
     bias_lr_scale: float = _f(64.0, "BN parameters learn this many times faster, with 1/this of the decay")
     label_smoothing: float = _f(0.2, "label smoothing of the cross-entropy (0 = off)")
-    lr_schedule: str = _f("onecycle", "onecycle (lr_start -> 1 -> lr_final, piecewise linear) | linear (1 -> 0) | constant")
+    lr_schedule: str = _f("onecycle", "LR schedule: onecycle (lr_start -> 1 -> lr_final, piecewise linear), linear (1 -> 0) or constant")
     lr_start: float = _f(0.0, "one-cycle: first LR as a fraction of the peak")
     lr_peak_frac: float = _f(0.2, "one-cycle: fraction of training at which the LR peaks")
     lr_final_frac: float = _f(0.8, "one-cycle: fraction of training at which the LR reaches lr_final, then stays")
     lr_final: float = _f(0.1, "one-cycle: final LR as a fraction of the peak")
-    lr_schedule_at: str = _f("end", "end (step k of 1..T takes the schedule at k steps done: Page) | start (at k-1: airbench)")
+    lr_schedule_at: str = _f("end", "step k of 1..T reads the schedule at k steps done (end: Page) or at k-1 (start: airbench)")
     ema: bool = _f(True, "keep an exponential moving average (EMA) of the weights and BN statistics")
-    ema_mode: str = _f("average", "average (evaluate the EMA) | lookahead (pull the weights back to the EMA at each update, "
-                                  "with decay ramped by (step/total)^3; the weights end as the EMA)")
+    ema_mode: str = _f("average", "average: evaluate the EMA; lookahead: pull the weights back to the EMA at each update, "
+                                  "with decay ramped by (step/total)^3, so that the weights end as the EMA")
     ema_momentum: float = _f(0.99, "EMA momentum per training step")
     ema_every: int = _f(5, "update the EMA every this many steps (decay ema_momentum**ema_every)")
     ema_warmup: bool = _f(False, "average: blend the k-th update with decay min(ema_momentum**ema_every, k/(k+1)), a plain mean "
                                  "at first, instead of starting from the initial weights as Page does")
     # -- evaluation
-    tta: str = _f("flip", "test-time augmentation: none | flip (image + mirror) | flip_translate (6 views, weights 1/4, 1/4, "
-                          "1/8 x 4) | flip_translate_equal (the 6 views, 1/6 each: hiverge)")
+    tta: str = _f("flip", "test-time augmentation: flip (image + mirror), flip_translate (6 views, weights 1/4, 1/4, "
+                          "1/8 x 4), flip_translate_equal (the 6 views, 1/6 each: hiverge)")
     tta_unsure_frac: float = _f(1.0, "give the TTA views only to this fraction of the test images, those the plain view is least sure of")
     target_acc: float = _f(0.94, "test accuracy that stops the clock")
     eval_every: int = _f(1, "evaluate after every k-th epoch (and always after the last); evaluation is outside the timer")
     eval_batch_size: int = _f(1000, "evaluation batch size")
     # -- speed and reproducibility
     device: str = _f("auto", "auto (CUDA, then Apple MPS, then CPU) | cuda | cuda:N | mps | cpu")
-    precision: str = _f("auto", "auto (fp16 on CUDA, else fp32) | fp16 | bf16 | fp32: data storage and autocast")
+    precision: str = _f("auto", "data storage and autocast; auto: fp16 on CUDA, else fp32")
     channels_last: bool = _f(True, "channels_last memory format of the images and network (CUDA and CPU)")
     compile: bool = _f(False, "torch.compile the network (a warm-up run happens outside the timer)")
-    compile_mode: str = _f("default", "torch.compile mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs")
+    compile_mode: str = _f("default", "torch.compile mode")
     seed: int = _f(0, "seed of the first run; run k uses seed+k")
     runs: int = _f(1, "independent runs")
     workers: int = _f(0, "processes that share the runs: 0 = one per visible CUDA GPU (1 on other devices)")
@@ -190,395 +202,14 @@ def make_config(preset: str = "davidnet", **overrides) -> Config:
     return cfg
 
 
-def check_config(cfg: Config) -> None:
-    choices = dict(flip=("random", "alternating", "none"), activation=tuple(ACTIVATIONS),
-                   arch=("resnet9", "airbench"), conv_init=("default", "dirac"), ema_mode=tuple(EMA_KINDS),
-                   lr_schedule_at=("end", "start"), whiten_bias_init=("zero", "default"),
-                   whiten_bias_schedule=("shared", "own"), whiten_activation=("same", *ACTIVATIONS),
-                   head_init=("default", "unit_std"), muon_ns_coeffs=tuple(NS_COEFFICIENTS),
-                   muon_renorm=("none", "every_step", "growing"),
-                   whiten_kernel=(2, 3),
-                   optimizer=("nesterov", "sgd", "muon", "adam", "adamw", "rmsprop", "adagrad", "adadelta"),
-                   lr_schedule=("onecycle", "linear", "constant"), tta=tuple(TTA_WEIGHTS),
-                   precision=("auto", "fp16", "bf16", "fp32"),
-                   compile_mode=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(map(str, allowed))}")
-    if not cfg.epochs > 0:
-        raise ValueError(f"epochs must be positive, got {cfg.epochs}")
-    positive = ("eval_every", "batch_size", "ghost_bn_splits", "ema_every", "eval_batch_size", "runs", "whiten_samples",
-                "muon_ns_steps")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.workers < 0:
-        raise ValueError(f"workers must be 0 (automatic) or more, got {cfg.workers}")
-    for name in ("subset", "test_subset", "crop_pad", "cutout"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be 0 or more, got {getattr(cfg, name)}")
-    if cfg.width <= 0:
-        raise ValueError(f"width must be positive, got {cfg.width}")
-    if cfg.batch_size % cfg.ghost_bn_splits:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by ghost_bn_splits {cfg.ghost_bn_splits}")
-    if cfg.cutout > 32:
-        raise ValueError(f"cutout {cfg.cutout} is larger than the 32-pixel image")
-    if cfg.crop_pad > 31:
-        raise ValueError(f"crop_pad {cfg.crop_pad} must be below 32 (reflect padding needs it)")
-    if not 0 <= cfg.tta_unsure_frac <= 1:
-        raise ValueError(f"tta_unsure_frac is a fraction in [0, 1], got {cfg.tta_unsure_frac}")
-    if cfg.whiten_bias_epochs < 0:
-        raise ValueError(f"whiten_bias_epochs must be 0 or more, got {cfg.whiten_bias_epochs}")
-    if not 0 <= cfg.lr_peak_frac <= cfg.lr_final_frac <= 1:
-        raise ValueError("need 0 <= lr_peak_frac <= lr_final_frac <= 1")
-    if not 0 <= cfg.label_smoothing < 1:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    if not 0 < cfg.target_acc <= 1:
-        raise ValueError(f"target_acc is a fraction in (0, 1], got {cfg.target_acc}")
-    for f in dataclasses.fields(cfg):  # nan or inf in any number would only show up as a diverged run
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{f.name} must be a finite number, got {value}")
-    for name in ("lr", "muon_lr", "bias_lr_scale", "whiten_eps", "bn_eps", "celu_alpha", "head_scale"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{name} must be positive, got {getattr(cfg, name):g}")
-    for name in ("weight_decay", "lr_start", "lr_final", "brightness", "contrast", "muon_weight_decay"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be 0 or more, got {getattr(cfg, name):g}")
-    for name in ("momentum", "muon_momentum", "ema_momentum"):
-        if not 0 <= getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {getattr(cfg, name):g}")
-    if not 0 <= cfg.bn_momentum <= 1:
-        raise ValueError(f"bn_momentum must be in [0, 1], got {cfg.bn_momentum:g}")
-
-
 # =============================================================================================
-# 2. Data: CIFAR-10 from disk or the web, checksummed, onto the device
+# 2. Data on the device: normalised once, resident for the whole run
 # =============================================================================================
+
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-PYTHON_ARCHIVE = "cifar-10-python.tar.gz"  # what a download is saved as, whatever the URL
-ARCHIVE_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
-               "cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"}
-BIN_MD5 = {"data_batch_1.bin": "5dd7e06a14cb22eb9f671a540d1b7c25", "data_batch_2.bin": "5ea93a67294ea407fff1d09f752e9692",
-           "data_batch_3.bin": "942cd6a4bcdd0dd3c604fbe906cb4421", "data_batch_4.bin": "ae636b3ba5c66a11e91e8cb52e771fcb",
-           "data_batch_5.bin": "53f37980c15c3d472c316c40844f3f0d", "test_batch.bin": "803d5f7f4d78ea53de84dbe85f74fb6d"}
-PY_MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-          "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
-          "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
-          "batches.meta": "5ff9c542aee3614f3951f8cda6e48888"}
-CACHE_NAME = "cifar10-uint8.npz"
-# SHA-256 of the official arrays in the cache's form (arrays_digest): a cache of the full data set must match it.
-OFFICIAL_ARRAYS_SHA256 = "b7d593c4d8cf1260dce77e8332de59a8bcc39684afdfd329a4a5a59a6e555452"
-STALE_S = 600  # a temporary file (.part) or extraction folder untouched this long was left by a killed run
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
-
-
-class DataError(RuntimeError):
-    """A data file is missing, damaged or of the wrong form; the message says what to do."""
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("CIFAR10_HOME") or Path.home() / ".cache" / "cifar10")
-
-
-def md5sum(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_target(path: Path):
-    """A temporary file beside `path`; rename it onto `path` once complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # the permissions of an ordinary new file, not mkstemp's 0600
-    return Path(tmp)
-
-
-def write_atomic(path: Path, write) -> None:
-    """Call write(tmp_path), then rename tmp onto path, so `path` is either absent or whole."""
-    tmp = _atomic_target(Path(path))
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _check_arrays(x: np.ndarray, y: np.ndarray, n: int | None, source) -> None:
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
-        raise DataError(f"{source}: images have shape {x.shape} and dtype {x.dtype}, expected (N, 32, 32, 3) uint8")
-    if y.shape != (x.shape[0],) or (y.size and (y.min() < 0 or y.max() > 9)):
-        raise DataError(f"{source}: labels have shape {y.shape} or values outside 0..9; expected {x.shape[0]} labels")
-    if n is not None and x.shape[0] != n:
-        raise DataError(f"{source}: holds {x.shape[0]} images, expected {n}")
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles the official batches (dicts of numpy arrays and lists) and nothing else."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
-
-
-def _check_md5(path: Path, expected_md5: str | None) -> None:
-    if expected_md5 is not None and path.is_file() and md5sum(path) != expected_md5:
-        raise DataError(f"{path} fails its MD5 check (expected {expected_md5}): the file is damaged; "
-                        f"delete {path.parent} and run again, never train on it")
-
-
-def read_python_batch(path: Path, expected_md5: str | None = None):
-    """One file of cifar-10-batches-py: a pickled dict with b'data' (N, 3072) and b'labels'."""
-    _check_md5(path, expected_md5)
-    try:
-        with open(path, "rb") as f:
-            d = _ArrayUnpickler(f, encoding="bytes").load()
-        d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
-        data, labels = np.asarray(d["data"], dtype=np.uint8), np.asarray(d["labels"], dtype=np.int64)
-        x = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    except FileNotFoundError:
-        raise DataError(f"missing batch file {path}: the folder is incomplete; delete it and run again "
-                        f"to re-extract or re-download") from None
-    except Exception as e:  # truncated pickle, wrong keys, wrong sizes
-        raise DataError(f"{path} is not a readable CIFAR-10 python batch ({type(e).__name__}: {e}); "
-                        f"delete {path.parent} and run again") from None
-    _check_arrays(x, labels, None, path)
-    return np.ascontiguousarray(x), labels
-
-
-def read_binary_batch(path: Path, expected_md5: str | None = None):
-    """One file of cifar-10-batches-bin: records of 1 label byte + 3072 pixel bytes (R, G, B planes)."""
-    if not path.is_file():
-        raise DataError(f"missing batch file {path}: the folder is incomplete; delete it and run again")
-    _check_md5(path, expected_md5)
-    raw = np.fromfile(path, dtype=np.uint8)
-    if raw.size == 0 or raw.size % 3073:
-        raise DataError(f"{path} has {raw.size} bytes, not a whole number of 3073-byte records; delete it and run again")
-    raw = raw.reshape(-1, 3073)
-    x = raw[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    labels = raw[:, 0].astype(np.int64)
-    _check_arrays(x, labels, None, path)
-    return np.ascontiguousarray(x), labels
-
-
-def read_folder(folder: Path, kind: str, checksums: dict | None = None):
-    """Both splits from an extracted official folder: kind 'py' (pickles) or 'bin' (binary).
-    `checksums` maps file names to MD5s; a file it does not name is not checked."""
-    parts = {}
-    checksums = checksums or {}
-    if kind == "py":
-        _check_md5(folder / "batches.meta", checksums.get("batches.meta"))  # not read, but part of the folder
-    for split, names in (("train", TRAIN_FILES), ("test", ["test_batch"])):
-        if kind == "py":
-            arrays = [read_python_batch(folder / n, checksums.get(n)) for n in names]
-        else:
-            arrays = [read_binary_batch(folder / f"{n}.bin", checksums.get(f"{n}.bin")) for n in names]
-        parts[split] = (np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays]))
-    return parts["train"] + parts["test"]
-
-
-def extract_archive(archive: Path, dest: Path, expected_md5: str | None) -> None:
-    """Verify the archive's MD5, then extract it into dest through a temporary folder."""
-    if expected_md5 is not None:
-        digest = md5sum(archive)
-        if digest != expected_md5:
-            fix = ("Delete it and run again (it will be re-downloaded), or put a good copy there."
-                   if archive.name == PYTHON_ARCHIVE else
-                   f"Put a good copy there, or delete it and run again: the run then downloads {PYTHON_ARCHIVE}.")
-            raise DataError(f"{archive} has MD5 {digest}, expected {expected_md5}: the file is damaged or not "
-                            f"the official archive. {fix}")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
-    except OSError as e:
-        raise DataError(f"cannot extract {archive} into {dest} ({e.strerror}): the folder is not writable. "
-                        f"Extract the archive there by hand, or copy it to a writable folder and pass "
-                        f"--data-dir to that folder") from None
-    try:
-        try:
-            with tarfile.open(archive, "r:gz") as t:
-                if sys.version_info >= (3, 12) or hasattr(tarfile, "data_filter"):
-                    t.extractall(tmp, filter="data")
-                else:  # pragma: no cover - Python without extraction filters
-                    t.extractall(tmp)
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise DataError(f"{archive} is truncated or corrupt ({e}); delete it and run again") from None
-        for folder in tmp.iterdir():
-            if folder.name.startswith("cifar-10-batches-") and not (dest / folder.name).exists():
-                os.replace(folder, dest / folder.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def download(url: str, path: Path, expected_md5: str | None, quiet: bool = False) -> None:
-    """Download url to path (through a temporary file), checking its length and MD5."""
-    try:
-        tmp = _atomic_target(path)
-    except OSError as e:
-        raise DataError(f"cannot download into {path.parent} ({e.strerror}): the folder is not writable. "
-                        f"Pass --data-dir to a writable folder, or put {path.name} there by hand") from None
-    try:
-        try:
-            with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
-                total = int(resp.headers.get("Content-Length") or 0)
-                done = 0
-                while chunk := resp.read(1 << 20):
-                    out.write(chunk)
-                    done += len(chunk)
-                    if not quiet:
-                        pct = f" ({100 * done / total:.0f}%)" if total else ""
-                        print(f"\rdownloading {url}: {done / 1e6:.1f}/{total / 1e6:.1f} MB{pct}", end="", file=sys.stderr)
-            if not quiet:
-                print(file=sys.stderr)
-        except Exception as e:  # no network, HTTP error, connection dropped
-            raise DataError(f"could not download {url} ({e}). Download it by hand and put it at {path} "
-                            f"(or pass --data-dir to a folder that holds it), then run again.") from None
-        if total and done != total:
-            raise DataError(f"download of {url} was truncated ({done} of {total} bytes); run again")
-        if expected_md5 is not None and md5sum(tmp) != expected_md5:
-            raise DataError(f"the file downloaded from {url} fails its MD5 check; it was discarded. Run again, or "
-                            f"download it by hand to {path}.")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def arrays_digest(arrays) -> str:
-    """SHA-256 of (train_x, train_y, test_x, test_y): each array's dtype, shape and bytes."""
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(memoryview(a).cast("B"))
-    return h.hexdigest()
-
-
-def remove_stale_temporaries(root: Path, older_than_s: float = STALE_S, log=None) -> list[Path]:
-    """Delete the hidden temporary files (.NAME.XXXX.part) and extraction folders (.extract-XXXX)
-    that a killed download, extraction or cache write left in `root`; files touched in the last
-    `older_than_s` seconds may belong to a run still going and are kept. Returns what was removed."""
-    removed, now = [], time.time()
-    try:
-        entries = list(root.iterdir())
-    except OSError:
-        return removed
-    for p in entries:
-        if not (p.name.startswith(".") and (p.name.endswith(".part") or p.name.startswith(".extract-"))):
-            continue
-        try:
-            if now - p.stat().st_mtime < older_than_s:
-                continue
-            size = p.stat().st_size if p.is_file() else 0
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        except OSError:
-            continue
-        removed.append(p)
-        if log:
-            log(f"note: removed {p}, left behind by an interrupted run" + (f" ({size / 1e6:.0f} MB)" if size else ""))
-    return removed
-
-
-def _data_root(data_dir) -> Path:
-    """The data folder: `data_dir` must exist; only the default folder is created unasked."""
-    root = Path(data_dir).expanduser() if data_dir else default_data_dir()
-    what = f"--data-dir {root}" if data_dir else (f"CIFAR10_HOME={root}" if os.environ.get("CIFAR10_HOME") else str(root))
-    if root.exists() and not root.is_dir():
-        raise DataError(f"{what} is a file, not a folder: pass the folder that holds CIFAR-10 "
-                        f"(or that a download should go into)")
-    if not root.exists():
-        if data_dir:
-            raise DataError(f"data folder {root} does not exist. Check the path; to download CIFAR-10 into a new "
-                            f"folder, create it first (mkdir -p {root}), or leave --data-dir out to use {default_data_dir()}")
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise DataError(f"cannot create the data folder {what} ({e.strerror}); set CIFAR10_HOME or pass "
-                            f"--data-dir to a folder you can write") from None
-    return root
-
-
-def _read_cache(cache: Path, expect_sizes) -> tuple:
-    """The cache's arrays, after checking their shapes and their digest; DataError if they fail."""
-    with np.load(cache) as z:
-        arrays = tuple(z[k] for k in ("train_x", "train_y", "test_x", "test_y"))
-        stored = str(z["digest"]) if "digest" in z.files else None
-    _check_arrays(*arrays[:2], expect_sizes[0], cache)
-    _check_arrays(*arrays[2:], expect_sizes[1], cache)
-    digest = arrays_digest(arrays)
-    if stored is not None and stored != digest:
-        raise DataError("its arrays do not match the digest stored with them: the file is damaged")
-    if tuple(expect_sizes) == (50000, 10000) and digest != OFFICIAL_ARRAYS_SHA256:
-        raise DataError("its arrays are not the official CIFAR-10")
-    if stored is None and tuple(expect_sizes) != (50000, 10000):
-        raise DataError("it holds no digest of its arrays (written by an older version)")
-    return arrays
-
-
-def load_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL, quiet: bool = False,
-                 archive_md5: dict | None = None, bin_md5: dict | None = None, expect_sizes=(50000, 10000),
-                 py_md5: dict | None = None):
-    """(train_x, train_y, test_x, test_y) as uint8 NHWC images and int64 labels.
-
-    Sources, in order: the cache this function wrote before (its arrays checked against the digest
-    stored with them); the extracted folders cifar-10-batches-py/ or cifar-10-batches-bin/ (each
-    file MD5-checked); the official archives; a download from `url`. The checksums and expected
-    sizes default to the official ones (tests pass their own). `data_dir` must exist; the default
-    folder is created. Temporary files left by a killed run are removed first.
-    """
-    archive_md5 = ARCHIVE_MD5 if archive_md5 is None else archive_md5
-    bin_md5 = BIN_MD5 if bin_md5 is None else bin_md5
-    py_md5 = PY_MD5 if py_md5 is None else py_md5
-    root = _data_root(data_dir)
-    remove_stale_temporaries(root, log=lambda m: print(m, file=sys.stderr))
-    cache = root / CACHE_NAME
-    if cache.is_file():
-        try:
-            return _read_cache(cache, expect_sizes)
-        except Exception as e:
-            print(f"warning: ignoring the cache {cache} ({e}); rebuilding it from the original files", file=sys.stderr)
-
-    def from_folders():
-        if (root / "cifar-10-batches-py").is_dir():
-            return read_folder(root / "cifar-10-batches-py", "py", py_md5)
-        if (root / "cifar-10-batches-bin").is_dir():
-            return read_folder(root / "cifar-10-batches-bin", "bin", bin_md5)
-        return None
-
-    arrays = from_folders()
-    if arrays is None:
-        for name in (PYTHON_ARCHIVE, "cifar-10-binary.tar.gz"):
-            if (root / name).is_file():
-                extract_archive(root / name, root, archive_md5.get(name))
-                break
-        else:
-            name = PYTHON_ARCHIVE
-            download(url, root / name, archive_md5.get(name), quiet=quiet)
-            extract_archive(root / name, root, archive_md5.get(name))
-        arrays = from_folders()
-        if arrays is None:
-            raise DataError(f"the archive in {root} held no cifar-10-batches-py/ or -bin/ folder; delete it and run again")
-    _check_arrays(*arrays[:2], expect_sizes[0], f"training set in {root}")
-    _check_arrays(*arrays[2:], expect_sizes[1], f"test set in {root}")
-    digest = arrays_digest(arrays)
-    try:
-        write_atomic(cache, lambda tmp: np.savez(open(tmp, "wb"), train_x=arrays[0], train_y=arrays[1],
-                                                 test_x=arrays[2], test_y=arrays[3], digest=np.array(digest)))
-    except OSError as e:
-        print(f"note: could not write the cache {cache} ({e.strerror or e}); going on without it (the next run reads "
-              f"the original files again; make the folder writable to keep a cache)", file=sys.stderr)
-    return arrays
 
 
 @dataclass
@@ -600,24 +231,12 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
-def _pick_device(name: str) -> torch.device:
-    if name != "auto":
-        dev = torch.device(name)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
-        if dev.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError("--device mps was asked for, but MPS is not available; use --device cpu")
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+PRECISIONS = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # auto: by device
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     name = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    return PRECISIONS[name]
 
 
 def to_device(images: np.ndarray, device, dtype) -> torch.Tensor:
@@ -654,6 +273,9 @@ def load_data(cfg: Config, device: torch.device | None = None, quiet: bool = Fal
 # =============================================================================================
 # 3. Augmentation: a whole epoch at once on the device, no Python loop over images
 # =============================================================================================
+
+
+FLIPS = ("random", "alternating", "none")  # see EpochAugmenter
 
 
 @dataclass
@@ -734,7 +356,7 @@ class EpochAugmenter:
 
 
 # =============================================================================================
-# 4. Model: frozen patch whitening, ghost batch norm, ResNet-9 (or airbench) layers, scaled linear head
+# 4. Model: frozen patch whitening, ghost batch norm, a class per network (ResNet-9, airbench), scaled head
 # =============================================================================================
 
 
@@ -807,6 +429,10 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
+WHITEN_KERNELS = (2, 3)  # side of the whitened patches
+WHITEN_BIAS_INITS = ("zero", "default")  # default: PyTorch's uniform +-1/sqrt(fan-in)
+
+
 def whitening_layer(cfg: Config) -> tuple[nn.Module, int]:
     """The frozen whitening conv (filled by init_whitening) and its channel count; the identity
     and 3 channels when whitening is off. Its bias, if any, trains for whiten_bias_epochs."""
@@ -821,39 +447,58 @@ def whitening_layer(cfg: Config) -> tuple[nn.Module, int]:
     return conv, channels
 
 
-class ResNet9(nn.Module):
-    """Page's network: whitening, a prep conv, three pooled layers (the first and last with a
-    residual of two conv-BN-act), global max-pool, a scaled bias-free linear head.
-    With arch 'airbench' it is instead whitening -> act -> three groups of
-    conv-pool-BN-act-conv-BN-act (64/256/256), without prep conv or residuals."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.whiten, c_white = whitening_layer(cfg)
-        if cfg.arch == "airbench":
-            c1, c2, c3 = (max(1, round(cfg.width * c)) for c in (64, 256, 256))
-            after_whitening = None if cfg.whiten_activation == "same" else cfg.whiten_activation
-            self.prep = make_activation(cfg, after_whitening) if cfg.whiten else nn.Identity()
-
-            def group(c_in, c_out):
-                return nn.Sequential(conv_bn(c_in, c_out, cfg, pool=True), conv_bn(c_out, c_out, cfg))
-            self.layer1, self.layer2, self.layer3 = group(c_white, c1), group(c1, c2), group(c2, c3)
-        else:
-            c0, c1, c2, c3 = (max(1, round(cfg.width * c)) for c in (64, 128, 256, 512))
-            self.prep = conv_bn(c_white, c0, cfg, kernel=1) if cfg.whiten else conv_bn(3, c0, cfg)
-
-            def res(c):
-                return [Residual(conv_bn(c, c, cfg), conv_bn(c, c, cfg))] if cfg.residual else []
-            self.layer1 = nn.Sequential(conv_bn(c0, c1, cfg, pool=True), *res(c1))
-            self.layer2 = conv_bn(c1, c2, cfg, pool=True)
-            self.layer3 = nn.Sequential(conv_bn(c2, c3, cfg, pool=True), *res(c3))
-        self.head = nn.Linear(c3, 10, bias=False)
-        self.head_scale = cfg.head_scale
+class Network(nn.Module):
+    """What every network shares: whitening -> prep -> layer1 -> layer2 -> layer3 -> global
+    max-pool -> bias-free linear head, its logits scaled by head_scale. A subclass builds the layers."""
 
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.prep(self.whiten(x)))))
         x = torch.amax(x, dim=(2, 3))  # global max-pool
         return self.head(x) * self.head_scale
+
+
+def channels(cfg: Config, *counts: int) -> list[int]:
+    return [max(1, round(cfg.width * c)) for c in counts]
+
+
+class ResNet9(Network):
+    """Page's ResNet-9: whitening, a prep conv, three pooled layers (the first and last with a
+    residual of two conv-BN-act), 64/128/256/512 channels at width 1."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.whiten, c_white = whitening_layer(cfg)
+        c0, c1, c2, c3 = channels(cfg, 64, 128, 256, 512)
+        self.prep = conv_bn(c_white, c0, cfg, kernel=1) if cfg.whiten else conv_bn(3, c0, cfg)
+
+        def res(c):
+            return [Residual(conv_bn(c, c, cfg), conv_bn(c, c, cfg))] if cfg.residual else []
+        self.layer1 = nn.Sequential(conv_bn(c0, c1, cfg, pool=True), *res(c1))
+        self.layer2 = conv_bn(c1, c2, cfg, pool=True)
+        self.layer3 = nn.Sequential(conv_bn(c2, c3, cfg, pool=True), *res(c3))
+        self.head = nn.Linear(c3, 10, bias=False)
+        self.head_scale = cfg.head_scale
+
+
+class AirbenchNet(Network):
+    """Keller Jordan's airbench network: whitening -> activation -> three groups of
+    conv-pool-BN-act-conv-BN-act, 64/256/256 channels at width 1; no prep conv, no residuals."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.whiten, c_white = whitening_layer(cfg)
+        c1, c2, c3 = channels(cfg, 64, 256, 256)
+        after_whitening = None if cfg.whiten_activation == "same" else cfg.whiten_activation
+        self.prep = make_activation(cfg, after_whitening) if cfg.whiten else nn.Identity()
+
+        def group(c_in, c_out):
+            return nn.Sequential(conv_bn(c_in, c_out, cfg, pool=True), conv_bn(c_out, c_out, cfg))
+        self.layer1, self.layer2, self.layer3 = group(c_white, c1), group(c1, c2), group(c2, c3)
+        self.head = nn.Linear(c3, 10, bias=False)
+        self.head_scale = cfg.head_scale
+
+
+NETWORKS = {"resnet9": ResNet9, "airbench": AirbenchNet}  # Config.arch -> the network's class
 
 
 def whitening_filters(images: torch.Tensor, kernel: int = 3, eps: float = 1e-2) -> torch.Tensor:
@@ -875,7 +520,7 @@ def whitening_filters(images: torch.Tensor, kernel: int = 3, eps: float = 1e-2) 
     return filters.reshape(d, c, kernel, kernel).float()
 
 
-def init_whitening(model: ResNet9, train_x: torch.Tensor, cfg: Config) -> None:
+def init_whitening(model: Network, train_x: torch.Tensor, cfg: Config) -> None:
     if cfg.whiten:
         filters = whitening_filters(train_x[:cfg.whiten_samples], cfg.whiten_kernel, cfg.whiten_eps)
         if cfg.whiten_negatives:
@@ -888,16 +533,32 @@ def uses_channels_last(cfg: Config, device: torch.device) -> bool:
     return cfg.channels_last and device.type in ("cuda", "cpu")
 
 
-def build_model(cfg: Config, device: torch.device | str = "cpu") -> ResNet9:
-    model = ResNet9(cfg)
-    if cfg.conv_init == "dirac":
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.Conv2d) and m is not model.whiten and m.kernel_size == (3, 3):
-                    nn.init.dirac_(m.weight[:min(m.in_channels, m.out_channels)])
-    if cfg.head_init == "unit_std":
-        with torch.no_grad():
-            model.head.weight.div_(model.head.weight.std())
+@torch.no_grad()
+def dirac_filters(model: Network) -> None:
+    """Every 3x3 conv but the whitening starts as the identity on its first in-channels filters."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m is not model.whiten and m.kernel_size == (3, 3):
+            nn.init.dirac_(m.weight[:min(m.in_channels, m.out_channels)])
+
+
+@torch.no_grad()
+def unit_std_head(model: Network) -> None:
+    model.head.weight.div_(model.head.weight.std())
+
+
+def keep_init(model: Network) -> None:
+    """PyTorch's default initialisation, as the modules were built."""
+
+
+CONV_INITS = {"default": keep_init, "dirac": dirac_filters}
+HEAD_INITS = {"default": keep_init, "unit_std": unit_std_head}
+
+
+def build_model(cfg: Config, device: torch.device | str = "cpu") -> Network:
+    """The network of cfg.arch with its initialisation switches, on the device in its memory layout."""
+    model = NETWORKS[cfg.arch](cfg)
+    CONV_INITS[cfg.conv_init](model)
+    HEAD_INITS[cfg.head_init](model)
     model = model.to(device)
     if uses_channels_last(cfg, torch.device(device)):
         model = model.to(memory_format=torch.channels_last)
@@ -914,17 +575,22 @@ def total_steps(cfg: Config, n_batches: int) -> int:
     return math.ceil(round(cfg.epochs * n_batches, 9))  # round: 10.0 x 97 must not become 971
 
 
-def lr_factor(cfg: Config, step: int, total: int) -> float:
-    """The schedule's multiplier of the peak LR for the step that has `step` steps done before it
-    (0 .. total-1). Page reads his schedule after counting the step (lr_schedule_at 'end'),
-    airbench before it ('start'). One-cycle knots sit at whole steps, int(fraction x total)."""
-    t = step + (cfg.lr_schedule_at == "end")
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    if cfg.lr_schedule == "linear":
-        return max(0.0, 1.0 - t / total)
+def one_cycle(cfg: Config, t: int, total: int) -> float:
+    """lr_start -> 1 -> lr_final, piecewise linear, its knots at whole steps int(fraction x total)."""
     knots = [0, int(round(cfg.lr_peak_frac * total, 9)), int(round(cfg.lr_final_frac * total, 9)), total]
     return float(np.interp(t, knots, [cfg.lr_start, 1.0, cfg.lr_final, cfg.lr_final]))
+
+
+LR_SCHEDULES = {"onecycle": one_cycle, "linear": lambda cfg, t, total: max(0.0, 1.0 - t / total),
+                "constant": lambda cfg, t, total: 1.0}
+# Where a step reads the schedule: Page after counting the step ('end'), airbench before it ('start').
+LR_SCHEDULE_AT = {"end": 1, "start": 0}
+
+
+def lr_factor(cfg: Config, step: int, total: int) -> float:
+    """The schedule's multiplier of the peak LR for the step that has `step` steps done before it
+    (0 .. total-1), read at step + LR_SCHEDULE_AT[cfg.lr_schedule_at] of `total`."""
+    return LR_SCHEDULES[cfg.lr_schedule](cfg, step + LR_SCHEDULE_AT[cfg.lr_schedule_at], total)
 
 
 def whiten_bias_steps(cfg: Config, n_batches: int) -> int:
@@ -966,6 +632,9 @@ def orthogonalize_all(mats: list[torch.Tensor], steps: int, coeffs) -> list[torc
     out = orthogonalize(batch, steps, coeffs)
     return [o[:w.shape[0], :w.shape[1]].mT if m is not w else o[:w.shape[0], :w.shape[1]]
             for o, w, m in zip(out, wide, mats)]
+
+
+MUON_RENORMS = ("none", "every_step", "growing")  # see Muon.renorm_due
 
 
 class Muon(torch.optim.Optimizer):
@@ -1018,6 +687,24 @@ class Muon(torch.optim.Optimizer):
                     p.mul_(1 - g["lr"] * g["decoupled_wd"])
 
 
+# Config.optimizer -> make(parameter groups, cfg, total steps); set_lr() sets every group's LR before each step.
+OPTIMIZERS = {
+    "nesterov": lambda groups, cfg, total: torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=True),
+    "sgd": lambda groups, cfg, total: torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum),
+    "muon": lambda groups, cfg, total: Muon(groups, momentum=cfg.momentum, ns_steps=cfg.muon_ns_steps,
+                                            coeffs=NS_COEFFICIENTS[cfg.muon_ns_coeffs], renorm=cfg.muon_renorm,
+                                            total_steps=total),
+    "adam": lambda groups, cfg, total: torch.optim.Adam(groups, lr=0.0),
+    # AdamW decays by lr x weight_decay per step, not by the summed loss's weight_decay x batch_size
+    "adamw": lambda groups, cfg, total: torch.optim.AdamW(
+        [{**g, "weight_decay": g["weight_decay"] / cfg.batch_size} for g in groups], lr=0.0),
+    "rmsprop": lambda groups, cfg, total: torch.optim.RMSprop(groups, lr=0.0, momentum=cfg.momentum),
+    "adagrad": lambda groups, cfg, total: torch.optim.Adagrad(groups, lr=0.0),
+    "adadelta": lambda groups, cfg, total: torch.optim.Adadelta(groups, lr=0.0),
+}
+WHITEN_BIAS_SCHEDULES = ("shared", "own")  # see build_optimizer
+
+
 def build_optimizer(model: nn.Module, cfg: Config, total_steps: int = 0, bias_steps: int = 0) -> torch.optim.Optimizer:
     """Parameter groups: weights at lr/batch_size; BN parameters at bias_lr_scale x that with
     1/bias_lr_scale the decay; the whitening bias with the weights (whiten_bias_schedule
@@ -1040,23 +727,14 @@ def build_optimizer(model: nn.Module, cfg: Config, total_steps: int = 0, bias_st
     groups = [g for g in groups if g["params"]]
     for g in groups:
         g["lr"] = 0.0
-    opt = {"nesterov": lambda: torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=True),
-           "sgd": lambda: torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum),
-           "muon": lambda: Muon(groups, momentum=cfg.momentum, ns_steps=cfg.muon_ns_steps,
-                                coeffs=NS_COEFFICIENTS[cfg.muon_ns_coeffs], renorm=cfg.muon_renorm, total_steps=total_steps),
-           "adam": lambda: torch.optim.Adam(groups, lr=0.0),
-           "adamw": lambda: torch.optim.AdamW([{**g, "weight_decay": g["weight_decay"] / cfg.batch_size} for g in groups], lr=0.0),
-           "rmsprop": lambda: torch.optim.RMSprop(groups, lr=0.0, momentum=cfg.momentum),
-           "adagrad": lambda: torch.optim.Adagrad(groups, lr=0.0),
-           "adadelta": lambda: torch.optim.Adadelta(groups, lr=0.0)}[cfg.optimizer]()
-    return opt
+    return OPTIMIZERS[cfg.optimizer](groups, cfg, total_steps)
 
 
 def set_lr(opt: torch.optim.Optimizer, cfg: Config, step: int, total: int) -> None:
     """Every group's LR for the step with `step` steps done before it, of `total`; a group with
     'decay_over' (the whitening bias's own schedule) decays linearly to 0 over that many steps."""
     factor = lr_factor(cfg, step, total)
-    t = step + (cfg.lr_schedule_at == "end")
+    t = step + LR_SCHEDULE_AT[cfg.lr_schedule_at]
     for g in opt.param_groups:
         g["lr"] = g["peak_lr"] * (max(0.0, 1 - t / g["decay_over"]) if "decay_over" in g else factor)
 
@@ -1142,7 +820,7 @@ def make_ema(model: nn.Module, cfg: Config, total_steps: int) -> EMA | None:
 
 
 # =============================================================================================
-# 6. Training loop and timer
+# 6. One run: timer, step, epoch, train()
 # =============================================================================================
 
 
@@ -1201,81 +879,32 @@ def set_determinism(cfg: Config, device: torch.device) -> None:
         torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
 
 
-# -- several processes (torchrun): each trains on its share of every batch -------------------
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
-@dataclass
-class Distributed:
-    """This process's place in a torchrun job: rank 0 of 1 when it runs alone."""
-    rank: int = 0
-    world: int = 1
+def make_step_fn(model, opt, cfg, device, dtype, world: int = 1):
+    """step_fn(images, labels) -> (summed loss, logits): forward, backward and optimizer step.
+    Returns (step_fn, forward, module): forward is module, compiled if cfg.compile; module is the
+    model, or with several processes its DistributedDataParallel wrapper. Each process's summed
+    loss is then multiplied by the number of processes, so that DDP's mean of the gradients
+    equals the gradient of the loss summed over the whole batch, as in a single process."""
+    module = model
+    if world > 1:
+        with warnings.catch_warnings():  # newer torch renames broadcast_buffers; torch 2.4 knows only this name
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers", category=FutureWarning)
+            module = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                         broadcast_buffers=False)
+    forward = torch.compile(module, mode=cfg.compile_mode) if cfg.compile else module
 
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-
-def process_group() -> Distributed:
-    if dist.is_available() and dist.is_initialized():
-        return Distributed(dist.get_rank(), dist.get_world_size())
-    return Distributed()
-
-
-def init_distributed(cfg: Config) -> Distributed:
-    """Join the torchrun job this process was started in, if any: NCCL on CUDA, gloo on the CPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Distributed()
-    device = pick_device(cfg.device)
-    if device.type == "mps":
-        raise ValueError("several processes on Apple MPS are not supported; use --device cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))
-    return process_group()
-
-
-def leave_distributed() -> None:
-    """Leave the torchrun job, if in one. DDP's gloo work objects are freed first, while the
-    interpreter is whole: freed during interpreter exit they can abort the process."""
-    if dist.is_available() and dist.is_initialized():
-        gc.collect()
-        dist.destroy_process_group()
-
-
-def local_positions(n_batches: int, cfg: Config, ctx: Distributed) -> torch.Tensor:
-    """Positions, in the epoch's shuffled order, of the images this process trains on, batch by batch.
-
-    Each process takes whole ghost-BN groups of every global batch: with S groups per batch
-    (image p of a batch is in group p % S) and W processes, process r takes groups
-    r*S/W .. (r+1)*S/W - 1, in an order that keeps their group numbers modulo S/W. So every
-    group normalises exactly the images it would normalise in a single process."""
-    b, s, w = cfg.batch_size, cfg.ghost_bn_splits, ctx.world
-    pos = torch.arange(n_batches * b)
-    return pos if w == 1 else pos.view(n_batches, b // s, w, s // w)[:, :, ctx.rank].reshape(-1)
-
-
-def average_bn_statistics(model: nn.Module, world: int) -> None:
-    """Average the ghost-BN running statistics over the processes. This keeps their mean over
-    groups, which is what evaluation uses, and makes the statistics identical everywhere."""
-    bufs = [b for m in model.modules() if isinstance(m, GhostBatchNorm) for b in (m.running_mean, m.running_var)]
-    flat = torch.cat([b.reshape(-1) for b in bufs])
-    dist.all_reduce(flat)
-    flat /= world
-    for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
-        b.copy_(v.view_as(b))
-
-
-def ranks_agree(*models: nn.Module) -> bool:
-    """True when every process holds bit-identical weights and statistics in `models`."""
-    flat = torch.cat([v.detach().reshape(-1).double() for m in models for v in m.state_dict().values()])
-    top = flat.clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX)
-    same = torch.tensor(float(torch.equal(top, flat)), device=flat.device)
-    dist.all_reduce(same, op=dist.ReduceOp.MIN)
-    return bool(same.item())
-
-
-# -- the loop --------------------------------------------------------------------------------
+    def step_fn(xb, yb):
+        with autocast(device, dtype):
+            logits = forward(xb)
+        loss = smoothed_cross_entropy(logits, yb, cfg.label_smoothing)
+        (loss * world if world > 1 else loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss, logits
+    return step_fn, forward, module
 
 
 def train_epoch(setup, cfg: Config, ema, x, y, step: int, communicate: bool = True, progress=None):
@@ -1304,62 +933,6 @@ def train_epoch(setup, cfg: Config, ema, x, y, step: int, communicate: bool = Tr
         if progress is not None:
             progress(step)
     return loss_sum, correct, step
-
-
-class Progress:
-    """On slow devices, a line every `every_s` seconds inside an epoch: step k of n, images/s and
-    the time the remaining training steps will take at that rate."""
-
-    def __init__(self, log, total_steps: int, batch_size: int, every_s: float = 30.0):
-        self.log, self.total, self.batch, self.every_s = log, total_steps, batch_size, every_s
-        self.start(0)
-
-    def start(self, step: int) -> None:
-        """Count from here (the start of an epoch: evaluation time is not training speed)."""
-        self.t0 = self.last = time.perf_counter()
-        self.step0 = step
-
-    def __call__(self, step: int) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.every_s or step == self.step0:
-            return
-        self.last = now
-        rate = (step - self.step0) * self.batch / (now - self.t0)
-        eta = (self.total - step) * self.batch / rate
-        self.log(f"  step {step} of {self.total}: {rate:,.0f} images/s, training ends in about {format_duration(eta)}")
-
-
-def format_duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def make_step_fn(model, opt, cfg, device, dtype, world: int = 1):
-    """step_fn(images, labels) -> (summed loss, logits): forward, backward and optimizer step.
-    Returns (step_fn, forward, module): forward is module, compiled if cfg.compile; module is the
-    model, or with several processes its DistributedDataParallel wrapper. Each process's summed
-    loss is then multiplied by the number of processes, so that DDP's mean of the gradients
-    equals the gradient of the loss summed over the whole batch, as in a single process."""
-    module = model
-    if world > 1:
-        with warnings.catch_warnings():  # newer torch renames broadcast_buffers; torch 2.4 knows only this name
-            warnings.filterwarnings("ignore", message=".*broadcast_buffers", category=FutureWarning)
-            module = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                         broadcast_buffers=False)
-    forward = torch.compile(module, mode=cfg.compile_mode) if cfg.compile else module
-
-    def step_fn(xb, yb):
-        with autocast(device, dtype):
-            logits = forward(xb)
-        loss = smoothed_cross_entropy(logits, yb, cfg.label_smoothing)
-        (loss * world if world > 1 else loss).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss, logits
-    return step_fn, forward, module
 
 
 @dataclass
@@ -1610,56 +1183,8 @@ def classification_metrics(pred: torch.Tensor, target: torch.Tensor, classes: in
 
 
 # =============================================================================================
-# 8. Statistics and reporting
+# 8. Many seeds: mean, spread, interval and t-test of the final accuracy
 # =============================================================================================
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
-    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1 + num * d
-            d = 1 / (d if abs(d) > tiny else tiny)
-            c = 1 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1) < 1e-15:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b)."""
-    if x <= 0:
-        return 0.0
-    if x >= 1:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1) / (a + b + 2):
-        return front * _betacf(a, b, x) / a
-    return 1 - front * _betacf(b, a, 1 - x) / b
-
-
-def student_t_sf(t: float, df: float) -> float:
-    """P(T > t) for Student's t with df degrees of freedom."""
-    tail = 0.5 * betainc(df / 2, 0.5, df / (df + t * t))
-    return tail if t >= 0 else 1 - tail
-
-
-def student_t_ppf(q: float, df: float) -> float:
-    """The t with P(T <= t) = q (bisection on the survival function)."""
-    lo, hi = -1e3, 1e3
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if 1 - student_t_sf(mid, df) < q:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
 
 
 def mean_std(values) -> tuple[float | None, float | None]:
@@ -1713,6 +1238,775 @@ def summarize(runs: list[dict], target: float) -> dict:
                 diverged=len(runs) - len(finished), diverged_seeds=[r["seed"] for r in runs if r.get("diverged")])
 
 
+def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = CIFAR10_URL,
+             on_progress=None, preset: str | None = None) -> dict:
+    """cfg.runs runs with seeds cfg.seed, cfg.seed+1, ..., in this process or spread over worker
+    processes (cfg.workers); returns the JSON-ready result with the last seed's evaluated model
+    under the key 'model' (dropped before saving). Under torchrun, ranks other than 0 get {}.
+    on_progress(partial), if given, is called on rank 0 after each finished run with the result
+    so far (the finished runs, 'complete': False), so that an interrupted job keeps them.
+    `preset`, the name the config started from, is recorded in the result."""
+    check_config(cfg)
+    device = pick_device(cfg.device)
+    if device.type == "cpu" and cfg.subset == 0:
+        for line in cpu_lead_in(cfg):
+            log(line)
+    devices = worker_devices(cfg, device)
+    seeds = [cfg.seed + k for k in range(cfg.runs)]
+    runs = [None] * cfg.runs
+    rank0 = process_group().rank == 0
+    if len(devices) > 1:
+        log(f"{cfg.runs} runs over {len(devices)} worker processes ({', '.join(sorted(set(devices)))})")
+
+    def on_result(index, run, where):
+        runs[index] = run
+        if on_progress is not None and rank0:
+            done = [{k: v for k, v in r.items() if k != "model"} for r in runs if r is not None]
+            on_progress(dict(preset=preset, config=dataclasses.asdict(cfg), environment=environment(device), data_load_s=None,
+                             warmup_s=None, runs=done, summary=summarize(done, cfg.target_acc), complete=False))
+        if len(devices) > 1:
+            done = sum(r is not None for r in runs)
+            log(f"run {done} of {cfg.runs} (seed {run['seed']}, {where}): {verdict(run, cfg)}")
+        elif rank0:
+            log(verdict(run, cfg))
+            if index + 1 < cfg.runs:
+                log(f"\nrun {index + 2} of {cfg.runs} (seed {seeds[index + 1]})")
+
+    if cfg.runs > 1 and len(devices) == 1:
+        log(f"run 1 of {cfg.runs} (seed {seeds[0]})")
+    totals = run_jobs([(cfg, s) for s in seeds], devices, on_result, url=url, keep={cfg.runs - 1},
+                      log=log if len(devices) == 1 else _quiet, data=data)
+    model = runs[-1].get("model")
+    for r in runs:
+        r.pop("model", None)
+    if not rank0:
+        return {}
+    result = dict(preset=preset, config=dataclasses.asdict(cfg), environment=environment(device), **totals,
+                  runs=runs, summary=summarize(runs, cfg.target_acc), complete=True, model=model)
+    if cfg.runs > 1:
+        for line in summary_lines(result["summary"]):
+            log(line)
+    return result
+
+
+# =============================================================================================
+# 9. main
+# =============================================================================================
+
+
+def main(argv=None) -> int:
+    import signal
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ctx = Distributed()
+    saved = dict(path=None, runs=0)  # the partial result on disk, if any
+    previous_sigterm = _stop_on_sigterm()
+    warn = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    cfg = None
+    try:
+        cfg = config_from_args(args)
+        out = args.out or default_out_path()
+        for path, what in ((args.out, "--out"), (args.save, "--save")):
+            refuse_existing(path, what)
+        if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 writes: check before any data is read
+            check_writable(out, "--out")
+            if args.save:
+                check_writable(args.save, "--save")
+        check_world(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+        ctx = init_distributed(cfg)
+        log = print if ctx.rank == 0 and not args.quiet else _quiet
+        if ctx.active:
+            log(f"{ctx.world} processes ({dist.get_backend()}): global batch {cfg.batch_size}, "
+                f"{cfg.batch_size // ctx.world} images and {cfg.ghost_bn_splits // ctx.world} ghost-BN groups per process")
+
+        def checkpoint(partial):
+            if saved["path"] is None:
+                saved["path"] = write_with_fallback(out, lambda p: save_json(partial, p), "--out", warn)
+            else:
+                save_json(partial, saved["path"])
+            saved["runs"] = len(partial["runs"])
+
+        result = run_many(cfg, log=log, url=args.data_url, on_progress=checkpoint if cfg.runs > 1 else None,
+                          preset=args.preset)
+        if ctx.active:  # no process leaves, and tears down its connections, while another still uses them
+            dist.barrier()
+    except (ValueError, DataError, RuntimeError) as e:
+        rank = ctx.rank if ctx.active else int(os.environ.get("RANK", 0))
+        where = f"rank {rank}: " if ctx.active or int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        kept = f" ({_plural(saved['runs'], 'finished run')} saved in {saved['path']})" if saved["runs"] else ""
+        parser.exit(2, f"{where}error: {e}{kept}\n")
+    except KeyboardInterrupt:
+        if ctx.rank == 0:
+            if saved["runs"]:
+                message = (f"interrupted: {saved['runs']} of {cfg.runs} runs finished; they are saved in {saved['path']} "
+                           f"(marked \"complete\": false)")
+            else:
+                message = "interrupted before any run finished; nothing was written"
+            parser.exit(130, message + "\n")
+        return 130
+    except BaseException:
+        if saved["runs"]:
+            warn(f"{_plural(saved['runs'], 'finished run')} saved in {saved['path']} before this error:")
+        raise
+    finally:
+        leave_distributed()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+    if ctx.rank != 0:
+        return 0
+    written = write_with_fallback(saved["path"] or out, lambda p: save_json(result, p), "--out", warn)
+    last = result["runs"][-1]
+    weights = None
+    if args.save and last.get("diverged"):
+        warn("note: --save skipped: the last run diverged, so its weights are not worth keeping")
+    elif args.save:
+        weights = write_with_fallback(args.save, lambda p: save_weights(result["model"], cfg, p), "--save", warn)
+    if args.quiet:
+        print(summary_lines(result["summary"])[0] if cfg.runs > 1 else verdict(last, cfg))
+    print(f"results written to {written}" + (f", weights to {weights}" if weights else ""))
+    diverged = result["summary"]["diverged"]
+    if diverged:
+        warn(f"{diverged} of {_plural(cfg.runs, 'run')} diverged (see above); exit status 1")
+        return 1
+    return 0
+
+
+# =============================================================================================
+# =============================================================================================
+# APPENDICES: what the method calls on; a reader who stops here has seen all of the method
+# =============================================================================================
+# =============================================================================================
+
+
+# =============================================================================================
+# A. CIFAR-10 files: cache, folders, archives, download, checksums, safe unpickler, atomic writes
+# =============================================================================================
+
+
+PYTHON_ARCHIVE = "cifar-10-python.tar.gz"  # what a download is saved as, whatever the URL
+ARCHIVE_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+               "cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"}
+BIN_MD5 = {"data_batch_1.bin": "5dd7e06a14cb22eb9f671a540d1b7c25", "data_batch_2.bin": "5ea93a67294ea407fff1d09f752e9692",
+           "data_batch_3.bin": "942cd6a4bcdd0dd3c604fbe906cb4421", "data_batch_4.bin": "ae636b3ba5c66a11e91e8cb52e771fcb",
+           "data_batch_5.bin": "53f37980c15c3d472c316c40844f3f0d", "test_batch.bin": "803d5f7f4d78ea53de84dbe85f74fb6d"}
+PY_MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+          "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+          "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+          "batches.meta": "5ff9c542aee3614f3951f8cda6e48888"}
+CACHE_NAME = "cifar10-uint8.npz"
+# SHA-256 of the official arrays in the cache's form (arrays_digest): a cache of the full data set must match it.
+OFFICIAL_ARRAYS_SHA256 = "b7d593c4d8cf1260dce77e8332de59a8bcc39684afdfd329a4a5a59a6e555452"
+STALE_S = 600  # a temporary file (.part) or extraction folder untouched this long was left by a killed run
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+
+
+class DataError(RuntimeError):
+    """A data file is missing, damaged or of the wrong form; the message says what to do."""
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("CIFAR10_HOME") or Path.home() / ".cache" / "cifar10")
+
+
+def load_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL, quiet: bool = False,
+                 archive_md5: dict | None = None, bin_md5: dict | None = None, expect_sizes=(50000, 10000),
+                 py_md5: dict | None = None):
+    """(train_x, train_y, test_x, test_y) as uint8 NHWC images and int64 labels.
+
+    Sources, in order: the cache this function wrote before (its arrays checked against the digest
+    stored with them); the extracted folders cifar-10-batches-py/ or cifar-10-batches-bin/ (each
+    file MD5-checked); the official archives; a download from `url`. The checksums and expected
+    sizes default to the official ones (tests pass their own). `data_dir` must exist; the default
+    folder is created. Temporary files left by a killed run are removed first.
+    """
+    archive_md5 = ARCHIVE_MD5 if archive_md5 is None else archive_md5
+    bin_md5 = BIN_MD5 if bin_md5 is None else bin_md5
+    py_md5 = PY_MD5 if py_md5 is None else py_md5
+    root = _data_root(data_dir)
+    remove_stale_temporaries(root, log=lambda m: print(m, file=sys.stderr))
+    cache = root / CACHE_NAME
+    if cache.is_file():
+        try:
+            return _read_cache(cache, expect_sizes)
+        except Exception as e:
+            print(f"warning: ignoring the cache {cache} ({e}); rebuilding it from the original files", file=sys.stderr)
+
+    def from_folders():
+        if (root / "cifar-10-batches-py").is_dir():
+            return read_folder(root / "cifar-10-batches-py", "py", py_md5)
+        if (root / "cifar-10-batches-bin").is_dir():
+            return read_folder(root / "cifar-10-batches-bin", "bin", bin_md5)
+        return None
+
+    arrays = from_folders()
+    if arrays is None:
+        for name in (PYTHON_ARCHIVE, "cifar-10-binary.tar.gz"):
+            if (root / name).is_file():
+                extract_archive(root / name, root, archive_md5.get(name))
+                break
+        else:
+            name = PYTHON_ARCHIVE
+            download(url, root / name, archive_md5.get(name), quiet=quiet)
+            extract_archive(root / name, root, archive_md5.get(name))
+        arrays = from_folders()
+        if arrays is None:
+            raise DataError(f"the archive in {root} held no cifar-10-batches-py/ or -bin/ folder; delete it and run again")
+    _check_arrays(*arrays[:2], expect_sizes[0], f"training set in {root}")
+    _check_arrays(*arrays[2:], expect_sizes[1], f"test set in {root}")
+    digest = arrays_digest(arrays)
+    try:
+        write_atomic(cache, lambda tmp: np.savez(open(tmp, "wb"), train_x=arrays[0], train_y=arrays[1],
+                                                 test_x=arrays[2], test_y=arrays[3], digest=np.array(digest)))
+    except OSError as e:
+        print(f"note: could not write the cache {cache} ({e.strerror or e}); going on without it (the next run reads "
+              f"the original files again; make the folder writable to keep a cache)", file=sys.stderr)
+    return arrays
+
+
+def _data_root(data_dir) -> Path:
+    """The data folder: `data_dir` must exist; only the default folder is created unasked."""
+    root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    what = f"--data-dir {root}" if data_dir else (f"CIFAR10_HOME={root}" if os.environ.get("CIFAR10_HOME") else str(root))
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{what} is a file, not a folder: pass the folder that holds CIFAR-10 "
+                        f"(or that a download should go into)")
+    if not root.exists():
+        if data_dir:
+            raise DataError(f"data folder {root} does not exist. Check the path; to download CIFAR-10 into a new "
+                            f"folder, create it first (mkdir -p {root}), or leave --data-dir out to use {default_data_dir()}")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"cannot create the data folder {what} ({e.strerror}); set CIFAR10_HOME or pass "
+                            f"--data-dir to a folder you can write") from None
+    return root
+
+
+def _read_cache(cache: Path, expect_sizes) -> tuple:
+    """The cache's arrays, after checking their shapes and their digest; DataError if they fail."""
+    with np.load(cache) as z:
+        arrays = tuple(z[k] for k in ("train_x", "train_y", "test_x", "test_y"))
+        stored = str(z["digest"]) if "digest" in z.files else None
+    _check_arrays(*arrays[:2], expect_sizes[0], cache)
+    _check_arrays(*arrays[2:], expect_sizes[1], cache)
+    digest = arrays_digest(arrays)
+    if stored is not None and stored != digest:
+        raise DataError("its arrays do not match the digest stored with them: the file is damaged")
+    if tuple(expect_sizes) == (50000, 10000) and digest != OFFICIAL_ARRAYS_SHA256:
+        raise DataError("its arrays are not the official CIFAR-10")
+    if stored is None and tuple(expect_sizes) != (50000, 10000):
+        raise DataError("it holds no digest of its arrays (written by an older version)")
+    return arrays
+
+
+def arrays_digest(arrays) -> str:
+    """SHA-256 of (train_x, train_y, test_x, test_y): each array's dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def remove_stale_temporaries(root: Path, older_than_s: float = STALE_S, log=None) -> list[Path]:
+    """Delete the hidden temporary files (.NAME.XXXX.part) and extraction folders (.extract-XXXX)
+    that a killed download, extraction or cache write left in `root`; files touched in the last
+    `older_than_s` seconds may belong to a run still going and are kept. Returns what was removed."""
+    removed, now = [], time.time()
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        if not (p.name.startswith(".") and (p.name.endswith(".part") or p.name.startswith(".extract-"))):
+            continue
+        try:
+            if now - p.stat().st_mtime < older_than_s:
+                continue
+            size = p.stat().st_size if p.is_file() else 0
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        except OSError:
+            continue
+        removed.append(p)
+        if log:
+            log(f"note: removed {p}, left behind by an interrupted run" + (f" ({size / 1e6:.0f} MB)" if size else ""))
+    return removed
+
+
+def read_folder(folder: Path, kind: str, checksums: dict | None = None):
+    """Both splits from an extracted official folder: kind 'py' (pickles) or 'bin' (binary).
+    `checksums` maps file names to MD5s; a file it does not name is not checked."""
+    parts = {}
+    checksums = checksums or {}
+    if kind == "py":
+        _check_md5(folder / "batches.meta", checksums.get("batches.meta"))  # not read, but part of the folder
+    for split, names in (("train", TRAIN_FILES), ("test", ["test_batch"])):
+        if kind == "py":
+            arrays = [read_python_batch(folder / n, checksums.get(n)) for n in names]
+        else:
+            arrays = [read_binary_batch(folder / f"{n}.bin", checksums.get(f"{n}.bin")) for n in names]
+        parts[split] = (np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays]))
+    return parts["train"] + parts["test"]
+
+
+def read_python_batch(path: Path, expected_md5: str | None = None):
+    """One file of cifar-10-batches-py: a pickled dict with b'data' (N, 3072) and b'labels'."""
+    _check_md5(path, expected_md5)
+    try:
+        with open(path, "rb") as f:
+            d = _ArrayUnpickler(f, encoding="bytes").load()
+        d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+        data, labels = np.asarray(d["data"], dtype=np.uint8), np.asarray(d["labels"], dtype=np.int64)
+        x = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    except FileNotFoundError:
+        raise DataError(f"missing batch file {path}: the folder is incomplete; delete it and run again "
+                        f"to re-extract or re-download") from None
+    except Exception as e:  # truncated pickle, wrong keys, wrong sizes
+        raise DataError(f"{path} is not a readable CIFAR-10 python batch ({type(e).__name__}: {e}); "
+                        f"delete {path.parent} and run again") from None
+    _check_arrays(x, labels, None, path)
+    return np.ascontiguousarray(x), labels
+
+
+def read_binary_batch(path: Path, expected_md5: str | None = None):
+    """One file of cifar-10-batches-bin: records of 1 label byte + 3072 pixel bytes (R, G, B planes)."""
+    if not path.is_file():
+        raise DataError(f"missing batch file {path}: the folder is incomplete; delete it and run again")
+    _check_md5(path, expected_md5)
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % 3073:
+        raise DataError(f"{path} has {raw.size} bytes, not a whole number of 3073-byte records; delete it and run again")
+    raw = raw.reshape(-1, 3073)
+    x = raw[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    labels = raw[:, 0].astype(np.int64)
+    _check_arrays(x, labels, None, path)
+    return np.ascontiguousarray(x), labels
+
+
+def _check_arrays(x: np.ndarray, y: np.ndarray, n: int | None, source) -> None:
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
+        raise DataError(f"{source}: images have shape {x.shape} and dtype {x.dtype}, expected (N, 32, 32, 3) uint8")
+    if y.shape != (x.shape[0],) or (y.size and (y.min() < 0 or y.max() > 9)):
+        raise DataError(f"{source}: labels have shape {y.shape} or values outside 0..9; expected {x.shape[0]} labels")
+    if n is not None and x.shape[0] != n:
+        raise DataError(f"{source}: holds {x.shape[0]} images, expected {n}")
+
+
+def extract_archive(archive: Path, dest: Path, expected_md5: str | None) -> None:
+    """Verify the archive's MD5, then extract it into dest through a temporary folder."""
+    if expected_md5 is not None:
+        digest = md5sum(archive)
+        if digest != expected_md5:
+            fix = ("Delete it and run again (it will be re-downloaded), or put a good copy there."
+                   if archive.name == PYTHON_ARCHIVE else
+                   f"Put a good copy there, or delete it and run again: the run then downloads {PYTHON_ARCHIVE}.")
+            raise DataError(f"{archive} has MD5 {digest}, expected {expected_md5}: the file is damaged or not "
+                            f"the official archive. {fix}")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
+    except OSError as e:
+        raise DataError(f"cannot extract {archive} into {dest} ({e.strerror}): the folder is not writable. "
+                        f"Extract the archive there by hand, or copy it to a writable folder and pass "
+                        f"--data-dir to that folder") from None
+    try:
+        try:
+            with tarfile.open(archive, "r:gz") as t:
+                if sys.version_info >= (3, 12) or hasattr(tarfile, "data_filter"):
+                    t.extractall(tmp, filter="data")
+                else:  # pragma: no cover - Python without extraction filters
+                    t.extractall(tmp)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise DataError(f"{archive} is truncated or corrupt ({e}); delete it and run again") from None
+        for folder in tmp.iterdir():
+            if folder.name.startswith("cifar-10-batches-") and not (dest / folder.name).exists():
+                os.replace(folder, dest / folder.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def download(url: str, path: Path, expected_md5: str | None, quiet: bool = False) -> None:
+    """Download url to path (through a temporary file), checking its length and MD5."""
+    try:
+        tmp = _atomic_target(path)
+    except OSError as e:
+        raise DataError(f"cannot download into {path.parent} ({e.strerror}): the folder is not writable. "
+                        f"Pass --data-dir to a writable folder, or put {path.name} there by hand") from None
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
+                total = int(resp.headers.get("Content-Length") or 0)
+                done = 0
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+                    done += len(chunk)
+                    if not quiet:
+                        pct = f" ({100 * done / total:.0f}%)" if total else ""
+                        print(f"\rdownloading {url}: {done / 1e6:.1f}/{total / 1e6:.1f} MB{pct}", end="", file=sys.stderr)
+            if not quiet:
+                print(file=sys.stderr)
+        except Exception as e:  # no network, HTTP error, connection dropped
+            raise DataError(f"could not download {url} ({e}). Download it by hand and put it at {path} "
+                            f"(or pass --data-dir to a folder that holds it), then run again.") from None
+        if total and done != total:
+            raise DataError(f"download of {url} was truncated ({done} of {total} bytes); run again")
+        if expected_md5 is not None and md5sum(tmp) != expected_md5:
+            raise DataError(f"the file downloaded from {url} fails its MD5 check; it was discarded. Run again, or "
+                            f"download it by hand to {path}.")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def md5sum(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_md5(path: Path, expected_md5: str | None) -> None:
+    if expected_md5 is not None and path.is_file() and md5sum(path) != expected_md5:
+        raise DataError(f"{path} fails its MD5 check (expected {expected_md5}): the file is damaged; "
+                        f"delete {path.parent} and run again, never train on it")
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles the official batches (dicts of numpy arrays and lists) and nothing else."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _atomic_target(path: Path):
+    """A temporary file beside `path`; rename it onto `path` once complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the permissions of an ordinary new file, not mkstemp's 0600
+    return Path(tmp)
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call write(tmp_path), then rename tmp onto path, so `path` is either absent or whole."""
+    tmp = _atomic_target(Path(path))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# =============================================================================================
+# B. Config checks, argument parsing, paths, weights, environment, printed reports
+# =============================================================================================
+
+
+# Each Config field that names a choice, and the table its choices come from (by the code it switches).
+SWITCHES = dict(flip=FLIPS, arch=NETWORKS, activation=ACTIVATIONS, whiten_activation=("same", *ACTIVATIONS),
+                whiten_kernel=WHITEN_KERNELS, whiten_bias_init=WHITEN_BIAS_INITS,
+                whiten_bias_schedule=WHITEN_BIAS_SCHEDULES, conv_init=CONV_INITS, head_init=HEAD_INITS,
+                optimizer=OPTIMIZERS, muon_ns_coeffs=NS_COEFFICIENTS, muon_renorm=MUON_RENORMS,
+                lr_schedule=LR_SCHEDULES, lr_schedule_at=LR_SCHEDULE_AT, ema_mode=EMA_KINDS, tta=TTA_WEIGHTS,
+                precision=PRECISIONS, compile_mode=COMPILE_MODES)
+
+
+def check_config(cfg: Config) -> None:
+    for name, table in SWITCHES.items():
+        allowed = tuple(table)
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(map(str, allowed))}")
+    if not cfg.epochs > 0:
+        raise ValueError(f"epochs must be positive, got {cfg.epochs}")
+    positive = ("eval_every", "batch_size", "ghost_bn_splits", "ema_every", "eval_batch_size", "runs", "whiten_samples",
+                "muon_ns_steps")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.workers < 0:
+        raise ValueError(f"workers must be 0 (automatic) or more, got {cfg.workers}")
+    for name in ("subset", "test_subset", "crop_pad", "cutout"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be 0 or more, got {getattr(cfg, name)}")
+    if cfg.width <= 0:
+        raise ValueError(f"width must be positive, got {cfg.width}")
+    if cfg.batch_size % cfg.ghost_bn_splits:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by ghost_bn_splits {cfg.ghost_bn_splits}")
+    if cfg.cutout > 32:
+        raise ValueError(f"cutout {cfg.cutout} is larger than the 32-pixel image")
+    if cfg.crop_pad > 31:
+        raise ValueError(f"crop_pad {cfg.crop_pad} must be below 32 (reflect padding needs it)")
+    if not 0 <= cfg.tta_unsure_frac <= 1:
+        raise ValueError(f"tta_unsure_frac is a fraction in [0, 1], got {cfg.tta_unsure_frac}")
+    if cfg.whiten_bias_epochs < 0:
+        raise ValueError(f"whiten_bias_epochs must be 0 or more, got {cfg.whiten_bias_epochs}")
+    if not 0 <= cfg.lr_peak_frac <= cfg.lr_final_frac <= 1:
+        raise ValueError("need 0 <= lr_peak_frac <= lr_final_frac <= 1")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if not 0 < cfg.target_acc <= 1:
+        raise ValueError(f"target_acc is a fraction in (0, 1], got {cfg.target_acc}")
+    for f in dataclasses.fields(cfg):  # nan or inf in any number would only show up as a diverged run
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
+    for name in ("lr", "muon_lr", "bias_lr_scale", "whiten_eps", "bn_eps", "celu_alpha", "head_scale"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name):g}")
+    for name in ("weight_decay", "lr_start", "lr_final", "brightness", "contrast", "muon_weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be 0 or more, got {getattr(cfg, name):g}")
+    for name in ("momentum", "muon_momentum", "ema_momentum"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(cfg, name):g}")
+    if not 0 <= cfg.bn_momentum <= 1:
+        raise ValueError(f"bn_momentum must be in [0, 1], got {cfg.bn_momentum:g}")
+
+
+# -- argument parsing ------------------------------------------------------------------------
+
+
+def parse_field_value(f: dataclasses.Field, text: str):
+    """A config field's value from its text, e.g. 'false' for a bool, '512' for an int."""
+    kind = type(f.default)
+    if kind is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{f.name} takes true or false, not {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        kinds = {int: "a whole number", float: "a number", str: "a string"}
+        raise ValueError(f"{f.name} takes {kinds.get(kind, kind.__name__)}, not {text!r}") from None
+
+
+def _flag_type(f: dataclasses.Field):
+    """argparse type of a field's flag: parse_field_value, its message as argparse's error."""
+    def parse(text):
+        try:
+            return parse_field_value(f, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = type(f.default).__name__
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line that points to --help, not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def presets_text(width: int = 100) -> str:
+    """What each preset sets, from PRESETS itself (so it stays true)."""
+    import textwrap
+    lines = []
+    for name, fields in PRESETS.items():
+        sets = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+        lines += textwrap.wrap(sets or "nothing: every field keeps the default shown below", width,
+                               initial_indent=f"  {name:<10} ", subsequent_indent=" " * 13)
+    return "\n".join(lines)
+
+
+def help_epilog() -> str:
+    timing = next(part for part in __doc__.split("\n\n") if part.startswith("Timing rule"))
+    return f"""examples:
+  python speedrun.py --preset cpu        on a CPU: a small copy that finishes in minutes
+  python speedrun.py                     the davidnet recipe, one run (seconds on a GPU, hours on a CPU)
+  python speedrun.py --runs 20           seeds 0..19: mean, spread, fraction at the target, t-test
+  python speedrun.py --lr 0.5 --no-ema   change any field with its flag ...
+  python speedrun.py --set ghost_bn_splits=1 --out r.json --save w.pt   ... or with --set
+  torchrun --nproc_per_node=4 speedrun.py                                one run over 4 GPUs
+
+presets (each sets these fields; flags and --set override them):
+{presets_text()}
+
+data: CIFAR-10 is read from --data-dir (default $CIFAR10_HOME, else ~/.cache/cifar10): a cache a
+previous run wrote, the official extracted folders or archives, else a download (170 MB) of
+{CIFAR10_URL} (--data-url for a mirror). Every file is checksummed.
+
+output: one row per epoch, a verdict, and a JSON result (--out, default a new file under runs/).
+
+{timing}"""
+
+
+def build_parser(description: str | None = None, outputs: bool = True) -> argparse.ArgumentParser:
+    """The trainer's flags: --preset, --set FIELD=VALUE, one flag per Config field, and (with
+    outputs) --out and --save. The profile/, ablations/ and bench/ scripts start from this
+    parser and add their own flags."""
+    p = _Parser(description=description or __doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog(),
+                usage="%(prog)s [--preset NAME] [--runs N] [--device DEVICE] [FLAG ...]  (--help lists every flag)")
+    p.add_argument("--preset", default="davidnet", metavar="NAME",
+                   help=f"named set of defaults, one of {', '.join(PRESETS)} (what each sets is listed at the end); "
+                        f"flags and --set override it (default: davidnet)")
+
+
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set any config field, e.g. --set ema=false --set ghost_bn_splits=1 (repeatable)")
+    if outputs:
+        p.add_argument("--out", type=Path, default=None,
+                       help="JSON result file (default: a new timestamped file under runs/); never overwritten")
+        p.add_argument("--save", type=Path, default=None, help="write the evaluated (EMA) weights and config here")
+    p.add_argument("--data-url", default=CIFAR10_URL, help="where to download cifar-10-python.tar.gz from if no copy is found")
+    p.add_argument("--quiet", action="store_true", help="print only the final verdict")
+    g = p.add_argument_group("config fields (defaults shown are the davidnet preset's)")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=_field_help(f))
+        else:
+            g.add_argument(flag, dest=f.name, type=_flag_type(f), default=argparse.SUPPRESS,
+                           metavar=type(f.default).__name__.upper(), help=_field_help(f))
+    return p
+
+
+def _field_help(f: dataclasses.Field) -> str:
+    """The field's help, then its choices (from its table in SWITCHES) and its default."""
+    text = f.metadata["help"]
+    if f.name in SWITCHES:
+        text += f"; one of {' | '.join(map(str, SWITCHES[f.name]))}"
+    if f.default == "":
+        return text
+    shown = f"{f.default:g}" if isinstance(f.default, float) else repr(f.default) if isinstance(f.default, str) else f.default
+    return f"{text} (default: {shown})"
+
+
+def parse_assignments(items: list[str]) -> dict:
+    """{field: value} from --set items like 'ema=false'; raises ValueError for a bad one."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    overrides = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not eq or name not in fields:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of the config fields (see --help)")
+        overrides[name] = parse_field_value(fields[name], value.strip())
+    return overrides
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """{field: value} of the --set assignments, then of the dedicated flags given (a flag wins)."""
+    overrides = parse_assignments(args.set)
+    overrides.update({f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)})
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Preset, then --set assignments, then dedicated flags; raises ValueError on bad input."""
+    return make_config(args.preset, **overrides_from_args(args))
+
+
+def check_world(cfg: Config, world: int) -> None:
+    """The checks of a distributed run that need its process count, before anything is printed."""
+    if world > 1 and cfg.ghost_bn_splits % world:
+        raise ValueError(f"ghost_bn_splits {cfg.ghost_bn_splits} is not a multiple of the {world} processes: "
+                         f"each process normalises whole groups of the batch; set --ghost-bn-splits to a multiple of {world}")
+
+
+# -- paths, results and weights --------------------------------------------------------------
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Raise ValueError, saying what to do, unless a file can be created at `path` (nothing is left behind)."""
+    path = Path(path)
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path}: {existing} is a file, not a folder; choose another path")
+    if existing != path.parent:  # the folders would be created: the nearest existing one must take them
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"{what} {path}: cannot create folders in {existing} (not writable); choose another path")
+        return
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot write in {path.parent} ({e.strerror}); choose another path") from None
+
+
+def timestamp() -> str:
+    """The time now as it goes into file names, e.g. 20250101-120000."""
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def new_path(root: Path, stem: str, suffix: str = "") -> Path:
+    """root/<stem><suffix>, or root/<stem>-1<suffix>, -2, ... when that exists already."""
+    path, k = Path(root) / f"{stem}{suffix}", 1
+    while path.exists():
+        path, k = Path(root) / f"{stem}-{k}{suffix}", k + 1
+    return path
+
+
+def default_out_path(root: Path = Path("runs"), prefix: str = "") -> Path:
+    """A new file root/<prefix><time>.json (with -1, -2, ... if that exists already)."""
+    return new_path(root, prefix + timestamp(), ".json")
+
+
+def refuse_existing(path: Path | None, flag: str) -> None:
+    """ValueError when the output path given with `flag` exists: results are never overwritten."""
+    if path is not None and Path(path).exists():
+        raise ValueError(f"{flag} {path} already exists; choose another path (results are never overwritten)")
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (the Agg backend), or None: matplotlib is optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def fallback_path(path: Path) -> Path:
+    """Where a result that cannot be written at `path` goes instead: a new file in the temp folder."""
+    fd, name = tempfile.mkstemp(prefix=f"speedrun-{timestamp()}-", suffix=f"-{Path(path).name}")
+    os.close(fd)
+    return Path(name)
+
+
+def write_with_fallback(path: Path, write, what: str, warn=print) -> Path:
+    """write(path); if that fails (the folder went away or became read-only during the run),
+    write(a fallback path) and say where. Returns the path written."""
+    try:
+        write(Path(path))
+        return Path(path)
+    except OSError as e:
+        other = fallback_path(path)
+        write(other)
+        warn(f"warning: could not write {what} {path} ({e.strerror or e}); wrote it to {other} instead")
+        return other
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM (kill, a job scheduler) raise KeyboardInterrupt like Ctrl-C; returns the old handler."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        return None
+
+
 def json_safe(obj):
     """obj with every non-finite float (NaN, +-inf) replaced by None, ready for strict JSON."""
     if isinstance(obj, dict):
@@ -1731,8 +2025,123 @@ def dumps_json(obj, **kwargs) -> str:
     return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
 
 
+def save_json(result: dict, path: Path) -> None:
+    text = dumps_json({k: v for k, v in result.items() if k != "model"}, indent=2)
+    write_atomic(path, lambda tmp: tmp.write_text(text + "\n"))
+
+
+def save_weights(model: nn.Module, cfg: Config, path: Path) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # a process of a distributed run holds the statistics of ghost_bn_splits / world groups
+    splits = next((m.splits for m in model.modules() if isinstance(m, GhostBatchNorm)), cfg.ghost_bn_splits)
+    config = dataclasses.asdict(dataclasses.replace(cfg, ghost_bn_splits=splits))
+    write_atomic(path, lambda tmp: torch.save({"config": config, "state_dict": state}, tmp))
+
+
+def load_weights(path: str | Path, device="cpu") -> Network:
+    """Rebuild a network saved with --save (weights of the evaluated, EMA model)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = dataclasses.replace(Config(), **blob["config"])
+    model = NETWORKS[cfg.arch](cfg)
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval()
+
+
+# -- environment -----------------------------------------------------------------------------
+
+
+def _pick_device(name: str) -> torch.device:
+    if name != "auto":
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("--device mps was asked for, but MPS is not available; use --device cpu")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    """What a result was measured on, e.g. device_name 'NVIDIA H100 80GB HBM3' or
+    'CPU AMD EPYC 7B13 (2 cores, 2 torch threads)'."""
+    threads = torch.get_num_threads()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        "Apple MPS" if device.type == "mps" else
+        f"CPU {cpu_model()} ({os.cpu_count()} cores, {threads} torch thread{'s' if threads != 1 else ''})")
+    return dict(device=str(device), device_name=name, torch=torch.__version__, python=sys.version.split()[0],
+                cuda=torch.version.cuda, time=datetime.datetime.now().isoformat(timespec="seconds"))
+
+
+# -- printed reports -------------------------------------------------------------------------
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+def log_lines(quiet: bool = False):
+    """The log of a tool: print, each line flushed at once (also through a pipe), or nothing when quiet."""
+    return _quiet if quiet else (lambda *args, **kwargs: print(*args, **kwargs, flush=True))
+
+
 def _plural(n, word: str) -> str:
     return f"{n:g} {word}" + ("" if n == 1 else "s")
+
+
+def cpu_lead_in(cfg: Config) -> list[str]:
+    """What a CPU user who started a full-size run should read first: what it costs, what to run instead."""
+    return [f"note: training on the CPU (no GPU found{', or --device cpu' if cfg.device == 'cpu' else ''}). "
+            f"This run ({_plural(cfg.epochs, 'epoch')} on all 50,000 images{f', {cfg.runs} runs' if cfg.runs > 1 else ''}) "
+            f"takes hours here; a GPU does it in seconds.",
+            "  to see it work in a few minutes:  python speedrun.py --preset cpu",
+            "  a one-minute smoke test:          python speedrun.py --preset cpu --subset 2000 --epochs 1",
+            "  going on with this run now; Ctrl-C stops it (finished runs are kept)."]
+
+
+class Progress:
+    """On slow devices, a line every `every_s` seconds inside an epoch: step k of n, images/s and
+    the time the remaining training steps will take at that rate."""
+
+    def __init__(self, log, total_steps: int, batch_size: int, every_s: float = 30.0):
+        self.log, self.total, self.batch, self.every_s = log, total_steps, batch_size, every_s
+        self.start(0)
+
+    def start(self, step: int) -> None:
+        """Count from here (the start of an epoch: evaluation time is not training speed)."""
+        self.t0 = self.last = time.perf_counter()
+        self.step0 = step
+
+    def __call__(self, step: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every_s or step == self.step0:
+            return
+        self.last = now
+        rate = (step - self.step0) * self.batch / (now - self.t0)
+        eta = (self.total - step) * self.batch / rate
+        self.log(f"  step {step} of {self.total}: {rate:,.0f} images/s, training ends in about {format_duration(eta)}")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def format_epoch_row(row: dict, first: bool = False) -> str:
@@ -1794,33 +2203,136 @@ def summary_lines(s: dict) -> list[str]:
     return lines
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
+# =============================================================================================
+# C. Student-t numerics
+# =============================================================================================
 
 
-def environment(device: torch.device) -> dict:
-    """What a result was measured on, e.g. device_name 'NVIDIA H100 80GB HBM3' or
-    'CPU AMD EPYC 7B13 (2 cores, 2 torch threads)'."""
-    threads = torch.get_num_threads()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        "Apple MPS" if device.type == "mps" else
-        f"CPU {cpu_model()} ({os.cpu_count()} cores, {threads} torch thread{'s' if threads != 1 else ''})")
-    return dict(device=str(device), device_name=name, torch=torch.__version__, python=sys.version.split()[0],
-                cuda=torch.version.cuda, time=datetime.datetime.now().isoformat(timespec="seconds"))
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + num * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return h
 
 
-def _quiet(*args, **kwargs):
-    pass
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1 - front * _betacf(b, a, 1 - x) / b
 
 
-# -- independent runs: in this process, or spread over worker processes ----------------------
+def student_t_sf(t: float, df: float) -> float:
+    """P(T > t) for Student's t with df degrees of freedom."""
+    tail = 0.5 * betainc(df / 2, 0.5, df / (df + t * t))
+    return tail if t >= 0 else 1 - tail
+
+
+def student_t_ppf(q: float, df: float) -> float:
+    """The t with P(T <= t) = q (bisection on the survival function)."""
+    lo, hi = -1e3, 1e3
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if 1 - student_t_sf(mid, df) < q:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+# =============================================================================================
+# D. Several processes: torchrun helpers (each process trains on its share of every batch), worker pool
+# =============================================================================================
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job: rank 0 of 1 when it runs alone."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def process_group() -> Distributed:
+    if dist.is_available() and dist.is_initialized():
+        return Distributed(dist.get_rank(), dist.get_world_size())
+    return Distributed()
+
+
+def init_distributed(cfg: Config) -> Distributed:
+    """Join the torchrun job this process was started in, if any: NCCL on CUDA, gloo on the CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Distributed()
+    device = pick_device(cfg.device)
+    if device.type == "mps":
+        raise ValueError("several processes on Apple MPS are not supported; use --device cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))
+    return process_group()
+
+
+def leave_distributed() -> None:
+    """Leave the torchrun job, if in one. DDP's gloo work objects are freed first, while the
+    interpreter is whole: freed during interpreter exit they can abort the process."""
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def local_positions(n_batches: int, cfg: Config, ctx: Distributed) -> torch.Tensor:
+    """Positions, in the epoch's shuffled order, of the images this process trains on, batch by batch.
+
+    Each process takes whole ghost-BN groups of every global batch: with S groups per batch
+    (image p of a batch is in group p % S) and W processes, process r takes groups
+    r*S/W .. (r+1)*S/W - 1, in an order that keeps their group numbers modulo S/W. So every
+    group normalises exactly the images it would normalise in a single process."""
+    b, s, w = cfg.batch_size, cfg.ghost_bn_splits, ctx.world
+    pos = torch.arange(n_batches * b)
+    return pos if w == 1 else pos.view(n_batches, b // s, w, s // w)[:, :, ctx.rank].reshape(-1)
+
+
+def average_bn_statistics(model: nn.Module, world: int) -> None:
+    """Average the ghost-BN running statistics over the processes. This keeps their mean over
+    groups, which is what evaluation uses, and makes the statistics identical everywhere."""
+    bufs = [b for m in model.modules() if isinstance(m, GhostBatchNorm) for b in (m.running_mean, m.running_var)]
+    flat = torch.cat([b.reshape(-1) for b in bufs])
+    dist.all_reduce(flat)
+    flat /= world
+    for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
+        b.copy_(v.view_as(b))
+
+
+def ranks_agree(*models: nn.Module) -> bool:
+    """True when every process holds bit-identical weights and statistics in `models`."""
+    flat = torch.cat([v.detach().reshape(-1).double() for m in models for v in m.state_dict().values()])
+    top = flat.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    same = torch.tensor(float(torch.equal(top, flat)), device=flat.device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    return bool(same.item())
+
+
+# -- independent runs spread over worker processes -------------------------------------------
 
 
 class RunCache:
@@ -1937,7 +2449,7 @@ def run_jobs(jobs: list, devices: list[str], on_result, url: str = CIFAR10_URL, 
             weights = payload.pop("weights")
             model = None
             if weights is not None:
-                model = ResNet9(jobs[index][0])
+                model = NETWORKS[jobs[index][0].arch](jobs[index][0])
                 model.load_state_dict(torch.load(io.BytesIO(weights), weights_only=True))
             pending -= 1
             on_result(index, {**payload, "model": model}, where)
@@ -1961,368 +2473,6 @@ def worker_devices(cfg: Config, device: torch.device, jobs: int | None = None) -
             raise ValueError(f"{n} workers asked for, but only {torch.cuda.device_count()} CUDA GPUs are visible")
         return [f"cuda:{k}" for k in range(n)]
     return [str(device)] * n
-
-
-def cpu_lead_in(cfg: Config) -> list[str]:
-    """What a CPU user who started a full-size run should read first: what it costs, what to run instead."""
-    return [f"note: training on the CPU (no GPU found{', or --device cpu' if cfg.device == 'cpu' else ''}). "
-            f"This run ({_plural(cfg.epochs, 'epoch')} on all 50,000 images{f', {cfg.runs} runs' if cfg.runs > 1 else ''}) "
-            f"takes hours here; a GPU does it in seconds.",
-            "  to see it work in a few minutes:  python speedrun.py --preset cpu",
-            "  a one-minute smoke test:          python speedrun.py --preset cpu --subset 2000 --epochs 1",
-            "  going on with this run now; Ctrl-C stops it (finished runs are kept)."]
-
-
-def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = CIFAR10_URL,
-             on_progress=None, preset: str | None = None) -> dict:
-    """cfg.runs runs with seeds cfg.seed, cfg.seed+1, ..., in this process or spread over worker
-    processes (cfg.workers); returns the JSON-ready result with the last seed's evaluated model
-    under the key 'model' (dropped before saving). Under torchrun, ranks other than 0 get {}.
-    on_progress(partial), if given, is called on rank 0 after each finished run with the result
-    so far (the finished runs, 'complete': False), so that an interrupted job keeps them.
-    `preset`, the name the config started from, is recorded in the result."""
-    check_config(cfg)
-    device = pick_device(cfg.device)
-    if device.type == "cpu" and cfg.subset == 0:
-        for line in cpu_lead_in(cfg):
-            log(line)
-    devices = worker_devices(cfg, device)
-    seeds = [cfg.seed + k for k in range(cfg.runs)]
-    runs = [None] * cfg.runs
-    rank0 = process_group().rank == 0
-    if len(devices) > 1:
-        log(f"{cfg.runs} runs over {len(devices)} worker processes ({', '.join(sorted(set(devices)))})")
-
-    def on_result(index, run, where):
-        runs[index] = run
-        if on_progress is not None and rank0:
-            done = [{k: v for k, v in r.items() if k != "model"} for r in runs if r is not None]
-            on_progress(dict(preset=preset, config=dataclasses.asdict(cfg), environment=environment(device), data_load_s=None,
-                             warmup_s=None, runs=done, summary=summarize(done, cfg.target_acc), complete=False))
-        if len(devices) > 1:
-            done = sum(r is not None for r in runs)
-            log(f"run {done} of {cfg.runs} (seed {run['seed']}, {where}): {verdict(run, cfg)}")
-        elif rank0:
-            log(verdict(run, cfg))
-            if index + 1 < cfg.runs:
-                log(f"\nrun {index + 2} of {cfg.runs} (seed {seeds[index + 1]})")
-
-    if cfg.runs > 1 and len(devices) == 1:
-        log(f"run 1 of {cfg.runs} (seed {seeds[0]})")
-    totals = run_jobs([(cfg, s) for s in seeds], devices, on_result, url=url, keep={cfg.runs - 1},
-                      log=log if len(devices) == 1 else _quiet, data=data)
-    model = runs[-1].get("model")
-    for r in runs:
-        r.pop("model", None)
-    if not rank0:
-        return {}
-    result = dict(preset=preset, config=dataclasses.asdict(cfg), environment=environment(device), **totals,
-                  runs=runs, summary=summarize(runs, cfg.target_acc), complete=True, model=model)
-    if cfg.runs > 1:
-        for line in summary_lines(result["summary"]):
-            log(line)
-    return result
-
-
-def save_json(result: dict, path: Path) -> None:
-    text = dumps_json({k: v for k, v in result.items() if k != "model"}, indent=2)
-    write_atomic(path, lambda tmp: tmp.write_text(text + "\n"))
-
-
-def save_weights(model: nn.Module, cfg: Config, path: Path) -> None:
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    # a process of a distributed run holds the statistics of ghost_bn_splits / world groups
-    splits = next((m.splits for m in model.modules() if isinstance(m, GhostBatchNorm)), cfg.ghost_bn_splits)
-    config = dataclasses.asdict(dataclasses.replace(cfg, ghost_bn_splits=splits))
-    write_atomic(path, lambda tmp: torch.save({"config": config, "state_dict": state}, tmp))
-
-
-def load_weights(path: str | Path, device="cpu") -> ResNet9:
-    """Rebuild a network saved with --save (weights of the evaluated, EMA model)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = dataclasses.replace(Config(), **blob["config"])
-    model = ResNet9(cfg)
-    model.load_state_dict(blob["state_dict"])
-    return model.to(device).eval()
-
-
-def default_out_path(root: Path = Path("runs"), prefix: str = "") -> Path:
-    """A new file root/<prefix><time>.json (with -1, -2, ... if that exists already)."""
-    stamp = prefix + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path, k = root / f"{stamp}.json", 1
-    while path.exists():
-        path, k = root / f"{stamp}-{k}.json", k + 1
-    return path
-
-
-# =============================================================================================
-# 9. Command line
-# =============================================================================================
-
-
-def parse_field_value(f: dataclasses.Field, text: str):
-    """A config field's value from its text, e.g. 'false' for a bool, '512' for an int."""
-    kind = type(f.default)
-    if kind is bool:
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{f.name} takes true or false, not {text!r}")
-    try:
-        return kind(text)
-    except ValueError:
-        kinds = {int: "a whole number", float: "a number", str: "a string"}
-        raise ValueError(f"{f.name} takes {kinds.get(kind, kind.__name__)}, not {text!r}") from None
-
-
-def _flag_type(f: dataclasses.Field):
-    """argparse type of a field's flag: parse_field_value, its message as argparse's error."""
-    def parse(text):
-        try:
-            return parse_field_value(f, text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    parse.__name__ = type(f.default).__name__
-    return parse
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line that points to --help, not the whole usage."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def presets_text(width: int = 100) -> str:
-    """What each preset sets, from PRESETS itself (so it stays true)."""
-    import textwrap
-    lines = []
-    for name, fields in PRESETS.items():
-        sets = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-        lines += textwrap.wrap(sets or "nothing: every field keeps the default shown below", width,
-                               initial_indent=f"  {name:<10} ", subsequent_indent=" " * 13)
-    return "\n".join(lines)
-
-
-def help_epilog() -> str:
-    timing = next(part for part in __doc__.split("\n\n") if part.startswith("Timing rule"))
-    return f"""examples:
-  python speedrun.py --preset cpu        on a CPU: a small copy that finishes in minutes
-  python speedrun.py                     the davidnet recipe, one run (seconds on a GPU, hours on a CPU)
-  python speedrun.py --runs 20           seeds 0..19: mean, spread, fraction at the target, t-test
-  python speedrun.py --lr 0.5 --no-ema   change any field with its flag ...
-  python speedrun.py --set ghost_bn_splits=1 --out r.json --save w.pt   ... or with --set
-  torchrun --nproc_per_node=4 speedrun.py                                one run over 4 GPUs
-
-presets (each sets these fields; flags and --set override them):
-{presets_text()}
-
-data: CIFAR-10 is read from --data-dir (default $CIFAR10_HOME, else ~/.cache/cifar10): a cache a
-previous run wrote, the official extracted folders or archives, else a download (170 MB) of
-{CIFAR10_URL} (--data-url for a mirror). Every file is checksummed.
-
-output: one row per epoch, a verdict, and a JSON result (--out, default a new file under runs/).
-
-{timing}"""
-
-
-def build_parser(description: str | None = None, outputs: bool = True) -> argparse.ArgumentParser:
-    """The trainer's flags: --preset, --set FIELD=VALUE, one flag per Config field, and (with
-    outputs) --out and --save. The profile/, ablations/ and bench/ scripts start from this
-    parser and add their own flags."""
-    p = _Parser(description=description or __doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog(),
-                usage="%(prog)s [--preset NAME] [--runs N] [--device DEVICE] [FLAG ...]  (--help lists every flag)")
-    p.add_argument("--preset", default="davidnet", metavar="NAME",
-                   help=f"named set of defaults, one of {', '.join(PRESETS)} (what each sets is listed at the end); "
-                        f"flags and --set override it (default: davidnet)")
-
-
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="set any config field, e.g. --set ema=false --set ghost_bn_splits=1 (repeatable)")
-    if outputs:
-        p.add_argument("--out", type=Path, default=None,
-                       help="JSON result file (default: a new timestamped file under runs/); never overwritten")
-        p.add_argument("--save", type=Path, default=None, help="write the evaluated (EMA) weights and config here")
-    p.add_argument("--data-url", default=CIFAR10_URL, help="where to download cifar-10-python.tar.gz from if no copy is found")
-    p.add_argument("--quiet", action="store_true", help="print only the final verdict")
-    g = p.add_argument_group("config fields (defaults shown are the davidnet preset's)")
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=_field_help(f))
-        else:
-            g.add_argument(flag, dest=f.name, type=_flag_type(f), default=argparse.SUPPRESS,
-                           metavar=type(f.default).__name__.upper(), help=_field_help(f))
-    return p
-
-
-def _field_help(f: dataclasses.Field) -> str:
-    if f.default == "":
-        return f.metadata["help"]
-    shown = f"{f.default:g}" if isinstance(f.default, float) else repr(f.default) if isinstance(f.default, str) else f.default
-    return f"{f.metadata['help']} (default: {shown})"
-
-
-def parse_assignments(items: list[str]) -> dict:
-    """{field: value} from --set items like 'ema=false'; raises ValueError for a bad one."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    overrides = {}
-    for item in items:
-        name, eq, value = item.partition("=")
-        name = name.strip().replace("-", "_")
-        if not eq or name not in fields:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of the config fields (see --help)")
-        overrides[name] = parse_field_value(fields[name], value.strip())
-    return overrides
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Preset, then --set assignments, then dedicated flags; raises ValueError on bad input."""
-    overrides = parse_assignments(args.set)
-    overrides.update({f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)})
-    return make_config(args.preset, **overrides)
-
-
-def check_writable(path: Path, what: str) -> None:
-    """Raise ValueError, saying what to do, unless a file can be created at `path` (nothing is left behind)."""
-    path = Path(path)
-    existing = path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"{what} {path}: {existing} is a file, not a folder; choose another path")
-    if existing != path.parent:  # the folders would be created: the nearest existing one must take them
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ValueError(f"{what} {path}: cannot create folders in {existing} (not writable); choose another path")
-        return
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ValueError(f"{what} {path}: cannot write in {path.parent} ({e.strerror}); choose another path") from None
-
-
-def fallback_path(path: Path) -> Path:
-    """Where a result that cannot be written at `path` goes instead: a new file in the temp folder."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    fd, name = tempfile.mkstemp(prefix=f"speedrun-{stamp}-", suffix=f"-{Path(path).name}")
-    os.close(fd)
-    return Path(name)
-
-
-def write_with_fallback(path: Path, write, what: str, warn=print) -> Path:
-    """write(path); if that fails (the folder went away or became read-only during the run),
-    write(a fallback path) and say where. Returns the path written."""
-    try:
-        write(Path(path))
-        return Path(path)
-    except OSError as e:
-        other = fallback_path(path)
-        write(other)
-        warn(f"warning: could not write {what} {path} ({e.strerror or e}); wrote it to {other} instead")
-        return other
-
-
-def check_world(cfg: Config, world: int) -> None:
-    """The checks of a distributed run that need its process count, before anything is printed."""
-    if world > 1 and cfg.ghost_bn_splits % world:
-        raise ValueError(f"ghost_bn_splits {cfg.ghost_bn_splits} is not a multiple of the {world} processes: "
-                         f"each process normalises whole groups of the batch; set --ghost-bn-splits to a multiple of {world}")
-
-
-def _stop_on_sigterm():
-    """Make SIGTERM (kill, a job scheduler) raise KeyboardInterrupt like Ctrl-C; returns the old handler."""
-    import signal
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    try:
-        return signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread
-        return None
-
-
-def main(argv=None) -> int:
-    import signal
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    ctx = Distributed()
-    saved = dict(path=None, runs=0)  # the partial result on disk, if any
-    previous_sigterm = _stop_on_sigterm()
-    warn = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    cfg = None
-    try:
-        cfg = config_from_args(args)
-        out = args.out or default_out_path()
-        for path, what in ((args.out, "--out"), (args.save, "--save")):
-            if path is not None and path.exists():
-                raise ValueError(f"{what} {path} already exists; choose another path (results are never overwritten)")
-        if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 writes: check before any data is read
-            check_writable(out, "--out")
-            if args.save:
-                check_writable(args.save, "--save")
-        check_world(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-        ctx = init_distributed(cfg)
-        log = print if ctx.rank == 0 and not args.quiet else _quiet
-        if ctx.active:
-            log(f"{ctx.world} processes ({dist.get_backend()}): global batch {cfg.batch_size}, "
-                f"{cfg.batch_size // ctx.world} images and {cfg.ghost_bn_splits // ctx.world} ghost-BN groups per process")
-
-        def checkpoint(partial):
-            if saved["path"] is None:
-                saved["path"] = write_with_fallback(out, lambda p: save_json(partial, p), "--out", warn)
-            else:
-                save_json(partial, saved["path"])
-            saved["runs"] = len(partial["runs"])
-
-        result = run_many(cfg, log=log, url=args.data_url, on_progress=checkpoint if cfg.runs > 1 else None,
-                          preset=args.preset)
-        if ctx.active:  # no process leaves, and tears down its connections, while another still uses them
-            dist.barrier()
-    except (ValueError, DataError, RuntimeError) as e:
-        rank = ctx.rank if ctx.active else int(os.environ.get("RANK", 0))
-        where = f"rank {rank}: " if ctx.active or int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
-        kept = f" ({_plural(saved['runs'], 'finished run')} saved in {saved['path']})" if saved["runs"] else ""
-        parser.exit(2, f"{where}error: {e}{kept}\n")
-    except KeyboardInterrupt:
-        if ctx.rank == 0:
-            if saved["runs"]:
-                message = (f"interrupted: {saved['runs']} of {cfg.runs} runs finished; they are saved in {saved['path']} "
-                           f"(marked \"complete\": false)")
-            else:
-                message = "interrupted before any run finished; nothing was written"
-            parser.exit(130, message + "\n")
-        return 130
-    except BaseException:
-        if saved["runs"]:
-            warn(f"{_plural(saved['runs'], 'finished run')} saved in {saved['path']} before this error:")
-        raise
-    finally:
-        leave_distributed()
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
-    if ctx.rank != 0:
-        return 0
-    written = write_with_fallback(saved["path"] or out, lambda p: save_json(result, p), "--out", warn)
-    last = result["runs"][-1]
-    weights = None
-    if args.save and last.get("diverged"):
-        warn("note: --save skipped: the last run diverged, so its weights are not worth keeping")
-    elif args.save:
-        weights = write_with_fallback(args.save, lambda p: save_weights(result["model"], cfg, p), "--save", warn)
-    if args.quiet:
-        print(summary_lines(result["summary"])[0] if cfg.runs > 1 else verdict(last, cfg))
-    print(f"results written to {written}" + (f", weights to {weights}" if weights else ""))
-    diverged = result["summary"]["diverged"]
-    if diverged:
-        warn(f"{diverged} of {_plural(cfg.runs, 'run')} diverged (see above); exit status 1")
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ the base recipe, when the grid has it, is the reference of the Δ columns.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -40,6 +41,62 @@ def parse_axis(text: str, flag: str) -> tuple[str, list]:
     return name, parsed
 
 
+def grid_tables(summary: dict) -> list[str]:
+    """Markdown tables of the grid, rows y and columns x: mean accuracy, time-to-target, timed seconds."""
+    (xf, xs), (yf, ys) = summary["axes"]["x"], summary["axes"]["y"]
+    cell = {(v["tags"]["x"], v["tags"]["y"]): v for v in summary["variants"]}
+    out = []
+    for title, show in (("mean accuracy %", lambda v: "diverged" if v["acc_mean"] is None else study.fmt_pct(v["acc_mean"])
+                         + (f" ({v['diverged']} diverged)" if v.get("diverged") else "")),
+                        ("mean time-to-target s (runs reaching it)", lambda v: "—" if not v["runs_reaching_target"]
+                         else f"{v['time_to_target_mean_s']:.2f} ({v['runs_reaching_target']})"),
+                        ("mean timed s (whole budget)", lambda v: study.fmt_sec(v["timed_mean_s"]))):
+        out += ["", f"{title}, rows {yf}, columns {xf}:", "",
+                f"| {yf} \\ {xf} | " + " | ".join(str(x) for x in xs) + " |", "|---" * (len(xs) + 1) + "|"]
+        for y in ys:
+            out.append(f"| {y} | " + " | ".join(show(cell[x, y]) if cell[x, y]["runs"] else "—" for x in xs) + " |")
+    return out
+
+
+def time_measure(variants: list[dict]) -> tuple[str, str]:
+    """Which time to chart: time-to-target when some variant reached it, else the whole budget."""
+    if any(v["runs_reaching_target"] for v in variants):
+        return "time_to_target", "time-to-target, s (mean of runs reaching it)"
+    return "timed", "timed s for the whole budget (no run reached the target)"
+
+
+def heatmaps(folder: Path, summary: dict, plt) -> list[Path]:
+    """heatmap_accuracy.png and heatmap_time.png: one cell per grid point, rows y and columns x."""
+    ran = [v for v in summary["variants"] if v["runs"] and v["acc_mean"] is not None]
+    (xf, xs), (yf, ys) = summary["axes"]["x"], summary["axes"]["y"]
+    cell = {(v["tags"]["x"], v["tags"]["y"]): v for v in summary["variants"]}
+    measure, label = time_measure(ran)
+    paths = []
+    for name, title, get in (
+            ("heatmap_accuracy.png", "mean final accuracy, %", lambda v: 100 * v["acc_mean"]),
+            ("heatmap_time.png", label, lambda v: v["time_to_target_mean_s"] if measure == "time_to_target"
+             else v["timed_mean_s"])):
+        grid = [[(get(cell[x, y]) if cell[x, y]["runs"] and cell[x, y]["acc_mean"] is not None else None)
+                 for x in xs] for y in ys]
+        values = [[math.nan if g is None else g for g in row] for row in grid]
+        fig, ax = plt.subplots(figsize=(1.3 * len(xs) + 2.5, 1.0 * len(ys) + 1.8))
+        im = ax.imshow(values, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+        ax.set_yticks(range(len(ys)), [str(y) for y in ys])
+        ax.set_xlabel(xf)
+        ax.set_ylabel(yf)
+        for i, row in enumerate(grid):
+            for j, g in enumerate(row):
+                ax.text(j, i, "—" if g is None else f"{g:.2f}", ha="center", va="center", color="w", fontsize=8)
+        fig.colorbar(im, ax=ax)
+        ax.set_title(title, fontsize=9)
+        paths.append(study.save_chart(fig, folder / name, plt))
+    return paths
+
+
+REPORT = study.Report(tables=grid_tables, charts=heatmaps)
+
+
 def make_study(args, base: speedrun.Config) -> study.Study:
     (xf, xs), (yf, ys) = parse_axis(args.x, "--x"), parse_axis(args.y, "--y")
     if xf == yf:
@@ -52,7 +109,7 @@ def make_study(args, base: speedrun.Config) -> study.Study:
                 for y in ys for x in xs]
     notes = [f"Δ columns: cell minus the base recipe's cell ({reference})" if reference else
              "Δ columns: none (the grid does not contain the base recipe's cell)"]
-    return study.Study("grid", f"Grid: {xf} x {yf}", variants, notes, axes=dict(x=[xf, xs], y=[yf, ys]))
+    return study.Study("grid", f"Grid: {xf} x {yf}", variants, notes, axes=dict(x=[xf, xs], y=[yf, ys]), report=REPORT)
 
 
 def build_parser():

@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ablations import study  # noqa: E402
+from ablations import grid, optimizers, study  # noqa: E402
+
+# The reports that a kind of study adds to the shared one (tricks studies add none).
+REPORTS = {"grid": grid.REPORT, "optimizers": optimizers.REPORT}
 
 
 def merge(out: Path, sources: list[Path], log=print) -> dict:
@@ -48,7 +51,7 @@ def merge(out: Path, sources: list[Path], log=print) -> dict:
     if log:
         log(f"merged {len(rows)} runs from {len(dict.fromkeys(folders))} folders into {out}"
             + (f"; {repeats} repeated (variant, seed) rows counted once" if repeats else ""))
-    return study.write_reports(out, definition, rows, sessions, log=log)
+    return study.write_reports(out, definition, rows, sessions, log=log, report=REPORTS.get(definition["kind"], study.Report()))
 
 
 def main(argv=None) -> int:

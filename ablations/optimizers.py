@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Optimizers compared on the same network, data, schedule and epoch budget.
 
-    python ablations/optimizers.py --runs 3                              # all seven at their starting LRs
+    python ablations/optimizers.py --runs 3                              # every one at its starting LR
     python ablations/optimizers.py --lr-multipliers 0.25,0.5,1,2,4       # a tuning sweep around them
     python ablations/optimizers.py --optimizers nesterov,adam --lr-for adam=0.5
 
 Learning rates are in speedrun's unit (`--lr`: per summed-loss sample; each step uses lr/batch_size).
-Nesterov and SGD start from the recipe's --lr; the adaptive optimizers from the step LRs in
+The optimizers are speedrun's, its OPTIMIZERS table. Nesterov, SGD and Muon (the conv filters
+at the recipe's muon_lr) start from the recipe's --lr; the adaptive optimizers from the step LRs in
 ADAPTIVE_STEP_LR (common starting points, not tuned here) and with bias_lr_scale 1, since the
 recipe's 64x LR on BN parameters is far too high for them. --lr-for gives an LR outright. With
 several multipliers, the best per optimizer is chosen on the same seeds (an optimistic estimate);
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ablations import study  # noqa: E402
 import speedrun  # noqa: E402
 
-OPTIMIZERS = ("nesterov", "sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
+OPTIMIZERS = tuple(speedrun.OPTIMIZERS)
 ADAPTIVE_STEP_LR = dict(adam=2e-3, adamw=2e-3, rmsprop=2e-4, adagrad=1e-2, adadelta=1.0)
 
 
@@ -48,6 +49,30 @@ def parse_given_lrs(text: str | None) -> dict[str, float]:
         except ValueError:
             raise study.StudyError(f"--lr-for {item!r}: {value!r} is not a number") from None
     return given
+
+
+def best_per_optimizer(summary: dict) -> list[dict]:
+    """Per optimizer, the variant with the highest mean accuracy among its LRs."""
+    best = {}
+    for v in summary["variants"]:
+        opt = v["tags"].get("optimizer")
+        if v["runs"] and v["acc_mean"] is not None and (opt not in best or v["acc_mean"] > best[opt]["acc_mean"]):
+            best[opt] = v
+    return list(best.values())
+
+
+def best_lr_table(summary: dict) -> list[str]:
+    lines = ["", "Best learning rate per optimizer (chosen on the same seeds, so its accuracy is optimistic):", "",
+             "| optimizer | lr | step lr | acc % mean | time-to-target s |", "|---|---|---|---|---|"]
+    for v in best_per_optimizer(summary):
+        ttt = "—" if not v["runs_reaching_target"] else f"{v['time_to_target_mean_s']:.2f}"
+        lines.append(f"| {v['tags']['optimizer']} | {v['tags']['lr']:g} | {v['tags']['step_lr']:.3g} "
+                     f"| {study.fmt_pct(v['acc_mean'])} | {ttt} |")
+    return lines
+
+
+# The curves show each optimizer at its best LR.
+REPORT = study.Report(tables=best_lr_table, curves=best_per_optimizer)
 
 
 def make_study(args, base: speedrun.Config) -> study.Study:
@@ -78,7 +103,7 @@ def make_study(args, base: speedrun.Config) -> study.Study:
     notes = [f"Δ columns: variant minus `{reference}` (the recipe)" if reference else "Δ columns: none (no Nesterov run at the recipe's LR)",
              "same network, data, one-cycle schedule, weight decay and epochs for every optimizer; "
              "adaptive optimizers use bias_lr_scale 1"]
-    return study.Study("optimizers", "Optimizers on the same network and budget", variants, notes)
+    return study.Study("optimizers", "Optimizers on the same network and budget", variants, notes, report=REPORT)
 
 
 def build_parser():

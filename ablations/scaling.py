@@ -353,11 +353,8 @@ def write_reports(folder: Path, report: dict, log=print) -> list[Path]:
     text = markdown_report(report)
     speedrun.write_atomic(folder / "scaling.md", lambda tmp: tmp.write_text(text))
     paths = [folder / "scaling.json", folder / "scaling.md"]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = speedrun.pyplot()
+    if plt is None:
         log(CHART_NOTICE)
         return paths
     if report["rows"]:
@@ -415,7 +412,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.worker is not None:
         return run_worker(args.worker)
-    log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
+    log = speedrun.log_lines(args.quiet)
     try:
         cfg = speedrun.config_from_args(args)
         device = speedrun.pick_device(cfg.device)

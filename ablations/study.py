@@ -19,10 +19,8 @@ import argparse
 import csv
 import dataclasses
 import datetime
-import functools
 import io
 import json
-import math
 import os
 import shlex
 import sys
@@ -66,12 +64,25 @@ class Variant:
 
 
 @dataclass
+class Report:
+    """What a kind of study adds to the report every study gets (the variant table, the accuracy
+    and time bars, the accuracy curves): tables(summary) -> markdown lines after the variant
+    table; curves(summary) -> the variants the curves show (default: every one that ran);
+    charts(folder, summary, plt) -> the paths of further charts. The client script that makes
+    the study gives it its Report; merge.py looks it up by the study's kind."""
+    tables: object = None
+    curves: object = None
+    charts: object = None
+
+
+@dataclass
 class Study:
     kind: str                        # tricks | cumulative | grid | optimizers
     title: str
     variants: list[Variant]
     notes: list[str] = field(default_factory=list)
     axes: dict = field(default_factory=dict)  # grid: {"x": [field, values], "y": [field, values]}
+    report: Report = field(default_factory=Report)  # not part of the definition: how to report, not what ran
 
     def definition(self) -> dict:
         """The JSON form of the study, without seeds: two runs of the same study have equal definitions."""
@@ -332,9 +343,9 @@ def run_study(study: Study, folder: Path, seeds: list[int], base: speedrun.Confi
     try:
         execute(todo, devices, on_row, threads=threads, url=url)
     except BaseException:
-        write_reports(folder, definition, rows, sessions + [session], log=None)  # quietly: the caller explains
+        write_reports(folder, definition, rows, sessions + [session], log=None, report=study.report)  # quietly: the caller explains
         raise
-    return write_reports(folder, definition, rows, sessions + [session], log=log)
+    return write_reports(folder, definition, rows, sessions + [session], log=log, report=study.report)
 
 
 def read_meta(folder: Path) -> dict:
@@ -445,11 +456,11 @@ def build_summary(definition: dict, rows: list[dict], sessions: list[dict]) -> d
 # =============================================================================================
 
 
-def _pct(x) -> str:
+def fmt_pct(x) -> str:
     return "—" if x is None else f"{100 * x:.2f}"
 
 
-def _sec(x) -> str:
+def fmt_sec(x) -> str:
     return "—" if x is None else f"{x:.2f}"
 
 
@@ -480,41 +491,15 @@ def variant_table(summary: dict) -> list[str]:
             continue
         ttt = "—" if not v["runs_reaching_target"] else f"{v['time_to_target_mean_s']:.2f} ({v['runs_reaching_target']})"
         ett = "—" if v["epochs_to_target_mean"] is None else f"{v['epochs_to_target_mean']:.1f}"
-        std = _pct(v["acc_std"]) if v["runs"] - v.get("diverged", 0) > 1 else "—"
-        lines.append(f"| {v['name']} | {v['change']} | {runs} | {_pct(v['acc_mean'])} ({std}) "
+        std = fmt_pct(v["acc_std"]) if v["runs"] - v.get("diverged", 0) > 1 else "—"
+        lines.append(f"| {v['name']} | {v['change']} | {runs} | {fmt_pct(v['acc_mean'])} ({std}) "
                      f"| {_range(v['acc_ci95'], 100)} | {100 * v['frac_at_target']:.0f}% | {ttt} | {ett} "
-                     f"| {_sec(v['timed_mean_s'])} | {_delta(v.get('delta_acc'), 100)} "
+                     f"| {fmt_sec(v['timed_mean_s'])} | {_delta(v.get('delta_acc'), 100)} "
                      f"| {_delta(v.get('delta_time_to_target_s'), 1)} |")
     return lines
 
 
-def grid_tables(summary: dict) -> list[str]:
-    (xf, xs), (yf, ys) = summary["axes"]["x"], summary["axes"]["y"]
-    cell = {(v["tags"]["x"], v["tags"]["y"]): v for v in summary["variants"]}
-    out = []
-    for title, show in (("mean accuracy %", lambda v: "diverged" if v["acc_mean"] is None else _pct(v["acc_mean"])
-                         + (f" ({v['diverged']} diverged)" if v.get("diverged") else "")),
-                        ("mean time-to-target s (runs reaching it)", lambda v: "—" if not v["runs_reaching_target"]
-                         else f"{v['time_to_target_mean_s']:.2f} ({v['runs_reaching_target']})"),
-                        ("mean timed s (whole budget)", lambda v: _sec(v["timed_mean_s"]))):
-        out += ["", f"{title}, rows {yf}, columns {xf}:", "",
-                f"| {yf} \\ {xf} | " + " | ".join(str(x) for x in xs) + " |", "|---" * (len(xs) + 1) + "|"]
-        for y in ys:
-            out.append(f"| {y} | " + " | ".join(show(cell[x, y]) if cell[x, y]["runs"] else "—" for x in xs) + " |")
-    return out
-
-
-def best_per_optimizer(summary: dict) -> dict:
-    """optimizer -> the variant with the highest mean accuracy among its LRs."""
-    best = {}
-    for v in summary["variants"]:
-        opt = v["tags"].get("optimizer")
-        if v["runs"] and v["acc_mean"] is not None and (opt not in best or v["acc_mean"] > best[opt]["acc_mean"]):
-            best[opt] = v
-    return best
-
-
-def summary_markdown(summary: dict) -> str:
+def summary_markdown(summary: dict, report: Report = Report()) -> str:
     seeds = summary["seeds"]
     lines = [f"# {summary['title']}", "",
              f"- hardware: {'; '.join(summary['hardware']) or '—'}; torch {', '.join(summary['torch'])}",
@@ -528,34 +513,24 @@ def summary_markdown(summary: dict) -> str:
              "of the other columns",
              *[f"- {n}" for n in summary["notes"]], ""]
     lines += variant_table(summary)
-    if summary["kind"] == "grid":
-        lines += grid_tables(summary)
-    if summary["kind"] == "optimizers":
-        lines += ["", "Best learning rate per optimizer (chosen on the same seeds, so its accuracy is optimistic):", "",
-                  "| optimizer | lr | step lr | acc % mean | time-to-target s |", "|---|---|---|---|---|"]
-        for opt, v in best_per_optimizer(summary).items():
-            ttt = "—" if not v["runs_reaching_target"] else f"{v['time_to_target_mean_s']:.2f}"
-            lines.append(f"| {opt} | {v['tags']['lr']:g} | {v['tags']['step_lr']:.3g} | {_pct(v['acc_mean'])} | {ttt} |")
+    if report.tables:
+        lines += report.tables(summary)
     return "\n".join(lines) + "\n"
 
 
-def write_reports(folder: Path, definition: dict, rows: list[dict], sessions: list[dict], log=print) -> dict:
+def write_reports(folder: Path, definition: dict, rows: list[dict], sessions: list[dict], log=print,
+                  report: Report = Report()) -> dict:
     summary = build_summary(definition, rows, sessions)
     folder = Path(folder)
     speedrun.write_atomic(folder / "summary.json", lambda tmp: tmp.write_text(speedrun.dumps_json(summary, indent=2) + "\n"))
-    text = summary_markdown(summary)
+    text = summary_markdown(summary, report)
     speedrun.write_atomic(folder / "summary.md", lambda tmp: tmp.write_text(text))
     if not rows:
         return summary
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        if log:
-            log(PLOT_NOTICE)
-        plt = None
-    charts = draw_charts(folder, summary, plt) if plt else []
+    plt = speedrun.pyplot()
+    if plt is None and log:
+        log(PLOT_NOTICE)
+    charts = draw_charts(folder, summary, plt, report) if plt else []
     if log:
         log("\n" + text.rstrip())
         log(f"written: {folder / 'results.csv'}, {folder / 'summary.md'}, {folder / 'summary.json'}"
@@ -563,14 +538,7 @@ def write_reports(folder: Path, definition: dict, rows: list[dict], sessions: li
     return summary
 
 
-def _time_measure(variants: list[dict]) -> tuple[str, str]:
-    """Which time to chart: time-to-target when some variant reached it, else the whole budget."""
-    if any(v["runs_reaching_target"] for v in variants):
-        return "time_to_target", "time-to-target, s (mean of runs reaching it)"
-    return "timed", "timed s for the whole budget (no run reached the target)"
-
-
-def _save(fig, path: Path, plt) -> Path:
+def save_chart(fig, path: Path, plt) -> Path:
     fig.tight_layout()
     speedrun.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
@@ -581,7 +549,7 @@ def _half_width(ci, mean):
     return 0.0 if ci is None else ci[1] - mean
 
 
-def draw_charts(folder: Path, summary: dict, plt) -> list[Path]:
+def draw_charts(folder: Path, summary: dict, plt, report: Report = Report()) -> list[Path]:
     ran = [v for v in summary["variants"] if v["runs"] and v["acc_mean"] is not None]  # not those that all diverged
     if not ran:
         return []
@@ -599,7 +567,7 @@ def draw_charts(folder: Path, summary: dict, plt) -> list[Path]:
     ax.invert_yaxis()
     ax.set_xlabel("final EMA+TTA test accuracy, % (95% CI)")
     ax.set_title(summary["title"])
-    paths.append(_save(fig, folder / "accuracy.png", plt))
+    paths.append(save_chart(fig, folder / "accuracy.png", plt))
 
     # time bars: time-to-target (runs that reached it) and the whole budget's timed seconds
     fig, (ax_target, ax_budget) = plt.subplots(1, 2, sharey=True, figsize=(10, 0.45 * len(ran) + 1.5))
@@ -614,12 +582,10 @@ def draw_charts(folder: Path, summary: dict, plt) -> list[Path]:
     ax_budget.set_xlabel("timed s for the whole budget (95% CI)")
     ax_target.invert_yaxis()
     fig.suptitle(summary["title"])
-    paths.append(_save(fig, folder / "time.png", plt))
+    paths.append(save_chart(fig, folder / "time.png", plt))
 
     # accuracy curves against epoch and against timed seconds
-    curves = ran
-    if summary["kind"] == "optimizers":
-        curves = list(best_per_optimizer(summary).values())
+    curves = report.curves(summary) if report.curves else ran
     for xkey, xlabel, name in (("epoch", "epoch", "curves_epoch.png"), ("seconds", "timed seconds", "curves_seconds.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for v in curves:
@@ -629,31 +595,10 @@ def draw_charts(folder: Path, summary: dict, plt) -> list[Path]:
         ax.set_ylabel("EMA+TTA test accuracy, % (mean over seeds)")
         ax.set_title(summary["title"])
         ax.legend(fontsize=7)
-        paths.append(_save(fig, folder / name, plt))
+        paths.append(save_chart(fig, folder / name, plt))
 
-    if summary["kind"] == "grid":
-        (xf, xs), (yf, ys) = summary["axes"]["x"], summary["axes"]["y"]
-        cell = {(v["tags"]["x"], v["tags"]["y"]): v for v in summary["variants"]}
-        measure, label = _time_measure(ran)
-        for name, title, get in (
-                ("heatmap_accuracy.png", "mean final accuracy, %", lambda v: 100 * v["acc_mean"]),
-                ("heatmap_time.png", label, lambda v: v["time_to_target_mean_s"] if measure == "time_to_target"
-                 else v["timed_mean_s"])):
-            grid = [[(get(cell[x, y]) if cell[x, y]["runs"] and cell[x, y]["acc_mean"] is not None else None)
-                     for x in xs] for y in ys]
-            values = [[math.nan if g is None else g for g in row] for row in grid]
-            fig, ax = plt.subplots(figsize=(1.3 * len(xs) + 2.5, 1.0 * len(ys) + 1.8))
-            im = ax.imshow(values, cmap="viridis", aspect="auto")
-            ax.set_xticks(range(len(xs)), [str(x) for x in xs])
-            ax.set_yticks(range(len(ys)), [str(y) for y in ys])
-            ax.set_xlabel(xf)
-            ax.set_ylabel(yf)
-            for i, row in enumerate(grid):
-                for j, g in enumerate(row):
-                    ax.text(j, i, "—" if g is None else f"{g:.2f}", ha="center", va="center", color="w", fontsize=8)
-            fig.colorbar(im, ax=ax)
-            ax.set_title(title, fontsize=9)
-            paths.append(_save(fig, folder / name, plt))
+    if report.charts:
+        paths += report.charts(folder, summary, plt)
     return paths
 
 
@@ -677,11 +622,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 
 def default_study_folder(name: str, root: Path = Path("studies")) -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path, k = root / f"{name}-{stamp}", 1
-    while path.exists():
-        path, k = root / f"{name}-{stamp}-{k}", k + 1
-    return path
+    return speedrun.new_path(root, f"{name}-{speedrun.timestamp()}")
 
 
 def base_config(args) -> speedrun.Config:
@@ -703,7 +644,7 @@ def main(parser, make_study, name, script: str, argv=None) -> int:
     `name` (a string, or a function of the parsed arguments) names the default study folder;
     `script` is how the command is written in the summary."""
     args = parser.parse_args(argv)
-    log = (lambda *a, **k: None) if args.quiet else functools.partial(print, flush=True)
+    log = speedrun.log_lines(args.quiet)
     folder = argv_used = None
     previous_sigterm = speedrun._stop_on_sigterm()
     try:

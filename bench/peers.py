@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import importlib
 import importlib.metadata
-import importlib.util
 import io
 import os
 import sys
@@ -326,14 +325,12 @@ def check_targets(summary: dict, ratios: dict) -> dict:
 
 
 def load_flops_module():
-    """profile/flops.py as a module (profile/ is not a package, on purpose; flops imports _common)."""
-    folder = ROOT / "profile"
-    if str(folder) not in sys.path:
-        sys.path.append(str(folder))
-    spec = importlib.util.spec_from_file_location("speedrun_profile_flops", folder / "flops.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """profile/flops.py, imported with profile/ on the path (the folder is not a package, on purpose)."""
+    folder = str(ROOT / "profile")
+    if folder not in sys.path:
+        sys.path.append(folder)
+    import flops
+    return flops
 
 
 def achieved_flops(cfgs: dict, summary: dict, device: torch.device, peak_size: int) -> dict:
@@ -361,33 +358,36 @@ def achieved_flops(cfgs: dict, summary: dict, device: torch.device, peak_size: i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 2)[-1])
-    p.add_argument("--presets", default="davidnet,airbench94,record", help="comma-separated speedrun presets (default: davidnet,airbench94,record)")
-    p.add_argument("--runs", type=int, default=10, help="timed runs of each trainer, in interleaved rounds (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="round k seeds every trainer with seed+k (default 0)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="a speedrun config field for every preset, e.g. --set epochs=8 (repeatable)")
-    p.add_argument("--data-dir", default="", help="CIFAR-10 folder (default: $CIFAR10_HOME, else ~/.cache/cifar10)")
-    p.add_argument("--airbench-dir", type=Path, default=None,
+    """speedrun's parser, whose Config flags and --set apply to every preset (--runs: timed runs of
+    each trainer, default 10; --seed: round k seeds every trainer with seed+k), plus this
+    benchmark's flags; --presets, several, takes the place of speedrun's --preset."""
+    p = speedrun.build_parser(__doc__.split("\n\n")[0], outputs=False)
+    p.epilog = __doc__.split("\n\n", 2)[-1]
+    p.usage = "%(prog)s [--presets A,B,...] [--runs N] [--device DEVICE] [FLAG ...]  (--help lists every flag)"
+    p.set_defaults(preset=None)
+    g = p.add_argument_group("peer comparison")
+    g.add_argument("--presets", default="davidnet,airbench94,record", help="comma-separated speedrun presets (default: davidnet,airbench94,record)")
+    g.add_argument("--airbench-dir", type=Path, default=None,
                    help="folder that gets cifar10/train.pt and test.pt for airbench (default: beside --out, "
                         "OUT_STEM-airbench/); airbench runs with it as the working directory")
-    p.add_argument("--out", type=Path, default=None,
+    g.add_argument("--out", type=Path, default=None,
                    help="JSON result (default: a new runs/peers-TIMESTAMP.json); never overwritten")
-    p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu (airbench needs CUDA)")
-    p.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
                    help="also report achieved TFLOP/s and the fraction of a measured peak (default: on)")
-    p.add_argument("--peak-size", type=int, default=0, metavar="N",
+    g.add_argument("--peak-size", type=int, default=0, metavar="N",
                    help="side of the peak-measuring matrix product (default 0: 8192 on CUDA, 2048 elsewhere)")
     return p
 
 
-def parse_overrides(items: list[str]) -> dict:
-    out = speedrun.parse_assignments(items)
-    for name in ("device", "runs", "workers"):
-        if name in out:
-            raise ValueError(f"--set {name}: this script sets it itself (use --device or --runs)")
-    return out
+def split_overrides(args) -> tuple[dict, int, int, str, str]:
+    """(the Config overrides every preset gets, runs, seed, device, data_dir) from the flags and --set."""
+    if args.preset is not None:
+        raise ValueError("--preset: this script compares several, named with --presets")
+    overrides = speedrun.overrides_from_args(args)
+    if "workers" in overrides:
+        raise ValueError("--workers: this script runs every trainer in its one process")
+    runs, seed = overrides.pop("runs", 10), overrides.pop("seed", 0)
+    return overrides, runs, seed, overrides.pop("device", "auto"), overrides.pop("data_dir", "")
 
 
 def report_lines(result: dict) -> list[str]:
@@ -427,23 +427,23 @@ def main(argv=None, make_peer=None) -> int:
     args = parser.parse_args(argv)
     make_peer = make_peer or make_airbench94_trainer
     try:
-        if args.runs < 1:
-            raise ValueError(f"--runs must be at least 1, got {args.runs}")
-        if args.seed < 0:
-            raise ValueError(f"--seed must be 0 or more, got {args.seed}")
+        overrides, runs, seed, device_name, data_dir = split_overrides(args)
+        if runs < 1:
+            raise ValueError(f"--runs must be at least 1, got {runs}")
+        if seed < 0:
+            raise ValueError(f"--seed must be 0 or more, got {seed}")
         out = args.out or speedrun.default_out_path(prefix="peers-")
-        if out.exists():
-            raise ValueError(f"--out {out} already exists; choose another path (results are never overwritten)")
+        speedrun.refuse_existing(out, "--out")
         airbench_dir = (args.airbench_dir or out.with_name(f"{out.stem}-airbench")).resolve()
-        device = speedrun.pick_device(args.device)
+        device = speedrun.pick_device(device_name)
         names = [n.strip() for n in args.presets.split(",") if n.strip()]
         if not names:
             raise ValueError("--presets names no preset")
-        cfgs = preset_configs(names, parse_overrides(args.set), device)
+        cfgs = preset_configs(names, overrides, device)
         peer = make_peer(airbench_dir, device)  # fails here, before any work, when airbench cannot run
         cfg0 = next(iter(cfgs.values()))
         t0 = time.perf_counter()
-        arrays = speedrun.load_cifar10(args.data_dir or None, quiet=True)
+        arrays = speedrun.load_cifar10(data_dir or None, url=args.data_url, quiet=True)
         if cfg0.subset:
             arrays = (arrays[0][:cfg0.subset], arrays[1][:cfg0.subset], *arrays[2:])
         if cfg0.test_subset:
@@ -460,14 +460,14 @@ def main(argv=None, make_peer=None) -> int:
         trainers[name] = make_speedrun_trainer(cfg, on_device[dtype], device)
     trainers[PEER] = peer
     print(f"{', '.join(trainers)} on {speedrun.environment(device)['device_name']}: 1 warm-up run each, "
-          f"then {args.runs} interleaved rounds")
+          f"then {runs} interleaved rounds")
     try:
-        warm, runs = run_benchmark(trainers, args.runs, args.seed)
+        warm, records = run_benchmark(trainers, runs, seed)
     except PeerError as e:
         parser.exit(2, f"error: {e}\n")
 
-    summary = {name: trainer_summary([r for r in runs if r["trainer"] == name]) for name in trainers}
-    ratios = {name: compare(runs, name) for name in cfgs}
+    summary = {name: trainer_summary([r for r in records if r["trainer"] == name]) for name in trainers}
+    ratios = {name: compare(records, name) for name in cfgs}
     result = dict(
         kind="peer comparison", command=" ".join(["python", *sys.argv]) if argv is None else "main(" + repr(argv) + ")",
         environment={**speedrun.environment(device), "cudnn_benchmark": torch.backends.cudnn.benchmark},
@@ -476,8 +476,8 @@ def main(argv=None, make_peer=None) -> int:
         data=dict(n_train=len(arrays[0]), n_test=len(arrays[2]), read_s=read_s, airbench_dir=str(airbench_dir),
                   airbench_files=prepared),
         configs={name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()},
-        runs_per_trainer=args.runs, seed=args.seed, schedule=interleaved_schedule(list(trainers), args.runs),
-        warm_up=warm, runs=runs, summary=summary, ratios=ratios, targets=check_targets(summary, ratios),
+        runs_per_trainer=runs, seed=seed, schedule=interleaved_schedule(list(trainers), runs),
+        warm_up=warm, runs=records, summary=summary, ratios=ratios, targets=check_targets(summary, ratios),
         flops=achieved_flops(cfgs, summary, device, args.peak_size) if args.flops else None)
     print("\n".join(report_lines(result)))
     text = speedrun.dumps_json(result, indent=2)

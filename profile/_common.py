@@ -1,5 +1,6 @@
 """What the profile/ scripts share: the trainer's command line, data loading with clear errors,
-output paths, a one-line description of the machine, and the optional bar chart.
+a one-line description of the machine, and the optional bar chart (output paths, the "never
+overwrite" check and matplotlib's import are speedrun's, shared with every tool).
 
 This folder must never get an __init__.py: it would shadow the standard library's `profile`
 module, which cProfile imports. The scripts run as `python profile/NAME.py`, so this module
@@ -7,7 +8,6 @@ puts the repository root on sys.path to import speedrun.
 """
 from __future__ import annotations
 
-import datetime
 import os
 import platform
 import sys
@@ -51,10 +51,6 @@ def load_data(parser, cfg, device, args):
         parser.exit(2, f"error: {e}\n")
 
 
-def timestamp() -> str:
-    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
 def describe_machine(device: torch.device) -> str:
     """e.g. 'CPU AMD EPYC (2 cores, 2 torch threads), torch 2.13.0+cpu, Python 3.11.7'."""
     env = speedrun.environment(device)
@@ -77,11 +73,8 @@ def write_text(path: Path, text: str) -> None:
 def bar_chart(path: Path, labels, values, title: str, xlabel: str) -> str:
     """Horizontal bars, largest at the top, written atomically as a PNG. Returns the line to print:
     where the chart went, or how to get one when matplotlib (optional) is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = speedrun.pyplot()
+    if plt is None:
         return f"no chart: matplotlib is not installed ({CHART_HINT} to get {path.name})"
     pairs = sorted(zip(values, labels))
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(pairs) + 1.5))

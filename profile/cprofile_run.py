@@ -87,17 +87,19 @@ def report(stats: pstats.Stats, top: int) -> list[str]:
 
 def main(argv=None) -> int:
     parser, args, cfg, device = _common.parse_args(__doc__.split("\n\n")[0], add_flags, argv)
-    prof_path = args.prof or Path("traces") / f"cprofile-{_common.timestamp()}.prof"
+    prof_path = args.prof or speedrun.new_path(Path("traces"), f"cprofile-{speedrun.timestamp()}", ".prof")
     if args.top < 1:
         parser.exit(2, f"error: --top must be at least 1, got {args.top}\n")
-    for path, flag in ((args.prof, "--prof"), (args.out, "--out"), (args.save, "--save")):
-        if path is not None and path.exists():
-            parser.exit(2, f"error: {flag} {path} already exists; choose another path (outputs are never overwritten)\n")
+    try:
+        for path, flag in ((args.prof, "--prof"), (args.out, "--out"), (args.save, "--save")):
+            speedrun.refuse_existing(path, flag)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
     if getattr(cfg, "workers", 1) != 1:  # cProfile sees this process only: keep every run in it
         if cfg.workers > 1:
             print(f"note: --workers {cfg.workers} ignored; under cProfile all runs stay in this process")
         cfg = dataclasses.replace(cfg, workers=1)
-    log = (lambda *a, **k: None) if args.quiet else print
+    log = speedrun.log_lines(args.quiet)
     data = _common.load_data(parser, cfg, device, args)
 
     # torch imports parts of itself lazily on first use (building the first optimizer imports

@@ -107,8 +107,10 @@ def main(argv=None) -> int:
     workers = sorted(set(workers))
     if min(workers) < 0 or args.timed_epochs < 1:
         parser.exit(2, "error: --loader-workers must be 0 or more and --timed-epochs at least 1\n")
-    if args.json is not None and args.json.exists():
-        parser.exit(2, f"error: --json {args.json} already exists; choose another path (outputs are never overwritten)\n")
+    try:
+        speedrun.refuse_existing(args.json, "--json")
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
     data = _common.load_data(parser, cfg, device, args)
     n = data.train_x.shape[0]
     if n < cfg.batch_size:

@@ -30,10 +30,13 @@ from torch.utils.flop_counter import FlopCounterMode
 import _common
 from _common import speedrun
 
-# Elementwise FLOPs per trainable parameter per step (a multiply-add = 2): weight decay 2,
-# momentum 2, update 2, Nesterov's look-ahead 2; Adam-type: decay 2, first moment 3, second
-# moment 4, bias correction, square root, division and update about 5.
-OPTIMIZER_FLOPS_PER_PARAM = {"sgd": 6, "nesterov": 8, "adam": 14, "adamw": 14, "rmsprop": 13, "adagrad": 9, "adadelta": 15}
+# Elementwise FLOPs per trainable parameter per step (a multiply-add = 2), one entry per name of
+# speedrun.OPTIMIZERS: weight decay 2, momentum 2, update 2, Nesterov's look-ahead 2 (Muon's
+# elementwise work is Nesterov's; its Newton-Schulz products are counted as matrix products);
+# Adam-type: decay 2, first moment 3, second moment 4, bias correction, square root, division and
+# update about 5.
+OPTIMIZER_FLOPS_PER_PARAM = {"sgd": 6, "nesterov": 8, "muon": 8, "adam": 14, "adamw": 14, "rmsprop": 13, "adagrad": 9,
+                             "adadelta": 15}
 EMA_FLOPS_PER_ELEMENT = 3  # lerp: e + w * (m - e)
 FULL_SIZES = (50000, 10000)
 PATCH_SAMPLE = 16  # images whose whitening FLOPs are counted, then scaled to whiten_samples
@@ -77,6 +80,19 @@ def whitening_flops(cfg) -> int:
     return counter.get_total_flops() * n // PATCH_SAMPLE
 
 
+def orthogonalization_flops(model: nn.Module, cfg) -> int:
+    """Matrix-product FLOPs of one step's Newton-Schulz iterations: those of the optimizer's
+    groups marked 'orthogonalize' (Muon's filter banks), counted on the meta device; 0 for
+    optimizers that have none."""
+    opt = speedrun.build_optimizer(model, cfg)
+    mats = [p.reshape(p.shape[0], -1) for g in opt.param_groups if g.get("orthogonalize") for p in g["params"]]
+    if not mats:
+        return 0
+    with FlopCounterMode(display=False) as counter:
+        speedrun.orthogonalize_all(mats, cfg.muon_ns_steps, speedrun.NS_COEFFICIENTS[cfg.muon_ns_coeffs])
+    return counter.get_total_flops()
+
+
 def count_run(cfg, epochs: int | None = None) -> dict:
     """FLOPs of one training run of cfg (the first `epochs` epochs, default all), by part."""
     epochs = cfg.epochs if epochs is None else epochs
@@ -97,6 +113,7 @@ def count_run(cfg, epochs: int | None = None) -> dict:
         "forward (training)": steps * step["forward"],
         "backward (training)": steps * step["backward"],
         "optimizer step (estimate)": steps * params * OPTIMIZER_FLOPS_PER_PARAM[cfg.optimizer],
+        "optimizer orthogonalization (Muon)": steps * orthogonalization_flops(model, cfg),
         "EMA (estimate)": (steps // cfg.ema_every) * ema_elements * EMA_FLOPS_PER_ELEMENT if cfg.ema else 0,
         "whitening init": whitening_flops(cfg),
         "evaluation, timed (one EMA+TTA pass)": timed_eval,
@@ -159,8 +176,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--seconds must be positive, got {args.seconds}")
         if args.peak_size < 0:
             raise ValueError(f"--peak-size must be positive (or 0 for the default), got {args.peak_size}")
-        if args.json is not None and args.json.exists():
-            raise ValueError(f"--json {args.json} already exists; choose another path (outputs are never overwritten)")
+        speedrun.refuse_existing(args.json, "--json")
         runs = None  # (seconds, epochs, what) of each measured run
         source = ""
         if args.result is not None:
@@ -177,7 +193,7 @@ def main(argv=None) -> int:
     if args.train:
         data = _common.load_data(parser, cfg, device, args)
         try:
-            run = speedrun.train(cfg, data, log=(lambda *a, **k: None) if args.quiet else print)
+            run = speedrun.train(cfg, data, log=speedrun.log_lines(args.quiet))
         except ValueError as e:
             parser.exit(2, f"error: {e}\n")
         runs = [(run["full_budget_s"], cfg.epochs,

@@ -94,6 +94,12 @@ def tiny_config(**overrides):
     return speedrun.make_config("davidnet", **{**base, **overrides})
 
 
+def preset_config(preset, **overrides):
+    """A preset, shrunk to train in seconds on a CPU."""
+    small = dict(width=0.125, epochs=2, batch_size=32, whiten_samples=64, eval_batch_size=64, device="cpu", precision="fp32")
+    return speedrun.make_config(preset, **{**small, **overrides})
+
+
 def random_device_data(n_train=128, n_test=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     return speedrun.DeviceData(torch.randn(n_train, 3, 32, 32, generator=g), torch.randint(0, 10, (n_train,), generator=g),

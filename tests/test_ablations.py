@@ -98,6 +98,11 @@ def test_cumulative_adds_one_trick_per_step_in_pages_order():
     assert variants[-1].config == base, "with every trick added back, the last step is the full recipe"
 
 
+def test_optimizer_study_compares_every_optimizer_of_speedrun_by_default():
+    s = optimizers.make_study(optimizers.build_parser().parse_args([]), speedrun.make_config())
+    assert [v.tags["optimizer"] for v in s.variants] == list(speedrun.OPTIMIZERS)
+
+
 def test_optimizer_study_uses_each_optimizer_at_its_lr():
     args = optimizers.build_parser().parse_args(["--optimizers", "nesterov,adam,adadelta", "--lr-for", "adadelta=100",
                                                  "--lr-multipliers", "0.5,1"])
@@ -240,7 +245,7 @@ def test_summary_matches_a_recomputation_from_the_csv(full_study):
 
 
 @pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed")
-def test_charts_are_pngs(full_study):
+def test_study_draws_each_chart_as_a_png_file(full_study):
     folder, _ = full_study
     for name in ("accuracy.png", "time.png", "curves_epoch.png", "curves_seconds.png"):
         assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -318,7 +323,7 @@ def test_merge_refuses_shards_of_different_studies(full_study, tmp_path, capsys)
     assert "holds a different study" in capsys.readouterr().err
 
 
-def test_grid_and_optimizer_studies_end_to_end(real_data_dir, tmp_path, capsys):
+def test_grid_and_optimizer_studies_add_their_own_tables_and_charts_and_merge_keeps_them(real_data_dir, tmp_path, capsys):
     base = ["--data-dir", str(real_data_dir), *TINY, "--runs", "1", "--quiet"]
     grid.main([*base, "--x", "batch_size=32,64", "--y", "lr=1.0", "--study", str(tmp_path / "g")])
     text = (tmp_path / "g" / "summary.md").read_text()
@@ -333,6 +338,10 @@ def test_grid_and_optimizer_studies_end_to_end(real_data_dir, tmp_path, capsys):
     if HAVE_MATPLOTLIB:
         assert (tmp_path / "g" / "heatmap_accuracy.png").exists() and (tmp_path / "g" / "heatmap_time.png").exists()
         assert (tmp_path / "o" / "curves_seconds.png").exists()
+    merge.merge(tmp_path / "gm", [tmp_path / "g"], log=None)
+    assert "| lr \\ batch_size | 32 | 64 |" in (tmp_path / "gm" / "summary.md").read_text()
+    merge.merge(tmp_path / "om", [tmp_path / "o"], log=None)
+    assert "| adam | 0.128 | 0.002 |" in (tmp_path / "om" / "summary.md").read_text()
 
 
 # -- diverged runs, intervals, interrupts (issue 13) ---------------------------------------------

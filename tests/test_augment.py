@@ -1,4 +1,4 @@
-"""Each augmentation's exact semantics."""
+"""Each augmentation's exact semantics: crop, flip, cutout, colour jitter, seeding, shares."""
 import torch
 import torch.nn.functional as F
 
@@ -74,6 +74,17 @@ def test_cutout_zeroes_one_square_inside_each_image():
         assert torch.equal(y[i][~zero], x[i][~zero])
         corners.add((rows.min().item(), cols.min().item()))
     assert len(corners) > 100, "positions vary"
+
+
+def test_colour_jitter_shifts_then_scales_each_image_within_its_ranges():
+    cfg = speedrun.make_config(crop_pad=0, flip="none", brightness=0.2, contrast=0.3)
+    augment = speedrun.EpochAugmenter(cfg, torch.Generator().manual_seed(0))
+    x = torch.randn(500, 3, 32, 32)
+    draw = augment.draw(500, 0, "cpu")
+    assert draw.shift.abs().max() <= 0.2 and (draw.scale - 1).abs().max() <= 0.3
+    assert draw.shift.min() < -0.15 and draw.shift.max() > 0.15, "uniform over the whole range"
+    torch.testing.assert_close(augment.apply(x, draw), (x + draw.shift.view(-1, 1, 1, 1)) * draw.scale.view(-1, 1, 1, 1))
+    assert speedrun.EpochAugmenter(speedrun.make_config(), torch.Generator()).draw(8, 0, "cpu").shift is None
 
 
 def test_augmentation_is_seeded():

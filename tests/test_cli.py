@@ -114,14 +114,14 @@ TINY = ["--subset", "256", "--test-subset", "200", "--width", "0.125", "--epochs
         "--ghost-bn-splits", "4", "--whiten-samples", "128", "--device", "cpu", "--runs", "2", "--eval-batch-size", "100"]
 
 
-def test_json_result_schema_and_saved_weights(real_data_dir, tmp_path):
+def test_json_result_has_every_field_and_saved_weights_reproduce_the_accuracy(real_data_dir, tmp_path):
     out, weights = tmp_path / "r.json", tmp_path / "w.pt"
     proc = run_cli("--data-dir", str(real_data_dir), *TINY, "--out", str(out), "--save", str(weights))
     assert proc.returncode == 0, proc.stderr
     assert "EMA+TTA acc" in proc.stdout and "2 runs: TTA accuracy mean" in proc.stdout
     result = json.loads(out.read_text())
-    assert set(result) == {"config", "environment", "data_load_s", "warmup_s", "runs", "summary", "complete"}
-    assert result["complete"] is True
+    assert set(result) == {"preset", "config", "environment", "data_load_s", "warmup_s", "runs", "summary", "complete"}
+    assert result["complete"] is True and result["preset"] == "davidnet"
     assert result["config"]["width"] == 0.125 and result["config"]["runs"] == 2
     assert {"device_name", "torch"} <= set(result["environment"])
     assert [r["seed"] for r in result["runs"]] == [0, 1]
@@ -153,3 +153,25 @@ def test_default_out_path_is_new(tmp_path):
     a.write_text("{}")
     b = speedrun.default_out_path(tmp_path)
     assert a != b and not b.exists()
+
+
+def test_each_switch_accepts_exactly_its_tables_choices_and_help_lists_them(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: no choice is cut at a hyphen
+    text = " ".join(speedrun.build_parser().format_help().split())
+    for name, table in speedrun.SWITCHES.items():
+        for choice in table:
+            assert getattr(speedrun.make_config(**{name: choice}), name) == choice
+        with pytest.raises(ValueError, match=f"{name}='nonesuch' is not one of"):
+            speedrun.make_config(**{name: "nonesuch"})
+        assert "one of " + " | ".join(map(str, table)) in text, name
+
+
+def test_a_new_output_path_never_names_an_existing_file_or_folder_and_existing_ones_are_refused(tmp_path):
+    (tmp_path / "study").mkdir()
+    assert speedrun.new_path(tmp_path, "study") == tmp_path / "study-1"
+    (tmp_path / "run.prof").write_text("keep")
+    assert speedrun.new_path(tmp_path, "run", ".prof") == tmp_path / "run-1.prof"
+    with pytest.raises(ValueError, match="--prof .* already exists"):
+        speedrun.refuse_existing(tmp_path / "run.prof", "--prof")
+    speedrun.refuse_existing(None, "--out")
+    speedrun.refuse_existing(tmp_path / "new.json", "--out")

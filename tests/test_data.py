@@ -186,7 +186,7 @@ class _Server:
         self.httpd.server_close()
 
 
-def test_download_verify_extract(tmp_path, capsys):
+def test_download_is_checksummed_then_extracted_and_read(tmp_path, capsys):
     arrays = fake_arrays(3)
     archive = make_archive(tmp_path / "build", "py", arrays)
     data = tmp_path / "data"

@@ -1,10 +1,10 @@
-"""The network's parts: whitening, ghost batch norm, frozen scales, widths."""
+"""The networks and their parts: whitening, ghost batch norm, widths, the two network classes and their init switches."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import correlated_images, tiny_config
+from conftest import correlated_images, preset_config
 import speedrun
 
 
@@ -31,6 +31,26 @@ def test_whitening_eps_shrinks_small_directions_only():
     evals = torch.linalg.eigvalsh(patch_covariance(x)).flip(0)
     torch.testing.assert_close(var, evals / (evals + 1e-2), atol=2e-3, rtol=1e-3)
     assert (var[1:] <= var[:-1] + 1e-6).all() and var[-1] < 0.5 * var[0], "largest eigenvalue first, small ones shrunk"
+
+
+def test_two_by_two_whitening_decorrelates_patches_and_adds_each_filters_negative():
+    cfg = preset_config("airbench94", whiten_eps=1e-6, whiten_samples=300)
+    x = correlated_images()
+    model = speedrun.build_model(cfg)
+    speedrun.init_whitening(model, x, cfg)
+    w = model.whiten.weight
+    assert w.shape == (24, 3, 2, 2) and not w.requires_grad
+    torch.testing.assert_close(w[12:], -w[:12])
+    out = F.conv2d(x, w[:12]).permute(0, 2, 3, 1).reshape(-1, 12).double()
+    torch.testing.assert_close(out.T @ out / out.shape[0], torch.eye(12, dtype=torch.float64), atol=2e-3, rtol=0)
+
+
+def test_whitening_bias_starts_at_zero_or_at_pytorchs_uniform_init():
+    zero = speedrun.build_model(speedrun.make_config("airbench94")).whiten.bias
+    default = speedrun.build_model(speedrun.make_config("record")).whiten.bias
+    assert torch.equal(zero, torch.zeros(24))
+    bound = 1 / 12 ** 0.5  # fan-in 3 x 2 x 2
+    assert default.abs().max() <= bound and default.abs().max() > bound / 2
 
 
 def test_ghost_bn_equals_bn_on_each_split():
@@ -66,24 +86,6 @@ def test_one_split_is_plain_batch_norm():
     torch.testing.assert_close(ghost.eval()(x), plain.eval()(x))
 
 
-def test_bn_scale_frozen_and_bn_group_learning_rate():
-    cfg = tiny_config(bn_scale_frozen=True, bias_lr_scale=64.0)
-    model = speedrun.build_model(cfg)
-    opt = speedrun.build_optimizer(model, cfg)
-    bns = [m for m in model.modules() if isinstance(m, speedrun.GhostBatchNorm)]
-    assert bns and all(not m.weight.requires_grad for m in bns)
-    weights, bn_group = opt.param_groups
-    assert {id(p) for p in bn_group["params"]} == {id(m.bias) for m in bns}
-    speedrun.set_lr(opt, cfg, step=19, total=100)  # the peak: step 20 of 100
-    assert weights["lr"] == pytest.approx(cfg.lr / cfg.batch_size)
-    assert bn_group["lr"] == pytest.approx(64 * cfg.lr / cfg.batch_size)
-    assert weights["weight_decay"] == pytest.approx(5e-4 * cfg.batch_size)
-    assert bn_group["weight_decay"] == pytest.approx(5e-4 * cfg.batch_size / 64)
-    assert not any(p is model.whiten.weight for g in opt.param_groups for p in g["params"])
-    unfrozen = speedrun.build_model(tiny_config(bn_scale_frozen=False))
-    assert all(m.weight.requires_grad for m in unfrozen.modules() if isinstance(m, speedrun.GhostBatchNorm))
-
-
 def test_architecture_follows_the_width_and_switches():
     model = speedrun.build_model(speedrun.make_config())
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -96,3 +98,56 @@ def test_architecture_follows_the_width_and_switches():
     assert not any(isinstance(m, nn.CELU) for m in half.modules())
     celu = [m for m in model.modules() if isinstance(m, nn.CELU)]
     assert celu and all(m.alpha == 0.3 for m in celu)
+
+
+def test_airbench_network_is_three_conv_groups_without_prep_conv_or_residuals():
+    model = speedrun.build_model(speedrun.make_config("airbench94"))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [(m.in_channels, m.out_channels, m.kernel_size) for m in convs] == [
+        (3, 24, (2, 2)), (24, 64, (3, 3)), (64, 64, (3, 3)), (64, 256, (3, 3)), (256, 256, (3, 3)),
+        (256, 256, (3, 3)), (256, 256, (3, 3))]
+    assert not any(isinstance(m, speedrun.Residual) for m in model.modules())
+    assert isinstance(model.prep, nn.GELU) and model.head.in_features == 256
+    bns = [m for m in model.modules() if isinstance(m, speedrun.GhostBatchNorm)]
+    assert all(m.splits == 1 and m.eps == 1e-12 and m.momentum == 0.4 and not m.weight.requires_grad for m in bns)
+    assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_activation_after_the_whitening_can_differ_from_the_others():
+    model = speedrun.build_model(speedrun.make_config("record"))
+    assert isinstance(model.prep, nn.GELU)
+    assert all(not isinstance(m, nn.GELU) for m in model.layer1.modules())
+    assert any(isinstance(m, nn.SiLU) for m in model.layer1.modules())
+    same = speedrun.build_model(speedrun.make_config("airbench94", activation="silu"))
+    assert isinstance(same.prep, nn.SiLU)
+
+
+def test_dirac_init_passes_the_first_channels_through():
+    cfg = preset_config("airbench94", conv_init="dirac")
+    model = speedrun.build_model(cfg)
+    conv = model.layer2[1][0]  # 64 -> 64 at width 1/8: 32 -> 32 channels
+    x = torch.randn(2, conv.in_channels, 8, 8)
+    torch.testing.assert_close(conv(x)[:, :conv.in_channels], x)
+    widening = model.layer1[0][0]  # 24 -> 8: the first 8 filters pass input channels 0..7 through
+    z = torch.randn(2, widening.in_channels, 8, 8)
+    torch.testing.assert_close(widening(z), z[:, :widening.out_channels])
+    default = speedrun.build_model(preset_config("airbench94", conv_init="default")).layer2[1][0]
+    assert not torch.allclose(default(x)[:, :conv.in_channels], x)
+
+
+def test_unit_std_head_starts_at_standard_deviation_one():
+    model = speedrun.build_model(speedrun.make_config("record"))
+    assert model.head.weight.std().item() == pytest.approx(1.0) and model.head_scale == 1 / 256
+    assert speedrun.build_model(speedrun.make_config("airbench94")).head.weight.std() < 0.2
+
+
+def test_each_arch_builds_its_own_network_and_weights_rebuild_it(tmp_path):
+    for arch, kind in speedrun.NETWORKS.items():
+        cfg = speedrun.make_config("airbench94" if arch == "airbench" else "davidnet", width=0.125)
+        model = speedrun.build_model(cfg)
+        assert type(model) is kind
+        path = tmp_path / f"{arch}.pt"
+        speedrun.save_weights(model, cfg, path)
+        again = speedrun.load_weights(path)
+        assert type(again) is kind
+        assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())

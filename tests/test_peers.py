@@ -268,3 +268,14 @@ def test_benchmark_end_to_end_with_a_fake_peer(real_data_dir, tmp_path, one_thre
     assert s["time_s"]["min"] == 3.25 and s["time_s"]["max"] == 3.5
     t, p = speedrun.one_sided_t_test([0.9405, 0.9406], 0.94)
     assert s["p_value_mean_acc_above_94"] == pytest.approx(p)
+
+
+def test_speedruns_flags_and_set_apply_to_every_preset_and_a_single_preset_is_refused():
+    args = peers.build_parser().parse_args(["--epochs", "3", "--set", "width=0.25", "--runs", "4", "--device", "cpu"])
+    overrides, runs, seed, device, data_dir = peers.split_overrides(args)
+    assert overrides == {"epochs": 3.0, "width": 0.25} and (runs, seed, device, data_dir) == (4, 0, "cpu", "")
+    cfgs = peers.preset_configs(["davidnet", "airbench94"], overrides, torch.device("cpu"))
+    assert all(c.epochs == 3 and c.width == 0.25 and c.runs == 1 for c in cfgs.values())
+    assert peers.split_overrides(peers.build_parser().parse_args([]))[1:] == (10, 0, "auto", "")
+    with pytest.raises(ValueError, match="--presets"):
+        peers.split_overrides(peers.build_parser().parse_args(["--preset", "cpu"]))

@@ -247,3 +247,12 @@ def test_without_matplotlib_the_chart_is_skipped_with_a_hint(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     message = common.bar_chart(tmp_path / "chart.png", ["a", "b"], [1.0, 2.0], "title", "s")
     assert "pip install matplotlib" in message and not (tmp_path / "chart.png").exists()
+
+
+def test_flops_counts_every_optimizer_and_muons_orthogonalization_only_for_muon():
+    flops = load_script("flops")
+    assert set(flops.OPTIMIZER_FLOPS_PER_PARAM) == set(speedrun.OPTIMIZERS)
+    for name in speedrun.OPTIMIZERS:
+        parts = flops.count_run(tiny_config(subset=256, test_subset=128, optimizer=name))["parts"]
+        assert parts["optimizer step (estimate)"] > 0
+        assert (parts["optimizer orthogonalization (Muon)"] > 0) == (name == "muon")

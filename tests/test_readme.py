@@ -1,4 +1,5 @@
-"""The README's set-up commands work from a fresh clone as written, and its sample output is whole."""
+"""The README's set-up commands work from a fresh clone as written, its sample output is whole, and its
+layout and switch table match the tree and speedrun.py."""
 import re
 import shlex
 
@@ -54,3 +55,25 @@ def test_sample_output_ends_with_where_the_results_went():
     setup = readme_section("Set up and run")
     sample = re.search(r"```\n(epoch .*?)```", setup, re.S).group(1).splitlines()
     assert sample[-2].startswith("time-to-94%:") and sample[-1].startswith("results written to runs/")
+
+
+def test_layout_names_every_file_of_the_tree_and_the_parts_of_speedrun():
+    layout = readme_section("Layout")
+    named = set(re.findall(r"^([\w/.]+\.\w+)\s", layout, re.M))
+    tracked = {str(p.relative_to(ROOT)) for folder in ("ablations", "bench", "docs", "profile")
+               for p in (ROOT / folder).iterdir() if p.is_file() and p.name != "__init__.py"}
+    assert tracked <= named, f"the README's layout misses {sorted(tracked - named)}"
+    assert all((ROOT / path).is_file() for path in named), "the layout names a file that is not in the tree"
+    source = (ROOT / "speedrun.py").read_text()
+    banners = re.findall(r"^# (\d|[A-Z])\. (.+)$", source, re.M)
+    assert [n for n, _ in banners] == [*"123456789", *"ABCD"]
+    assert source.index("# APPENDICES") > source.index("# 9. main") and source.index("# APPENDICES") < source.index("# A. ")
+
+
+def test_switch_table_gives_each_field_the_choices_of_its_table_in_speedrun():
+    import speedrun
+    table = readme_section("Every trick is a switch")
+    listed = dict(re.findall(r"`(\w+)` \(([^)]*/[^)]*)\)", table))
+    for name, choices in listed.items():
+        assert {c.strip() for c in choices.split("/")} == set(map(str, speedrun.SWITCHES[name])), name
+    assert set(speedrun.SWITCHES) <= set(listed), "a switch's choices are missing from the table"

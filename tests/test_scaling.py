@@ -88,7 +88,7 @@ def test_report_numbers_are_consistent(one_and_two):
 
 
 @pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="the chart needs the optional matplotlib")
-def test_chart_is_a_png(one_and_two):
+def test_scaling_chart_is_drawn_as_a_png_file(one_and_two):
     _, out, _ = one_and_two
     png = (out / "scaling.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -14,7 +14,7 @@ import speedrun
     (1.644854, 1e7, 0.05),    # the normal limit
     (-1.812461, 10, 0.95),
 ])
-def test_student_t_survival_function(t, df, p):
+def test_student_t_survival_function_matches_tabulated_values(t, df, p):
     assert speedrun.student_t_sf(t, df) == pytest.approx(p, abs=2e-6)
 
 
@@ -25,7 +25,7 @@ def test_student_t_ppf_inverts_the_cdf():
     assert speedrun.student_t_ppf(0.975, 4) == pytest.approx(2.776445, abs=1e-5)
 
 
-def test_one_sided_t_test_and_confidence_interval():
+def test_t_test_and_interval_follow_their_formulas_and_degenerate_cases():
     values = [0.941, 0.943, 0.939, 0.944, 0.942]
     m, s = speedrun.mean_std(values)
     t, p = speedrun.one_sided_t_test(values, 0.94)
@@ -37,7 +37,7 @@ def test_one_sided_t_test_and_confidence_interval():
     assert speedrun.one_sided_t_test([0.93, 0.93], 0.94) == (-math.inf, 1.0)
 
 
-def test_summary_of_runs():
+def test_summary_counts_runs_at_the_target_and_averages_accuracy_and_time():
     runs = [dict(final_acc=a, time_to_target_s=t) for a, t in [(0.945, 3.0), (0.938, None), (0.941, 3.4)]]
     s = speedrun.summarize(runs, 0.94)
     assert s["runs"] == 3 and s["runs_reaching_target"] == 2

@@ -1,5 +1,5 @@
 """bench/ledger.py rebuilds the README's measured-accuracy table from result files, and refuses
-files that are not full-scale runs of a preset; bench/cpu_speed.py measures every cell it names."""
+files that are not full-scale runs of a preset."""
 import dataclasses
 import json
 import sys
@@ -10,7 +10,6 @@ from conftest import ROOT
 import speedrun
 
 sys.path.insert(0, str(ROOT / "bench"))
-import cpu_speed  # noqa: E402
 import ledger  # noqa: E402
 
 
@@ -55,10 +54,3 @@ def test_ledger_refuses_what_is_not_a_full_scale_run_of_its_preset(tmp_path, cap
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "bad.json" in err and __import__("re").search(message, err)
-
-
-def test_cpu_speed_measures_every_cell_with_its_ratio_to_fp32_nchw():
-    medians = cpu_speed.measure(["cpu"], batch_size=16, steps=1, repeats=1)
-    assert set(medians) == {("cpu", p, cl) for p, cl in cpu_speed.CELLS} and all(s > 0 for s in medians.values())
-    lines = cpu_speed.table(medians, 16)
-    assert len(lines) == 2 + 4 and "| cpu | fp32 | NCHW |" in lines[2] and lines[2].endswith("| 1.00x |")
