@@ -798,7 +798,7 @@ class Lookahead(EMA):
     @torch.no_grad()
     def update(self, step: int) -> None:
         super().update(step)
-        torch._foreach_copy_([m for _, m in self._floats], [e for e, _ in self._floats])
+        self.finish()
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -977,6 +977,11 @@ class TrainingSetup:
                 x = x.contiguous(memory_format=torch.channels_last)
         return x, data.train_y[idx]
 
+    def evaluated(self, ema: EMA | None) -> tuple[nn.Module, nn.Module]:
+        """(the evaluated network: the EMA's, else the model; its forward, compiled if asked)."""
+        model = ema.eval_model if ema else self.model
+        return model, torch.compile(model, mode=self.cfg.compile_mode) if self.cfg.compile else model
+
     def freeze_whitening_bias(self) -> None:
         """Stop training the whitening bias: with no gradient, no backward pass reaches the first
         conv's input and the optimizer skips it. Under torch.compile this changes the graph; the
@@ -1025,19 +1030,24 @@ def needs_warm_up(cfg: Config, device: torch.device) -> bool:
 
 def warm_up(cfg: Config, data: DeviceData, device: torch.device) -> float:
     """A throwaway run of a few steps and one evaluation, so that compilation and cuDNN's
-    choice of kernels happen before the timer; with a whitening bias, a few steps more after it
-    is frozen, which compile sees as a second graph. Returns its seconds."""
+    choice of kernels happen before the timer. It steps on an epoch's real batches, whose memory
+    layout (channels_last) compile guards on; with a whitening bias it steps and evaluates both
+    before and after freezing it, since compile sees each as its own graph. Returns its seconds."""
     t0 = time.perf_counter()
     setup = prepare_training(cfg, data, device, cfg.seed)
     b = setup.local_batch
-    for _ in range(3):
-        setup.step_fn(data.train_x[:b], data.train_y[:b])
-    if getattr(setup.model.whiten, "bias", None) is not None:
-        setup.freeze_whitening_bias()
+    x, y = setup.epoch_batches(data, 0)
+    _, eval_forward = setup.evaluated(setup.make_ema(cfg))  # an EMA copy is a network of its own to compile
+    for frozen in (False, True) if getattr(setup.model.whiten, "bias", None) is not None else (False,):
+        if frozen:
+            setup.freeze_whitening_bias()
+        setup.model.train()
         for _ in range(3):
-            setup.step_fn(data.train_x[:b], data.train_y[:b])
-    setup.model.eval()
-    predict(setup.model if setup.ctx.active else setup.forward, data.test_x[:cfg.eval_batch_size], cfg, device, setup.dtype)
+            setup.step_fn(x[:b], y[:b])
+        setup.model.eval()
+        test_x = data.test_x[:cfg.eval_batch_size]
+        predict(eval_forward, test_x, cfg, device, setup.dtype)  # as train() evaluates: EMA + TTA, and the raw model
+        predict(setup.model if setup.ctx.active else setup.forward, test_x, cfg, device, setup.dtype, tta="none")
     synchronize(device)
     return time.perf_counter() - t0
 
@@ -1060,8 +1070,7 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
             dist.broadcast(model.whiten.weight.data, 0)
     whitening_s = watch.stop()
     ema = setup.make_ema(cfg)
-    eval_model = ema.eval_model if ema else model
-    eval_forward = torch.compile(eval_model, mode=cfg.compile_mode) if cfg.compile else eval_model
+    eval_model, eval_forward = setup.evaluated(ema)
     progress = Progress(log, setup.total_steps, cfg.batch_size) if log is not _quiet else None
 
     epochs, train_s, step, time_to_target, epochs_to_target, logits = [], 0.0, 0, None, None, None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -98,7 +99,8 @@ def count_run(cfg, epochs: int | None = None) -> dict:
     epochs = cfg.epochs if epochs is None else epochs
     n_train = min(cfg.subset or FULL_SIZES[0], FULL_SIZES[0])
     n_test = min(cfg.test_subset or FULL_SIZES[1], FULL_SIZES[1])
-    steps = epochs * (n_train // cfg.batch_size)
+    n_batches = n_train // cfg.batch_size
+    steps = min(speedrun.total_steps(cfg, n_batches), math.ceil(round(epochs * n_batches, 9)))  # the run's steps
     meta = torch.device("meta")
     model = speedrun.build_model(cfg, meta)
     x = torch.empty(cfg.batch_size, 3, 32, 32, device=meta)
@@ -119,7 +121,7 @@ def count_run(cfg, epochs: int | None = None) -> dict:
         "evaluation, timed (one EMA+TTA pass)": timed_eval,
     }
     # train() also evaluates after every other epoch, and measures raw accuracy every epoch.
-    untimed_eval = epochs * n_test * (views + 1) * per_image - timed_eval
+    untimed_eval = math.ceil(round(epochs, 9)) * n_test * (views + 1) * per_image - timed_eval
     return dict(parts=parts, timed_total=sum(parts.values()), untimed_evaluation=untimed_eval,
                 all_total=sum(parts.values()) + untimed_eval, epochs=epochs, steps=steps, n_train=n_train,
                 n_test=n_test, tta_views=views, forward_per_image=per_image, trainable_params=params)

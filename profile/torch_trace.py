@@ -126,8 +126,7 @@ def profile_window(cfg, data, device, steps: int, warmup: int, eval_images: int)
     setup = speedrun.prepare_training(cfg, data, device, cfg.seed)
     dtype, model, step_fn = setup.dtype, setup.model, setup.step_fn
     ema = setup.make_ema(cfg)
-    eval_model = ema.eval_model if ema else model
-    eval_forward = torch.compile(eval_model, mode=cfg.compile_mode) if cfg.compile else eval_model
+    _, eval_forward = setup.evaluated(ema)
     test_x = data.test_x[:eval_images]
 
     model.train()

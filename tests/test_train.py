@@ -73,3 +73,23 @@ def test_real_data_narrow_network_beats_chance_clearly(real_data_dir):
     assert acc >= 0.45, f"accuracy {acc:.3f} after two epochs on real data"
     assert result["data_load_s"] > 0 and any("EMA+TTA acc" in r for r in rows)
     assert math.isclose(sum(sum(r) for r in result["runs"][0]["confusion_matrix"]), 1000)
+
+
+@pytest.mark.parametrize("preset", ["airbench94", "davidnet"])
+def test_the_warm_up_compiles_every_graph_the_timed_run_needs(monkeypatch, preset):
+    # Compile guards on the batches' memory layout, on which parameters take a gradient (the
+    # whitening bias freezes mid-run) and on grad mode (evaluation), and an EMA copy is a network of
+    # its own: the warm-up must meet each, so that nothing compiles inside the timer. The cheap
+    # aot_eager backend has the same guards as the default one.
+    from torch._dynamo.utils import counters
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None, **kw: compile_(m, backend="aot_eager"))
+    torch._dynamo.reset()
+    extra = dict(whiten_bias_epochs=1.0) if preset == "airbench94" else dict(ghost_bn_splits=16)
+    cfg = preset_config(preset, epochs=3, compile=True, eval_every=2, **extra)
+    data = random_device_data(n_train=64, n_test=64)
+    speedrun.warm_up(cfg, data, torch.device("cpu"))
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled > 0
+    speedrun.train(cfg, data, log=lambda *a: None)
+    assert counters["stats"]["unique_graphs"] == compiled, "a graph was compiled inside the timed run"
