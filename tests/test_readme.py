@@ -53,7 +53,7 @@ def test_setup_gives_a_cpu_only_install_line_and_names_the_measured_torch():
 
 def test_sample_output_ends_with_where_the_results_went():
     setup = readme_section("Set up and run")
-    sample = re.search(r"```\n(epoch .*?)```", setup, re.S).group(1).splitlines()
+    sample = re.search(r"```\n((?:  step [^\n]*\n|  \.\.\.\n)*epoch .*?)```", setup, re.S).group(1).splitlines()
     assert sample[-2].startswith("time-to-94%:") and sample[-1].startswith("results written to runs/")
 
 
