@@ -54,3 +54,7 @@ def test_ledger_refuses_what_is_not_a_full_scale_run_of_its_preset(tmp_path, cap
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "bad.json" in err and __import__("re").search(message, err)
+
+
+def test_the_readme_table_is_what_the_committed_results_give():
+    assert ledger.main(["--check"]) == 0, "README.md's measured-accuracy table is stale: run python bench/ledger.py"
