@@ -570,9 +570,14 @@ def build_model(cfg: Config, device: torch.device | str = "cpu") -> Network:
 # =============================================================================================
 
 
+def epochs_to_steps(epochs: float, n_batches: int) -> int:
+    """ceil(epochs x batches per epoch), so 9.9 epochs of 48 batches is 476 steps."""
+    return math.ceil(round(epochs * n_batches, 9))  # round: 10.0 x 97 must not become 971
+
+
 def total_steps(cfg: Config, n_batches: int) -> int:
-    """Optimizer steps of a run: ceil(epochs x batches per epoch), so 9.9 epochs of 48 batches is 476."""
-    return math.ceil(round(cfg.epochs * n_batches, 9))  # round: 10.0 x 97 must not become 971
+    """Optimizer steps of a run."""
+    return epochs_to_steps(cfg.epochs, n_batches)
 
 
 def one_cycle(cfg: Config, t: int, total: int) -> float:
@@ -595,7 +600,7 @@ def lr_factor(cfg: Config, step: int, total: int) -> float:
 
 def whiten_bias_steps(cfg: Config, n_batches: int) -> int:
     """Steps during which the whitening bias trains (the first whiten_bias_epochs epochs)."""
-    return math.ceil(round(cfg.whiten_bias_epochs * n_batches, 9))
+    return epochs_to_steps(cfg.whiten_bias_epochs, n_batches)
 
 
 def is_bn_param(name: str, model: nn.Module) -> bool:

@@ -100,7 +100,7 @@ def count_run(cfg, epochs: int | None = None) -> dict:
     n_train = min(cfg.subset or FULL_SIZES[0], FULL_SIZES[0])
     n_test = min(cfg.test_subset or FULL_SIZES[1], FULL_SIZES[1])
     n_batches = n_train // cfg.batch_size
-    steps = min(speedrun.total_steps(cfg, n_batches), math.ceil(round(epochs * n_batches, 9)))  # the run's steps
+    steps = min(speedrun.total_steps(cfg, n_batches), speedrun.epochs_to_steps(epochs, n_batches))  # the run's steps
     meta = torch.device("meta")
     model = speedrun.build_model(cfg, meta)
     x = torch.empty(cfg.batch_size, 3, 32, 32, device=meta)
