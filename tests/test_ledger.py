@@ -15,8 +15,9 @@ import ledger  # noqa: E402
 
 def result_file(folder, name, preset, accs, **changes):
     cfg = dataclasses.asdict(speedrun.make_config(preset, device="cpu", **changes))
-    runs = [dict(seed=k, final_acc=a, diverged=False, whitening_s=1.0, train_s=100.0, wall_s=130.0 + k,
-                 epochs=[dict(eval_s=20.0)]) for k, a in enumerate(accs)]
+    runs = [dict(seed=k, final_acc=a, diverged=False, whitening_s=0.1, train_s=2.9 + k, wall_s=4.0 + k,
+                 full_budget_s=3.0 + k, time_to_target_s=3.0 + k if a >= 0.94 else None,
+                 epochs=[dict(eval_s=0.05)]) for k, a in enumerate(accs)]
     env = dict(device="cpu", device_name="CPU Test (2 cores)", torch="2.13.0+cpu")
     (folder / name).write_text(json.dumps(dict(preset=preset, config=cfg, environment=env, runs=runs)))
 
@@ -37,7 +38,11 @@ def test_ledger_groups_runs_and_rewrites_only_its_table(tmp_path):
     assert cells[1] == "fp32, channels_last" and cells[4] == "3"
     assert cells[5] == f"{100 * (0.9406 + 0.9390 + 0.9420) / 3:.2f}% ± {100 * speedrun.mean_std([0.9406, 0.939, 0.942])[1]:.2f}"
     assert cells[6:9] == ["93.90%", "94.20%", "67%"] and cells[9] == "9.9"
-    assert "(n = 1)" in next(line for line in text.splitlines() if line.startswith("| record"))
+    # budget: seeds 0 (a.json), 0 and 1 (b.json) took 3, 3 and 4 s; two runs reached 94%: 3 s and 4 s
+    assert cells[10] == f"3.33 s ± {speedrun.mean_std([3.0, 3.0, 4.0])[1]:.2f}"
+    assert cells[11] == f"3.50 s ± {speedrun.mean_std([3.0, 4.0])[1]:.2f} (2)"
+    record = next(line for line in text.splitlines() if line.startswith("| record"))
+    assert "(n = 1)" in record and "| 3.00 s | 3.00 s (1) |" in record
     assert ledger.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
     result_file(results, "d.json", "record", [0.9350])
     assert ledger.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1

@@ -48,7 +48,7 @@ def test_setup_gives_a_cpu_only_install_line_and_names_the_measured_torch():
     cpu = [c for c in shell_commands(setup) if "download.pytorch.org/whl/cpu" in c]
     assert cpu and cpu[0].startswith("pip install torch --index-url"), "a CPU-only machine gets the CPU wheel"
     assert "macOS" in setup and "NVIDIA" in setup
-    assert re.search(r"measured with torch \d+\.\d+\.\d+", setup)
+    assert re.search(r"come from torch\s+\d+\.\d+\.\d+\+cpu", setup) and re.search(r"torch\s+\d+\.\d+\.\d+\+cu\d+", setup)
 
 
 def test_sample_output_ends_with_where_the_results_went():
