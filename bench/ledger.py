@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Rebuild the README's "Measured accuracy" table from the full-scale result files in results/.
+"""Rebuild the README's measured tables from the files in results/: accuracy and time, and what each trick is worth.
 
-    python bench/ledger.py            # rewrite the table between the README's ledger markers
-    python bench/ledger.py --check    # exit 1 if the README's table is not what the files give
+    python bench/ledger.py            # rewrite both tables between the README's markers
+    python bench/ledger.py --check    # exit 1 if the README's tables are not what the files give
 
 Every *.json under results/ is a result the trainer wrote (`python speedrun.py --out ...`). Only
 full-scale runs of a preset count: all 50,000 training and 10,000 test images and the preset's
@@ -12,6 +12,11 @@ row gives the number of runs, the mean, spread, min and max of the final accurac
 or above 94%, the epochs, the timed budget (whitening + every epoch + the last evaluation, the
 timer's rule), the time-to-94% of the runs that reached it, and the mean wall time of a run. A file that is not a full-scale run of
 a preset stops the script with its name: nothing is left out silently.
+
+Every folder under results/ablations/ is a study folder of ablations/ (its summary.json is what
+the study's own report gave from its results.csv); each becomes a table between the README's
+studies markers: variant, accuracy, the paired difference from its reference with its 95%
+interval, timed seconds and their paired difference, with the study's hardware and command.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ if str(ROOT) not in sys.path:
 import speedrun  # noqa: E402
 
 START, END = "<!-- ledger:start (bench/ledger.py writes this table) -->", "<!-- ledger:end -->"
+STUDIES_START, STUDIES_END = "<!-- studies:start (bench/ledger.py writes these tables) -->", "<!-- studies:end -->"
 # fields a run may change without changing the recipe it measures
 FREE = {"seed", "runs", "device", "precision", "channels_last", "eval_every", "workers", "data_dir", "compile",
         "compile_mode", "deterministic", "eval_batch_size"}
@@ -105,11 +111,50 @@ def table(folder: Path) -> str:
     return "\n".join(lines + [END])
 
 
-def rebuilt(readme: str, new_table: str) -> str:
-    if START not in readme or END not in readme:
-        raise ValueError(f"the README has no ledger markers; put {START} and {END} where the table goes")
-    head, rest = readme.split(START, 1)
-    return head + new_table + rest.split(END, 1)[1]
+def _interval(delta: dict, scale: float, digits: int) -> str:
+    """'-0.27 (-0.51 .. -0.02)': a paired difference and its 95% interval; '—' without pairs."""
+    if not delta or delta.get("mean") is None:
+        return "—"
+    text = f"{scale * delta['mean']:+.{digits}f}"
+    return text + (f" ({scale * delta['ci95'][0]:+.{digits}f} .. {scale * delta['ci95'][1]:+.{digits}f})"
+                   if delta.get("ci95") else "")
+
+
+def study_tables(folder: Path) -> str:
+    """One table per study folder under folder (sorted by name), from its summary.json."""
+    parts = [STUDIES_START]
+    for summary_path in sorted(folder.glob("*/summary.json")):
+        summary = json.loads(summary_path.read_text())
+        where = summary_path.parent.relative_to(ROOT) if summary_path.is_relative_to(ROOT) else summary_path.parent
+        target = 100 * summary["variants"][0]["target_acc"]
+        parts += [f"**{summary['title']}** (`{where}/`): {', '.join(summary['hardware'])}, torch "
+                  f"{', '.join(summary['torch'])}, seeds {', '.join(map(str, summary['seeds']))} for every variant; "
+                  f"`{summary['commands'][0]}`", "",
+                  f"| variant | change | runs | accuracy % mean ± std | Δ accuracy, points (95% CI) | at ≥ {target:g}% "
+                  f"| timed s | Δ timed s (95% CI) |", "|---|---|---|---|---|---|---|---|"]
+        for v in summary["variants"]:
+            runs = f"{v['runs']}" + (f" ({v['diverged']} diverged)" if v.get("diverged") else "")
+            acc = "diverged (every run)" if v["acc_mean"] is None else f"{100 * v['acc_mean']:.2f} ± {100 * (v['acc_std'] or 0):.2f}"
+            timed = "—" if v["timed_mean_s"] is None else f"{v['timed_mean_s']:.2f}"
+            parts.append(f"| {v['name']} | {v['change']} | {runs} | {acc} | {_interval(v.get('delta_acc'), 100, 2)} "
+                         f"| {100 * v['frac_at_target']:.0f}% | {timed} | {_interval(v.get('delta_timed_s'), 1, 2)} |")
+        parts.append("")
+    if len(parts) == 1:
+        parts += ["(no study under results/ablations/ yet)", ""]
+    return "\n".join(parts + [STUDIES_END])
+
+
+def replace_between(readme: str, start: str, end: str, new_text: str) -> str:
+    if start not in readme or end not in readme:
+        raise ValueError(f"the README has no markers {start} and {end}; put them where the table goes")
+    head, rest = readme.split(start, 1)
+    return head + new_text + rest.split(end, 1)[1]
+
+
+def rebuilt(readme: str, results: Path) -> str:
+    """The README with both measured tables rebuilt from the files under results."""
+    readme = replace_between(readme, START, END, table(results))
+    return replace_between(readme, STUDIES_START, STUDIES_END, study_tables(results / "ablations"))
 
 
 def main(argv=None) -> int:
@@ -121,7 +166,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         readme = args.readme.read_text()
-        new = rebuilt(readme, table(args.results))
+        new = rebuilt(readme, args.results)
     except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
         p.exit(2, f"error: {e}\n")
     if args.check:
@@ -132,6 +177,7 @@ def main(argv=None) -> int:
     if new != readme:
         speedrun.write_atomic(args.readme, lambda tmp: tmp.write_text(new))
     print(table(args.results))
+    print(study_tables(args.results / "ablations"))
     return 0
 
 

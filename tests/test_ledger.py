@@ -29,10 +29,10 @@ def test_ledger_groups_runs_and_rewrites_only_its_table(tmp_path):
     result_file(results, "b.json", "airbench94", [0.9390, 0.9420], seed=1, eval_every=100)
     result_file(results, "c.json", "record", [0.9401])
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{ledger.START}\nold table\n{ledger.END}\noutro\n")
+    readme.write_text(f"intro\n{ledger.START}\nold table\n{ledger.END}\nmiddle\n{ledger.STUDIES_START}\n{ledger.STUDIES_END}\noutro\n")
     assert ledger.main(["--results", str(results), "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old table" not in text
+    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old table" not in text and "\nmiddle\n" in text
     (airbench,) = [line for line in text.splitlines() if line.startswith("| airbench94")]
     cells = [c.strip() for c in airbench.split("|")[1:-1]]
     assert cells[1] == "fp32, channels_last" and cells[4] == "3"
@@ -53,12 +53,34 @@ def test_ledger_groups_runs_and_rewrites_only_its_table(tmp_path):
 def test_ledger_refuses_what_is_not_a_full_scale_run_of_its_preset(tmp_path, capsys, changes, message):
     result_file(tmp_path, "bad.json", "airbench94", [0.95], **changes)
     readme = tmp_path / "README.md"
-    readme.write_text(f"{ledger.START}\n{ledger.END}\n")
+    readme.write_text(f"{ledger.START}\n{ledger.END}\n{ledger.STUDIES_START}\n{ledger.STUDIES_END}\n")
     with pytest.raises(SystemExit) as stop:
         ledger.main(["--results", str(tmp_path), "--readme", str(readme)])
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "bad.json" in err and __import__("re").search(message, err)
+
+
+def test_each_study_folder_becomes_a_table_of_paired_differences(tmp_path):
+    delta = lambda mean, lo, hi: dict(pairs=5, mean=mean, std=0.01, ci95=[lo, hi])
+    variant = dict(target_acc=0.94, runs=5, diverged=0, frac_at_target=0.6, acc_mean=0.9403, acc_std=0.0015,
+                   timed_mean_s=2.85)
+    summary = dict(title="Tricks, leave-one-out", hardware=["GPU X"], torch=["2.11.0"], seeds=[0, 1, 2, 3, 4],
+                   commands=["python ablations/tricks.py --runs 5"],
+                   variants=[dict(variant, name="full", change="the full recipe"),
+                             dict(variant, name="no_tta", change="no TTA", acc_mean=0.9326, frac_at_target=0.0,
+                                  timed_mean_s=3.06, delta_acc=delta(-0.0077, -0.0091, -0.0063),
+                                  delta_timed_s=delta(0.21, -0.18, 0.61)),
+                             dict(variant, name="bad_lr", change="lr x 100", runs=5, diverged=5, acc_mean=None,
+                                  acc_std=None, frac_at_target=0.0, timed_mean_s=None)])
+    (tmp_path / "ablations" / "tricks-x").mkdir(parents=True)
+    (tmp_path / "ablations" / "tricks-x" / "summary.json").write_text(json.dumps(summary))
+    text = ledger.study_tables(tmp_path / "ablations")
+    assert text.startswith(ledger.STUDIES_START) and text.endswith(ledger.STUDIES_END)
+    assert "GPU X, torch 2.11.0, seeds 0, 1, 2, 3, 4" in text and "`python ablations/tricks.py --runs 5`" in text
+    assert "| full | the full recipe | 5 | 94.03 ± 0.15 | — | 60% | 2.85 | — |" in text
+    assert "| no_tta | no TTA | 5 | 93.26 ± 0.15 | -0.77 (-0.91 .. -0.63) | 0% | 3.06 | +0.21 (-0.18 .. +0.61) |" in text
+    assert "| bad_lr | lr x 100 | 5 (5 diverged) | diverged (every run) | — | 0% | — | — |" in text
 
 
 def test_the_readme_table_is_what_the_committed_results_give():
