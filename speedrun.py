@@ -117,6 +117,8 @@ class Config:
     muon_momentum: float = _f(0.6, "optimizer muon: Nesterov momentum of the conv filters")
     muon_ns_steps: int = _f(5, "optimizer muon: Newton-Schulz iterations per step")
     muon_ns_coeffs: str = _f("keller", "optimizer muon: Newton-Schulz quintic coefficients, Keller Jordan's or hiverge's")
+    muon_ns_precision: str = _f("bf16", "optimizer muon: Newton-Schulz dtype on a GPU, bf16 (Keller Jordan's) or fp16 "
+                                        "(hiverge's, 3 more mantissa bits); fp32 on other devices")
     muon_weight_decay: float = _f(0.0, "optimizer muon: decoupled decay of the conv filters, each step times their LR")
     muon_renorm: str = _f("none", "optimizer muon: rescale each filter bank to Frobenius norm sqrt(filters) before its update: "
                                   "never, every_step (airbench94_muon), or growing: every 2 + int(15 x step/total) steps (hiverge)")
@@ -169,8 +171,8 @@ PRESETS: dict[str, dict] = {
                        lr_schedule_at="start", ema_mode="lookahead", ema_momentum=0.95, flip="alternating", crop_pad=2,
                        tta="flip_translate", eval_batch_size=2000),
     # The record line: airbench94_muon (Keller Jordan: 94.01% over 200 runs, 2.59 s on an A100) with
-    # hiverge's changes (hiverge/cifar10-speedrun, cifar10_speedrun.py at its newest commit: 94.02%
-    # over 2,000 runs, 1.98 s on an A100). Our units: the head's step LR 0.5415 is lr / batch_size;
+    # hiverge's changes (hiverge/cifar10-speedrun, cifar10_speedrun.py at its newest stored commit,
+    # September 2025: 94.01% over 2,000 runs, 2.015 s on an A100; Newton-Schulz in fp16). Our units: the head's step LR 0.5415 is lr / batch_size;
     # the biases' 0.0573 is bias_lr_scale x that; the decay 1.0418e-6 x 1536 per step is lr x
     # weight_decay for the SGD groups and muon_weight_decay (decoupled) for the filters. 7.59 epochs
     # of 32 batches = 243 steps, the whitening bias trained for ceil(0.19 x 32) = 7 of them.
@@ -180,7 +182,7 @@ PRESETS: dict[str, dict] = {
                    bn_eps=1e-12, head_scale=1 / 256, head_init="unit_std", epochs=7.59, batch_size=1536,
                    optimizer="muon", momentum=0.825, lr=0.5415 * 1536, bias_lr_scale=0.0573 / 0.5415,
                    weight_decay=1.0418e-6 / 0.5415, muon_lr=0.205, muon_momentum=0.655, muon_ns_steps=3,
-                   muon_ns_coeffs="hiverge", muon_weight_decay=1.0418e-6 * 1536, muon_renorm="growing",
+                   muon_ns_coeffs="hiverge", muon_ns_precision="fp16", muon_weight_decay=1.0418e-6 * 1536, muon_renorm="growing",
                    label_smoothing=0.09, lr_schedule="linear", lr_schedule_at="start", ema=False, flip="alternating",
                    crop_pad=2, brightness=0.1399, contrast=0.1308, tta="flip_translate_equal", tta_unsure_frac=0.25,
                    eval_batch_size=2000),
@@ -610,14 +612,16 @@ def is_bn_param(name: str, model: nn.Module) -> bool:
 
 # Newton-Schulz quintic coefficients (a, b, c): Keller Jordan's, and hiverge's retuned ones.
 NS_COEFFICIENTS = {"keller": (3.4445, -4.7750, 2.0315), "hiverge": (3.4576, -4.7391, 2.0843)}
+# The dtype Newton-Schulz runs in on a GPU; the iterations only ever see matrices of norm <= ~1.2.
+NS_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def orthogonalize(g: torch.Tensor, steps: int, coeffs=NS_COEFFICIENTS["keller"]) -> torch.Tensor:
+def orthogonalize(g: torch.Tensor, steps: int, coeffs=NS_COEFFICIENTS["keller"], dtype=torch.bfloat16) -> torch.Tensor:
     """Approximately U V^T for each matrix g = U S V^T of a batch (..., rows, cols): Newton-Schulz
     iterations of the quintic x <- a x + (b A + c A^2) x with A = x x^T, which push every
-    singular value into roughly [0.7, 1.2] in a few steps (bfloat16 on CUDA)."""
+    singular value into roughly [0.7, 1.2] in a few steps (in `dtype` on CUDA, else fp32)."""
     a, b, c = coeffs
-    x = g.bfloat16() if g.is_cuda else g.float()
+    x = g.to(dtype) if g.is_cuda else g.float()
     tall = x.shape[-2] > x.shape[-1]
     x = x.mT if tall else x
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
@@ -627,14 +631,14 @@ def orthogonalize(g: torch.Tensor, steps: int, coeffs=NS_COEFFICIENTS["keller"])
     return (x.mT if tall else x).to(g.dtype)
 
 
-def orthogonalize_all(mats: list[torch.Tensor], steps: int, coeffs) -> list[torch.Tensor]:
+def orthogonalize_all(mats: list[torch.Tensor], steps: int, coeffs, dtype=torch.bfloat16) -> list[torch.Tensor]:
     """orthogonalize() of matrices of several shapes in one batched call: each is laid wide and
     zero-padded to the largest shape, which changes nothing (zero rows and columns stay zero and
     add nothing to the norms or products), so one set of kernels serves every filter bank."""
     wide = [m.mT if m.shape[0] > m.shape[1] else m for m in mats]
     rows, cols = max(m.shape[0] for m in wide), max(m.shape[1] for m in wide)
     batch = torch.stack([F.pad(m, (0, cols - m.shape[1], 0, rows - m.shape[0])) for m in wide])
-    out = orthogonalize(batch, steps, coeffs)
+    out = orthogonalize(batch, steps, coeffs, dtype)
     return [o[:w.shape[0], :w.shape[1]].mT if m is not w else o[:w.shape[0], :w.shape[1]]
             for o, w, m in zip(out, wide, mats)]
 
@@ -651,10 +655,10 @@ class Muon(torch.optim.Optimizer):
     and after it, decays by its LR x decoupled_wd."""
 
     def __init__(self, groups, momentum: float, ns_steps: int, coeffs=NS_COEFFICIENTS["keller"],
-                 renorm: str = "none", total_steps: int = 0):
+                 renorm: str = "none", total_steps: int = 0, ns_dtype=torch.bfloat16):
         super().__init__(groups, dict(lr=0.0, momentum=momentum, weight_decay=0.0, orthogonalize=False,
                                       ns_steps=ns_steps, decoupled_wd=0.0))
-        self.coeffs, self.renorm, self.total_steps = coeffs, renorm, total_steps
+        self.coeffs, self.renorm, self.total_steps, self.ns_dtype = coeffs, renorm, total_steps, ns_dtype
         self.steps = self.last_renorm = 0
 
     def renorm_due(self) -> bool:
@@ -684,7 +688,8 @@ class Muon(torch.optim.Optimizer):
                     p.add_(d, alpha=-g["lr"])
             if not banks:
                 continue
-            for (p, m), o in zip(banks, orthogonalize_all([m for _, m in banks], g["ns_steps"], self.coeffs)):
+            for (p, m), o in zip(banks, orthogonalize_all([m for _, m in banks], g["ns_steps"], self.coeffs,
+                                                                    self.ns_dtype)):
                 if renorm:
                     p.mul_(p.shape[0] ** 0.5 / (p.norm() + 1e-7))
                 p.add_(o.view_as(p), alpha=-g["lr"] * max(1.0, m.shape[0] / m.shape[1]) ** 0.5)
@@ -698,7 +703,7 @@ OPTIMIZERS = {
     "sgd": lambda groups, cfg, total: torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum),
     "muon": lambda groups, cfg, total: Muon(groups, momentum=cfg.momentum, ns_steps=cfg.muon_ns_steps,
                                             coeffs=NS_COEFFICIENTS[cfg.muon_ns_coeffs], renorm=cfg.muon_renorm,
-                                            total_steps=total),
+                                            total_steps=total, ns_dtype=NS_PRECISIONS[cfg.muon_ns_precision]),
     "adam": lambda groups, cfg, total: torch.optim.Adam(groups, lr=0.0),
     # AdamW decays by lr x weight_decay per step, not by the summed loss's weight_decay x batch_size
     "adamw": lambda groups, cfg, total: torch.optim.AdamW(
@@ -1728,8 +1733,8 @@ def write_atomic(path: Path, write) -> None:
 SWITCHES = dict(flip=FLIPS, arch=NETWORKS, activation=ACTIVATIONS, whiten_activation=("same", *ACTIVATIONS),
                 whiten_kernel=WHITEN_KERNELS, whiten_bias_init=WHITEN_BIAS_INITS,
                 whiten_bias_schedule=WHITEN_BIAS_SCHEDULES, conv_init=CONV_INITS, head_init=HEAD_INITS,
-                optimizer=OPTIMIZERS, muon_ns_coeffs=NS_COEFFICIENTS, muon_renorm=MUON_RENORMS,
-                lr_schedule=LR_SCHEDULES, lr_schedule_at=LR_SCHEDULE_AT, ema_mode=EMA_KINDS, tta=TTA_WEIGHTS,
+                optimizer=OPTIMIZERS, muon_ns_coeffs=NS_COEFFICIENTS, muon_ns_precision=NS_PRECISIONS,
+                muon_renorm=MUON_RENORMS, lr_schedule=LR_SCHEDULES, lr_schedule_at=LR_SCHEDULE_AT, ema_mode=EMA_KINDS, tta=TTA_WEIGHTS,
                 precision=PRECISIONS, compile_mode=COMPILE_MODES)
 
 

@@ -128,14 +128,14 @@ def test_airbench94_is_keller_jordans_recipe_at_every_step():
 
 
 def test_record_is_airbench94_muon_with_hiverges_changes_at_every_step():
-    # hiverge/cifar10-speedrun, cifar10_speedrun.py (newest commit; 94.02% over 2,000 runs, 1.98 s
-    # on an A100), on top of KellerJordan/cifar10-airbench airbench94_muon.py: batch 1536, drop_last
-    # (32 batches), total ceil(7.59 x 32) = 243 steps; wd = 1.0418e-6 x 1536. Nesterov SGD, momentum
+    # hiverge/cifar10-speedrun, cifar10_speedrun.py (newest stored commit, September 2025: 94.01%
+    # over 2,000 runs, 2.015 s on an A100), on top of KellerJordan/cifar10-airbench
+    # airbench94_muon.py: batch 1536, drop_last (32 batches), total ceil(7.59 x 32) = 243 steps; wd = 1.0418e-6 x 1536. Nesterov SGD, momentum
     # 0.825: the head at 0.5415 and the BN biases at 0.0573, each with weight_decay wd / its LR,
     # times 1 - step/243 (0-based step, no warm-up); the whitening bias at 0.0573 x (1 - step/7)
     # for its ceil(0.19 x 32) = 7 steps, then no gradient. Muon for the 3x3 filters: lr 0.205 x
     # (1 - step/243), Nesterov momentum 0.655, decoupled decay lr x wd, renormalised when
-    # step - last >= 2 + int(15 x step/243) (1-based step). No EMA.
+    # step - last >= 2 + int(15 x step/243) (1-based step); Newton-Schulz in fp16 (on a GPU). No EMA.
     batch, total, bias_steps = 1536, math.ceil(7.59 * 32), math.ceil(0.19 * 32)
     wd = 1.0418e-6 * batch
     assert (total, bias_steps) == (243, 7)
@@ -159,7 +159,7 @@ def test_record_is_airbench94_muon_with_hiverges_changes_at_every_step():
         assert ("whiten.bias" in training) == (step < bias_steps)
     muon_group = next(g for g in setup.opt.param_groups if g["orthogonalize"])
     assert muon_group["decoupled_wd"] == pytest.approx(wd) and setup.opt.coeffs == (3.4576, -4.7391, 2.0843)
-    assert muon_group["ns_steps"] == 3
+    assert muon_group["ns_steps"] == 3 and setup.opt.ns_dtype == torch.float16
 
 
 def test_record_renormalises_its_filters_on_hiverges_growing_schedule():
