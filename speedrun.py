@@ -2359,7 +2359,7 @@ class RunCache:
     up each distinct config once, outside any timer."""
 
     def __init__(self, device: torch.device, url: str = CIFAR10_URL, quiet: bool = True):
-        self.device, self.url, self.quiet = device, url, quiet
+        self.device, self.url, self.quiet = pick_device(str(device)), url, quiet  # 'cuda' -> this process's GPU
         self.load_s = self.warmup_s = 0.0
         self._data, self._warm = {}, set()
 

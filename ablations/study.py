@@ -134,9 +134,13 @@ def _cell(value) -> str:
         return ""
     if isinstance(value, float):
         return repr(value)  # round-trips exactly
-    if isinstance(value, (list, tuple)):
-        return " ".join(repr(float(x)) for x in value)
+    if isinstance(value, (list, tuple)):  # per-epoch values; "-" for an epoch not evaluated (--eval-every)
+        return " ".join("-" if x is None else repr(float(x)) for x in value)
     return str(value)
+
+
+def _per_epoch(text: str) -> list[float | None]:
+    return [None if x == "-" else float(x) for x in text.split()]
 
 
 def _parse_row(cells: list[str], where: str, columns=CSV_COLUMNS) -> dict:
@@ -148,8 +152,7 @@ def _parse_row(cells: list[str], where: str, columns=CSV_COLUMNS) -> dict:
         return dict(variant=raw["variant"], seed=int(raw["seed"]), final_acc=opt(raw["final_acc"], float),
                     time_to_target_s=opt(raw["time_to_target_s"], float),
                     epochs_to_target=opt(raw["epochs_to_target"], int), timed_s=float(raw["timed_s"]),
-                    acc_by_epoch=[float(x) for x in raw["acc_by_epoch"].split()],
-                    seconds_by_epoch=[float(x) for x in raw["seconds_by_epoch"].split()],
+                    acc_by_epoch=_per_epoch(raw["acc_by_epoch"]), seconds_by_epoch=_per_epoch(raw["seconds_by_epoch"]),
                     device_name=raw["device_name"], finished=raw["finished"],
                     diverged_epoch=opt(raw["diverged_epoch"], float))
     except ValueError as e:
@@ -419,14 +422,16 @@ def variant_stats(rows: list[dict], ref_rows: list[dict] | None, target: float) 
 
 
 def mean_curves(rows: list[dict]) -> dict | None:
-    """Mean over the finished (not diverged) runs of accuracy and cumulative timed seconds at each epoch."""
+    """Mean over the finished (not diverged) runs of accuracy and cumulative timed seconds at each
+    epoch that every run evaluated (with --eval-every K, the others have no accuracy)."""
     rows = [r for r in rows if not diverged(r)]
     if not rows:
         return None
     n = min(len(r["acc_by_epoch"]) for r in rows)
-    acc = [sum(r["acc_by_epoch"][e] for r in rows) / len(rows) for e in range(n)]
-    sec = [sum(r["seconds_by_epoch"][e] for r in rows) / len(rows) for e in range(n)]
-    return dict(epoch=list(range(1, n + 1)), acc=acc, seconds=sec)
+    evaluated = [e for e in range(n) if all(r["acc_by_epoch"][e] is not None for r in rows)]
+    acc = [sum(r["acc_by_epoch"][e] for r in rows) / len(rows) for e in evaluated]
+    sec = [sum(r["seconds_by_epoch"][e] for r in rows) / len(rows) for e in evaluated]
+    return dict(epoch=[e + 1 for e in evaluated], acc=acc, seconds=sec)
 
 
 def build_summary(definition: dict, rows: list[dict], sessions: list[dict]) -> dict:

@@ -384,6 +384,18 @@ def test_a_diverged_run_round_trips_through_the_csv_and_its_progress_line(tmp_pa
     assert "seed 3: DIVERGED in epoch 2" in study._run_line(1, 2, row, 0.94, 0.0)
 
 
+def test_epochs_left_unevaluated_by_eval_every_round_trip_and_are_left_out_of_the_curves(tmp_path):
+    result = dict(seed=0, diverged=False, final_acc=0.93, time_to_target_s=None, epochs_to_target=None, whitening_s=0.1,
+                  train_s=3.0, epochs=[dict(tta_acc=None, train_s=1.0), dict(tta_acc=None, train_s=2.0),
+                                       dict(tta_acc=0.93, train_s=3.0)])
+    row = study.result_row("full", result, "cpu")
+    results = study.ResultsFile(tmp_path / "results.csv")
+    results.append(row)
+    assert results.read() == [row] and row["acc_by_epoch"] == [None, None, 0.93]
+    other = dict(row, seed=1, acc_by_epoch=[0.5, None, 0.91])
+    assert study.mean_curves([row, other]) == dict(epoch=[3], acc=[pytest.approx(0.92)], seconds=[3.0])
+
+
 def test_a_results_file_of_the_old_format_is_read_and_upgraded_before_appending(tmp_path):
     path = tmp_path / "results.csv"
     path.write_text(",".join(study.OLD_CSV_COLUMNS) + "\nfull,0,0.5,,,1.5,0.25 0.5,0.75 1.5,cpu,now\n")

@@ -93,3 +93,11 @@ def test_the_warm_up_compiles_every_graph_the_timed_run_needs(monkeypatch, prese
     assert compiled > 0
     speedrun.train(cfg, data, log=lambda *a: None)
     assert counters["stats"]["unique_graphs"] == compiled, "a graph was compiled inside the timed run"
+
+
+def test_runs_given_a_gpu_without_an_index_use_this_processs_gpu(monkeypatch):
+    # torch.cuda.set_device needs an index; a caller passing plain "cuda" once crashed in prepare_training
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert speedrun.RunCache(torch.device("cuda")).device == torch.device("cuda", 0)
+    assert speedrun.RunCache(torch.device("cpu")).device == torch.device("cpu")
