@@ -42,17 +42,21 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 
 def preset_of(result: dict, source) -> str:
-    """The preset a full-scale result ran, checked against the recipe; ValueError if none."""
+    """The preset a full-scale result ran, checked against the recipe; ValueError if none. A field
+    the file does not have (it was added to Config later) had its default's behaviour; where that
+    differs from today's recipe, the row says so: 'record (then: muon_ns_precision=bf16)'."""
     config = result["config"]
     if config.get("subset") or config.get("test_subset"):
         raise ValueError(f"{source}: not a full-scale run (subset {config.get('subset')}, test_subset "
                          f"{config.get('test_subset')}); keep only full-scale results under results/")
     names = [result["preset"]] if result.get("preset") else list(speedrun.PRESETS)
+    defaults = dataclasses.asdict(speedrun.Config())
     for name in names:
         recipe = dataclasses.asdict(speedrun.make_config(name))
         changed = sorted(k for k, v in recipe.items() if k not in FREE and k in config and config[k] != v)
         if not changed:
-            return name
+            older = [f"{k}={defaults[k]}" for k, v in recipe.items() if k not in config and defaults[k] != v]
+            return f"{name} (then: {', '.join(older)})" if older else name
     raise ValueError(f"{source}: its config is not the recipe of preset {names[0] if len(names) == 1 else 'any preset'}"
                      + (f" (changed: {', '.join(changed)})" if len(names) == 1 else ""))
 

@@ -48,6 +48,15 @@ def test_ledger_groups_runs_and_rewrites_only_its_table(tmp_path):
     assert ledger.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
 
 
+def test_a_result_older_than_a_recipe_change_is_labelled_with_what_it_ran(tmp_path):
+    result_file(tmp_path, "old.json", "record", [0.9396])
+    data = json.loads((tmp_path / "old.json").read_text())
+    del data["config"]["muon_ns_precision"]  # written before the field existed: it ran the default, bf16
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    result_file(tmp_path, "new.json", "record", [0.9401])
+    assert sorted(r["preset"] for r in ledger.rows(tmp_path)) == ["record", "record (then: muon_ns_precision=bf16)"]
+
+
 @pytest.mark.parametrize("changes,message", [(dict(subset=5000), "not a full-scale run"),
                                              (dict(lr=2.0), r"not the recipe of preset airbench94 \(changed: lr\)")])
 def test_ledger_refuses_what_is_not_a_full_scale_run_of_its_preset(tmp_path, capsys, changes, message):
