@@ -10,8 +10,9 @@ recipe unchanged (the seed, device, precision, memory format, evaluation cadence
 differ). Runs are grouped by preset, precision and memory format, device, and torch version; each
 row gives the number of runs, the mean, spread, min and max of the final accuracy, the fraction at
 or above 94%, the epochs, the timed budget (whitening + every epoch + the last evaluation, the
-timer's rule), the time-to-94% of the runs that reached it, and the mean wall time of a run. A file that is not a full-scale run of
-a preset stops the script with its name: nothing is left out silently.
+timer's rule), the time-to-94% of the runs that reached it, and the mean wall time of a run. A
+file that is not a full-scale run of a preset stops the script with its name: nothing is left
+out silently.
 
 Every folder under results/ablations/ is a study folder of ablations/ (its summary.json is what
 the study's own report gave from its results.csv); each becomes a table between the README's
