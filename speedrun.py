@@ -456,7 +456,10 @@ class Network(nn.Module):
 
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.prep(self.whiten(x)))))
-        x = torch.amax(x, dim=(2, 3))  # global max-pool
+        # global max-pool, in float32: its backward finds the maximum by comparing it with its
+        # input, which inductor recomputes in float32 without autocast's rounding to fp16/bf16;
+        # a maximum taken in the low precision then matches nothing and the gradient is 0/0
+        x = torch.amax(x.float(), dim=(2, 3))
         return self.head(x) * self.head_scale
 
 
