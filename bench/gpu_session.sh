@@ -3,6 +3,7 @@
 #   bash bench/gpu_session.sh PHASE DATA_DIR [OUT_DIR]
 #   PHASE: accuracy    airbench94, record, davidnet: many seeds each (results/-style JSON files)
 #          ablations   tricks leave-one-out (airbench94, davidnet) and cumulative (davidnet), 5 seeds
+#          compile     airbench94 and record compiled (max-autotune), 10 runs each: the compiled times
 #          profile     per-kernel breakdown and FLOPs of each preset
 #          peers       ours against the airbench package
 # Each command runs under its own time limit (seconds, below; SIGTERM keeps every finished run),
@@ -10,7 +11,7 @@
 # (e.g. EXTRA="--compile"). At the end everything under OUT_DIR is packed into OUT_DIR.tgz,
 # since a device call returns few files.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh accuracy|ablations|profile|peers DATA_DIR [OUT_DIR]}
+phase=${1:?usage: gpu_session.sh accuracy|ablations|ablations-davidnet|compile|profile|peers DATA_DIR [OUT_DIR]}
 data=${2:?usage: gpu_session.sh PHASE DATA_DIR [OUT_DIR]}
 out=${3:-runs/gpu-session}
 extra=${EXTRA:-}
@@ -46,6 +47,11 @@ case "$phase" in
     limited "${LOO_DAVIDNET_S:-560}" tricks-davidnet python3 ablations/tricks.py --data-dir "$data" --runs 5 \
       --variants "${DAVIDNET_VARIANTS:-full,no_whitening,no_label_smoothing,relu,plain_bn,bn_scale_trained,no_ema,no_tta,no_crop,no_flip,no_cutout}" \
       --study "$out/tricks-davidnet" ;;
+  compile)
+    for p in airbench94 record; do
+      limited 270 "$p-compiled" python3 speedrun.py --preset "$p" --compile --compile-mode max-autotune \
+        --data-dir "$data" --runs 10 --out "$out/$p-gpu-compiled.json"
+    done ;;
   profile)
     for p in davidnet airbench94 record; do
       limited 150 "trace-$p" python3 profile/torch_trace.py --preset "$p" --data-dir "$data" --trace-dir "$out/trace-$p"
@@ -55,6 +61,6 @@ case "$phase" in
       python3 -m pip install -q --no-deps --no-build-isolation runs/vendor/airbench-0.1.8.tar.gz
     limited 500 peers python3 bench/peers.py --presets davidnet,airbench94,record --runs 10 --data-dir "$data" \
       --out "$out/peers.json" ;;
-  *) echo "unknown phase $phase: accuracy | ablations | ablations-davidnet | profile | peers" >&2; exit 2 ;;
+  *) echo "unknown phase $phase: accuracy | ablations | ablations-davidnet | compile | profile | peers" >&2; exit 2 ;;
 esac
 tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && echo "packed $out.tgz"
