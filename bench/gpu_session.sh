@@ -2,14 +2,16 @@
 # One GPU session's measurements, in phases that each fit one 10-minute device call.
 #   bash bench/gpu_session.sh PHASE DATA_DIR [OUT_DIR]
 #   PHASE: accuracy    airbench94, record, davidnet: many seeds each (results/-style JSON files)
-#          ablations   tricks leave-one-out (airbench94, davidnet) and cumulative (davidnet), 5 seeds
+#          ablations   tricks leave-one-out (airbench94) and cumulative (davidnet), 5 seeds (~15 min: run twice)
+#          ablations-davidnet  tricks leave-one-out (davidnet), 5 seeds (~18 min: run twice)
 #          compile     airbench94 and record compiled (max-autotune), 10 runs each: the compiled times
 #          profile     per-kernel breakdown and FLOPs of each preset
 #          peers       ours against the airbench package
 # Each command runs under its own time limit (seconds, below; SIGTERM keeps every finished run),
 # so a phase ends inside its call. Extra speedrun flags for every command go in $EXTRA
-# (e.g. EXTRA="--compile"). At the end everything under OUT_DIR is packed into OUT_DIR.tgz,
-# since a device call returns few files.
+# (e.g. EXTRA="--compile"). Study folders live in runs/studies/ (ignored, so they stay on a warm
+# machine between calls): a phase run again resumes them. At the end everything under OUT_DIR,
+# the study folders included, is packed into OUT_DIR.tgz, since a device call returns few files.
 set -uo pipefail
 phase=${1:?usage: gpu_session.sh accuracy|ablations|ablations-davidnet|compile|profile|peers DATA_DIR [OUT_DIR]}
 data=${2:?usage: gpu_session.sh PHASE DATA_DIR [OUT_DIR]}
@@ -40,13 +42,14 @@ case "$phase" in
       --runs "${DAVIDNET_RUNS:-8}" --out "$out/davidnet-gpu.json" ;;
   ablations)
     limited "${LOO_AIRBENCH_S:-280}" tricks-airbench94 python3 ablations/tricks.py --preset airbench94 \
-      --data-dir "$data" --runs 5 --study "$out/tricks-airbench94"
+      --data-dir "$data" --runs 5 --study runs/studies/tricks-airbench94-gpu
     limited "${CUMULATIVE_S:-280}" cumulative-davidnet python3 ablations/tricks.py --mode cumulative \
-      --data-dir "$data" --runs 5 --study "$out/tricks-cumulative-davidnet" ;;
+      --data-dir "$data" --runs 5 --study runs/studies/tricks-cumulative-davidnet-gpu
+    cp -r runs/studies "$out/" ;;
   ablations-davidnet)
     limited "${LOO_DAVIDNET_S:-560}" tricks-davidnet python3 ablations/tricks.py --data-dir "$data" --runs 5 \
-      --variants "${DAVIDNET_VARIANTS:-full,no_whitening,no_label_smoothing,relu,plain_bn,bn_scale_trained,no_ema,no_tta,no_crop,no_flip,no_cutout}" \
-      --study "$out/tricks-davidnet" ;;
+      --study runs/studies/tricks-davidnet-gpu
+    cp -r runs/studies "$out/" ;;
   compile)
     for p in airbench94 record; do
       limited 270 "$p-compiled" python3 speedrun.py --preset "$p" --compile --compile-mode max-autotune \
