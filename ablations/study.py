@@ -473,7 +473,8 @@ def _range(ci, scale=1.0) -> str:
     return "—" if ci is None else f"{scale * ci[0]:.2f} .. {scale * ci[1]:.2f}"
 
 
-def _delta(d: dict | None, scale: float) -> str:
+def format_delta(d: dict | None, scale: float) -> str:
+    """'-0.27 (-0.51 .. -0.02)': a paired difference and its 95% interval (times scale); '—' without pairs."""
     if not d or d["pairs"] == 0:
         return "—"
     text = f"{scale * d['mean']:+.2f}"
@@ -499,8 +500,8 @@ def variant_table(summary: dict) -> list[str]:
         std = fmt_pct(v["acc_std"]) if v["runs"] - v.get("diverged", 0) > 1 else "—"
         lines.append(f"| {v['name']} | {v['change']} | {runs} | {fmt_pct(v['acc_mean'])} ({std}) "
                      f"| {_range(v['acc_ci95'], 100)} | {100 * v['frac_at_target']:.0f}% | {ttt} | {ett} "
-                     f"| {fmt_sec(v['timed_mean_s'])} | {_delta(v.get('delta_acc'), 100)} "
-                     f"| {_delta(v.get('delta_time_to_target_s'), 1)} |")
+                     f"| {fmt_sec(v['timed_mean_s'])} | {format_delta(v.get('delta_acc'), 100)} "
+                     f"| {format_delta(v.get('delta_time_to_target_s'), 1)} |")
     return lines
 
 

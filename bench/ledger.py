@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 import speedrun  # noqa: E402
+from ablations import study  # noqa: E402  (its format of a paired difference)
 
 START, END = "<!-- ledger:start (bench/ledger.py writes this table) -->", "<!-- ledger:end -->"
 STUDIES_START, STUDIES_END = "<!-- studies:start (bench/ledger.py writes these tables) -->", "<!-- studies:end -->"
@@ -116,15 +117,6 @@ def table(folder: Path) -> str:
     return "\n".join(lines + [END])
 
 
-def _interval(delta: dict, scale: float, digits: int) -> str:
-    """'-0.27 (-0.51 .. -0.02)': a paired difference and its 95% interval; '—' without pairs."""
-    if not delta or delta.get("mean") is None:
-        return "—"
-    text = f"{scale * delta['mean']:+.{digits}f}"
-    return text + (f" ({scale * delta['ci95'][0]:+.{digits}f} .. {scale * delta['ci95'][1]:+.{digits}f})"
-                   if delta.get("ci95") else "")
-
-
 def study_tables(folder: Path) -> str:
     """One table per study folder under folder (sorted by name), from its summary.json."""
     parts = [STUDIES_START]
@@ -141,8 +133,9 @@ def study_tables(folder: Path) -> str:
             runs = f"{v['runs']}" + (f" ({v['diverged']} diverged)" if v.get("diverged") else "")
             acc = "diverged (every run)" if v["acc_mean"] is None else f"{100 * v['acc_mean']:.2f} ± {100 * (v['acc_std'] or 0):.2f}"
             timed = "—" if v["timed_mean_s"] is None else f"{v['timed_mean_s']:.2f}"
-            parts.append(f"| {v['name']} | {v['change']} | {runs} | {acc} | {_interval(v.get('delta_acc'), 100, 2)} "
-                         f"| {100 * v['frac_at_target']:.0f}% | {timed} | {_interval(v.get('delta_timed_s'), 1, 2)} |")
+            delta_acc, delta_timed = study.format_delta(v.get("delta_acc"), 100), study.format_delta(v.get("delta_timed_s"), 1)
+            parts.append(f"| {v['name']} | {v['change']} | {runs} | {acc} | {delta_acc} "
+                         f"| {100 * v['frac_at_target']:.0f}% | {timed} | {delta_timed} |")
         parts.append("")
     if len(parts) == 1:
         parts += ["(no study under results/ablations/ yet)", ""]

@@ -88,7 +88,7 @@ def test_each_study_folder_becomes_a_table_of_paired_differences(tmp_path):
     assert text.startswith(ledger.STUDIES_START) and text.endswith(ledger.STUDIES_END)
     assert "GPU X, torch 2.11.0, seeds 0, 1, 2, 3, 4" in text and "`python ablations/tricks.py --runs 5`" in text
     assert "| full | the full recipe | 5 | 94.03 ± 0.15 | — | 60% | 2.85 | — |" in text
-    assert "| no_tta | no TTA | 5 | 93.26 ± 0.15 | -0.77 (-0.91 .. -0.63) | 0% | 3.06 | +0.21 (-0.18 .. +0.61) |" in text
+    assert "| no_tta | no TTA | 5 | 93.26 ± 0.15 | -0.77 (-0.91 .. -0.63) | 0% | 3.06 | +0.21 (-0.18 .. 0.61) |" in text
     assert "| bad_lr | lr x 100 | 5 (5 diverged) | diverged (every run) | — | 0% | — | — |" in text
 
 
