@@ -19,8 +19,10 @@ Part I, the method, in reading order:
   9. main                           the command line's run
 Appendices, what the method needs but a reader need not: A. CIFAR-10 files (cache, folders,
 archives, download, checksums, safe unpickler, atomic writes); B. config checks, argument
-parsing, paths, weights, environment, printed reports; C. Student-t numerics; D. several
-processes (torchrun helpers, worker pool). A reader can stop at the Appendices banner.
+parsing, paths, results and weights, how the command line ends (errors, interrupts, partial
+results), devices (choice, synchronisation, autocast, seeds, determinism, warm-up), printed
+reports; C. statistics (mean, spread, Student-t interval and test); D. several processes
+(torchrun helpers, worker pool). A reader can stop at the Appendices banner.
 Each switch's choices are one table beside the code it switches (NETWORKS, OPTIMIZERS,
 LR_SCHEDULES, EMA_KINDS, TTA_WEIGHTS, ...); SWITCHES names them all for checks, --help and tools.
 
@@ -45,6 +47,7 @@ import math
 import os
 import pickle
 import shutil
+import signal
 import sys
 import tarfile
 import tempfile
@@ -223,15 +226,6 @@ class DeviceData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     load_s: float          # disk (or cache) to normalised device tensors
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """The device of name; 'auto' tries CUDA, then MPS, then the CPU. Under torchrun a CUDA
-    device without an index is this process's GPU, cuda:LOCAL_RANK."""
-    dev = _pick_device(name)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
-    return dev
 
 
 PRECISIONS = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # auto: by device
@@ -838,13 +832,6 @@ def make_ema(model: nn.Module, cfg: Config, total_steps: int) -> EMA | None:
 # =============================================================================================
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 class Stopwatch:
     """Accumulates device time between start() and stop(); CUDA events on CUDA, else a wall clock."""
 
@@ -868,29 +855,6 @@ class Stopwatch:
             return self._t0.elapsed_time(t1) / 1000
         synchronize(self.device)
         return time.perf_counter() - self._t0
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def seed_everything(seed: int, device: torch.device) -> torch.Generator:
-    """Seeds torch's global generators (model init) and returns the augmentation generator."""
-    torch.manual_seed(seed)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
-
-
-def set_determinism(cfg: Config, device: torch.device) -> None:
-    if device.type == "cuda":
-        if cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = not cfg.deterministic
-        torch.backends.cudnn.deterministic = cfg.deterministic
-        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
@@ -1038,34 +1002,6 @@ def prepare_training(cfg: Config, data: DeviceData, device: torch.device, seed: 
                          cfg.batch_size // ctx.world, sync_bn)
 
 
-def needs_warm_up(cfg: Config, device: torch.device) -> bool:
-    return cfg.compile or device.type == "cuda"
-
-
-def warm_up(cfg: Config, data: DeviceData, device: torch.device) -> float:
-    """A throwaway run of a few steps and one evaluation, so that compilation and cuDNN's
-    choice of kernels happen before the timer. It steps on an epoch's real batches, whose memory
-    layout (channels_last) compile guards on; with a whitening bias it steps and evaluates both
-    before and after freezing it, since compile sees each as its own graph. Returns its seconds."""
-    t0 = time.perf_counter()
-    setup = prepare_training(cfg, data, device, cfg.seed)
-    b = setup.local_batch
-    x, y = setup.epoch_batches(data, 0)
-    _, eval_forward = setup.evaluated(setup.make_ema(cfg))  # an EMA copy is a network of its own to compile
-    for frozen in (False, True) if getattr(setup.model.whiten, "bias", None) is not None else (False,):
-        if frozen:
-            setup.freeze_whitening_bias()
-        setup.model.train()
-        for _ in range(3):
-            setup.step_fn(x[:b], y[:b])
-        setup.model.eval()
-        test_x = data.test_x[:cfg.eval_batch_size]
-        predict(eval_forward, test_x, cfg, device, setup.dtype)  # as train() evaluates: EMA + TTA, and the raw model
-        predict(setup.model if setup.ctx.active else setup.forward, test_x, cfg, device, setup.dtype, tta="none")
-    synchronize(device)
-    return time.perf_counter() - t0
-
-
 def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | None = None) -> dict:
     """One training run; returns its result dict (see the README's JSON section). Under torchrun
     every process calls it; only rank 0 evaluates, logs and returns the full result."""
@@ -1210,38 +1146,6 @@ def classification_metrics(pred: torch.Tensor, target: torch.Tensor, classes: in
 # =============================================================================================
 
 
-def mean_std(values) -> tuple[float | None, float | None]:
-    v = [float(x) for x in values]
-    if not v:
-        return None, None
-    if min(v) == max(v):  # exact, where the sums below would leave rounding noise
-        return v[0], 0.0
-    m = sum(v) / len(v)
-    s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
-    return m, s
-
-
-def one_sided_t_test(values, mu0: float) -> tuple[float | None, float | None]:
-    """(t, p) for H1: mean(values) > mu0. None with fewer than two values."""
-    n = len(values)
-    m, s = mean_std(values)
-    if n < 2:
-        return None, None
-    if s == 0:
-        return (math.inf, 0.0) if m > mu0 else (-math.inf, 1.0)
-    t = (m - mu0) / (s / math.sqrt(n))
-    return t, student_t_sf(t, n - 1)
-
-
-def confidence_interval(values, level: float = 0.95) -> tuple[float | None, float | None]:
-    n = len(values)
-    m, s = mean_std(values)
-    if n < 2:
-        return m, m
-    half = student_t_ppf(0.5 + level / 2, n - 1) * s / math.sqrt(n)
-    return m - half, m + half
-
-
 def summarize(runs: list[dict], target: float) -> dict:
     """The multi-run summary. A diverged run (run['diverged']) counts in `runs` and `diverged` and
     as a run below the target, but has no accuracy: the accuracy statistics are over the others.
@@ -1318,80 +1222,33 @@ def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = 
 
 
 def main(argv=None) -> int:
-    import signal
+    """The command line's run: a Config from the flags, its runs over the seeds, and the JSON
+    result (and the last run's weights) written to disk. Finished runs are on disk after each run,
+    so an error or an interrupt (Ctrl-C, SIGTERM) loses only the run in progress."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    ctx = Distributed()
-    saved = dict(path=None, runs=0)  # the partial result on disk, if any
+    ctx, cfg, partial = Distributed(), None, PartialResult()
     previous_sigterm = _stop_on_sigterm()
-    warn = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    cfg = None
     try:
         cfg = config_from_args(args)
-        out = args.out or default_out_path()
-        for path, what in ((args.out, "--out"), (args.save, "--save")):
-            refuse_existing(path, what)
-        if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 writes: check before any data is read
-            check_writable(out, "--out")
-            if args.save:
-                check_writable(args.save, "--save")
+        out = check_outputs(args)
         check_world(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         ctx = init_distributed(cfg)
         log = print if ctx.rank == 0 and not args.quiet else _quiet
         if ctx.active:
             log(f"{ctx.world} processes ({dist.get_backend()}): global batch {cfg.batch_size}, "
                 f"{cfg.batch_size // ctx.world} images and {cfg.ghost_bn_splits // ctx.world} ghost-BN groups per process")
-
-        def checkpoint(partial):
-            if saved["path"] is None:
-                saved["path"] = write_with_fallback(out, lambda p: save_json(partial, p), "--out", warn)
-            else:
-                save_json(partial, saved["path"])
-            saved["runs"] = len(partial["runs"])
-
-        result = run_many(cfg, log=log, url=args.data_url, on_progress=checkpoint if cfg.runs > 1 else None,
-                          preset=args.preset)
+        result = run_many(cfg, log=log, url=args.data_url, preset=args.preset,
+                          on_progress=partial.writer(out) if cfg.runs > 1 else None)
         if ctx.active:  # no process leaves, and tears down its connections, while another still uses them
             dist.barrier()
-    except (ValueError, DataError, RuntimeError) as e:
-        rank = ctx.rank if ctx.active else int(os.environ.get("RANK", 0))
-        where = f"rank {rank}: " if ctx.active or int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
-        kept = f" ({_plural(saved['runs'], 'finished run')} saved in {saved['path']})" if saved["runs"] else ""
-        parser.exit(2, f"{where}error: {e}{kept}\n")
-    except KeyboardInterrupt:
-        if ctx.rank == 0:
-            if saved["runs"]:
-                message = (f"interrupted: {saved['runs']} of {cfg.runs} runs finished; they are saved in {saved['path']} "
-                           f"(marked \"complete\": false)")
-            else:
-                message = "interrupted before any run finished; nothing was written"
-            parser.exit(130, message + "\n")
-        return 130
-    except BaseException:
-        if saved["runs"]:
-            warn(f"{_plural(saved['runs'], 'finished run')} saved in {saved['path']} before this error:")
-        raise
+    except BaseException as e:
+        return stop_early(e, parser, ctx, cfg, partial)
     finally:
         leave_distributed()
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
-    if ctx.rank != 0:
-        return 0
-    written = write_with_fallback(saved["path"] or out, lambda p: save_json(result, p), "--out", warn)
-    last = result["runs"][-1]
-    weights = None
-    if args.save and last.get("diverged"):
-        warn("note: --save skipped: the last run diverged, so its weights are not worth keeping")
-    elif args.save:
-        weights = write_with_fallback(args.save, lambda p: save_weights(result["model"], cfg, p), "--save", warn)
-    if args.quiet:
-        print(summary_lines(result["summary"])[0] if cfg.runs > 1 else verdict(last, cfg))
-    print(f"results written to {written}" + (f", weights to {weights}" if weights else ""))
-    diverged = result["summary"]["diverged"]
-    if diverged:
-        warn(f"{diverged} of {_plural(cfg.runs, 'run')} diverged (see above); exit status 1")
-        return 1
-    return 0
+    return write_outputs(result, args, cfg, partial.path or out) if ctx.rank == 0 else 0
 
 
 # =============================================================================================
@@ -1940,7 +1797,7 @@ def check_world(cfg: Config, world: int) -> None:
                          f"each process normalises whole groups of the batch; set --ghost-bn-splits to a multiple of {world}")
 
 
-# -- paths, results and weights --------------------------------------------------------------
+# -- paths, results, weights, and how the command line ends -----------------------------------
 
 
 def check_writable(path: Path, what: str) -> None:
@@ -2020,7 +1877,6 @@ def write_with_fallback(path: Path, write, what: str, warn=print) -> Path:
 
 def _stop_on_sigterm():
     """Make SIGTERM (kill, a job scheduler) raise KeyboardInterrupt like Ctrl-C; returns the old handler."""
-    import signal
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -2028,6 +1884,83 @@ def _stop_on_sigterm():
         return signal.signal(signal.SIGTERM, interrupt)
     except ValueError:  # not the main thread
         return None
+
+
+class PartialResult:
+    """The runs finished so far, on disk: writer(out) gives run_many's on_progress, which writes
+    the partial result to out (or a fallback path) after each run."""
+
+    def __init__(self):
+        self.path, self.runs = None, 0
+
+    def writer(self, out: Path):
+        def write(partial: dict) -> None:
+            if self.path is None:
+                self.path = write_with_fallback(out, lambda p: save_json(partial, p), "--out", _warn)
+            else:
+                save_json(partial, self.path)
+            self.runs = len(partial["runs"])
+        return write
+
+
+def check_outputs(args: argparse.Namespace) -> Path:
+    """The --out path (a new timestamped one by default), after checking that it and --save are
+    new and writable; only rank 0 writes, and it checks before any data is read."""
+    out = args.out or default_out_path()
+    for path, what in ((args.out, "--out"), (args.save, "--save")):
+        refuse_existing(path, what)
+    if int(os.environ.get("RANK", 0)) == 0:
+        check_writable(out, "--out")
+        if args.save:
+            check_writable(args.save, "--save")
+    return out
+
+
+def stop_early(error: BaseException, parser: argparse.ArgumentParser, ctx: Distributed, cfg: Config | None,
+               partial: PartialResult) -> int:
+    """What main does when its runs stop before the end: a bad request or data (ValueError,
+    DataError, RuntimeError) exits with status 2 and its message; an interrupt exits with 130 and
+    says which finished runs were kept; anything else is re-raised after saying the same."""
+    if isinstance(error, (ValueError, DataError, RuntimeError)):
+        rank = ctx.rank if ctx.active else int(os.environ.get("RANK", 0))
+        where = f"rank {rank}: " if ctx.active or int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        kept = f" ({_plural(partial.runs, 'finished run')} saved in {partial.path})" if partial.runs else ""
+        parser.exit(2, f"{where}error: {error}{kept}\n")
+    if isinstance(error, KeyboardInterrupt):
+        if ctx.rank == 0:
+            if partial.runs:
+                message = (f"interrupted: {partial.runs} of {cfg.runs} runs finished; they are saved in {partial.path} "
+                           f"(marked \"complete\": false)")
+            else:
+                message = "interrupted before any run finished; nothing was written"
+            parser.exit(130, message + "\n")
+        return 130
+    if partial.runs:
+        _warn(f"{_plural(partial.runs, 'finished run')} saved in {partial.path} before this error:")
+    raise error
+
+
+def write_outputs(result: dict, args: argparse.Namespace, cfg: Config, out: Path) -> int:
+    """Write the finished result (and --save's weights), print where; exit status 1 if a run diverged."""
+    written = write_with_fallback(out, lambda p: save_json(result, p), "--out", _warn)
+    last = result["runs"][-1]
+    weights = None
+    if args.save and last.get("diverged"):
+        _warn("note: --save skipped: the last run diverged, so its weights are not worth keeping")
+    elif args.save:
+        weights = write_with_fallback(args.save, lambda p: save_weights(result["model"], cfg, p), "--save", _warn)
+    if args.quiet:
+        print(summary_lines(result["summary"])[0] if cfg.runs > 1 else verdict(last, cfg))
+    print(f"results written to {written}" + (f", weights to {weights}" if weights else ""))
+    diverged = result["summary"]["diverged"]
+    if diverged:
+        _warn(f"{diverged} of {_plural(cfg.runs, 'run')} diverged (see above); exit status 1")
+        return 1
+    return 0
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def json_safe(obj):
@@ -2070,22 +2003,23 @@ def load_weights(path: str | Path, device="cpu") -> Network:
     return model.to(device).eval()
 
 
-# -- environment -----------------------------------------------------------------------------
+# -- devices and environment: choice, synchronisation, autocast, seeds, determinism, warm-up --
 
 
-def _pick_device(name: str) -> torch.device:
-    if name != "auto":
-        dev = torch.device(name)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
-        if dev.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError("--device mps was asked for, but MPS is not available; use --device cpu")
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def pick_device(name: str = "auto") -> torch.device:
+    """The device of name; 'auto' tries CUDA, then MPS, then the CPU. Under torchrun a CUDA
+    device without an index is this process's GPU, cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else (
+            "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps was asked for, but MPS is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return dev
 
 
 def cpu_model() -> str:
@@ -2108,6 +2042,64 @@ def environment(device: torch.device) -> dict:
         f"CPU {cpu_model()} ({os.cpu_count()} cores, {threads} torch thread{'s' if threads != 1 else ''})")
     return dict(device=str(device), device_name=name, torch=torch.__version__, python=sys.version.split()[0],
                 cuda=torch.version.cuda, time=datetime.datetime.now().isoformat(timespec="seconds"))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def seed_everything(seed: int, device: torch.device) -> torch.Generator:
+    """Seeds torch's global generators (model init) and returns the augmentation generator."""
+    torch.manual_seed(seed)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def set_determinism(cfg: Config, device: torch.device) -> None:
+    if device.type == "cuda":
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cudnn.deterministic = cfg.deterministic
+        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+
+
+def needs_warm_up(cfg: Config, device: torch.device) -> bool:
+    return cfg.compile or device.type == "cuda"
+
+
+def warm_up(cfg: Config, data: DeviceData, device: torch.device) -> float:
+    """A throwaway run of a few steps and one evaluation, so that compilation and cuDNN's
+    choice of kernels happen before the timer. It steps on an epoch's real batches, whose memory
+    layout (channels_last) compile guards on; with a whitening bias it steps and evaluates both
+    before and after freezing it, since compile sees each as its own graph. Returns its seconds."""
+    t0 = time.perf_counter()
+    setup = prepare_training(cfg, data, device, cfg.seed)
+    b = setup.local_batch
+    x, y = setup.epoch_batches(data, 0)
+    _, eval_forward = setup.evaluated(setup.make_ema(cfg))  # an EMA copy is a network of its own to compile
+    for frozen in (False, True) if getattr(setup.model.whiten, "bias", None) is not None else (False,):
+        if frozen:
+            setup.freeze_whitening_bias()
+        setup.model.train()
+        for _ in range(3):
+            setup.step_fn(x[:b], y[:b])
+        setup.model.eval()
+        test_x = data.test_x[:cfg.eval_batch_size]
+        predict(eval_forward, test_x, cfg, device, setup.dtype)  # as train() evaluates: EMA + TTA, and the raw model
+        predict(setup.model if setup.ctx.active else setup.forward, test_x, cfg, device, setup.dtype, tta="none")
+    synchronize(device)
+    return time.perf_counter() - t0
 
 
 # -- printed reports -------------------------------------------------------------------------
@@ -2227,8 +2219,40 @@ def summary_lines(s: dict) -> list[str]:
 
 
 # =============================================================================================
-# C. Student-t numerics
+# C. Statistics: mean and spread, Student-t interval and test
 # =============================================================================================
+
+
+def mean_std(values) -> tuple[float | None, float | None]:
+    v = [float(x) for x in values]
+    if not v:
+        return None, None
+    if min(v) == max(v):  # exact, where the sums below would leave rounding noise
+        return v[0], 0.0
+    m = sum(v) / len(v)
+    s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return m, s
+
+
+def one_sided_t_test(values, mu0: float) -> tuple[float | None, float | None]:
+    """(t, p) for H1: mean(values) > mu0. None with fewer than two values."""
+    n = len(values)
+    m, s = mean_std(values)
+    if n < 2:
+        return None, None
+    if s == 0:
+        return (math.inf, 0.0) if m > mu0 else (-math.inf, 1.0)
+    t = (m - mu0) / (s / math.sqrt(n))
+    return t, student_t_sf(t, n - 1)
+
+
+def confidence_interval(values, level: float = 0.95) -> tuple[float | None, float | None]:
+    n = len(values)
+    m, s = mean_std(values)
+    if n < 2:
+        return m, m
+    half = student_t_ppf(0.5 + level / 2, n - 1) * s / math.sqrt(n)
+    return m - half, m + half
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -2393,7 +2417,6 @@ def _state_bytes(model: nn.Module) -> bytes:
 
 def _pool_worker(device: str, threads: int | None, url: str, jobs, results) -> None:
     """A worker process of run_jobs: runs (index, config, seed, keep weights) jobs until it gets None."""
-    import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
     if threads:
         torch.set_num_threads(threads)
