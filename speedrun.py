@@ -1924,7 +1924,7 @@ def stop_early(error: BaseException, parser: argparse.ArgumentParser, ctx: Distr
     if isinstance(error, (ValueError, DataError, RuntimeError)):
         rank = ctx.rank if ctx.active else int(os.environ.get("RANK", 0))
         where = f"rank {rank}: " if ctx.active or int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
-        kept = f" ({_plural(partial.runs, 'finished run')} saved in {partial.path})" if partial.runs else ""
+        kept = f" ({plural(partial.runs, 'finished run')} saved in {partial.path})" if partial.runs else ""
         parser.exit(2, f"{where}error: {error}{kept}\n")
     if isinstance(error, KeyboardInterrupt):
         if ctx.rank == 0:
@@ -1936,7 +1936,7 @@ def stop_early(error: BaseException, parser: argparse.ArgumentParser, ctx: Distr
             parser.exit(130, message + "\n")
         return 130
     if partial.runs:
-        _warn(f"{_plural(partial.runs, 'finished run')} saved in {partial.path} before this error:")
+        _warn(f"{plural(partial.runs, 'finished run')} saved in {partial.path} before this error:")
     raise error
 
 
@@ -1954,7 +1954,7 @@ def write_outputs(result: dict, args: argparse.Namespace, cfg: Config, out: Path
     print(f"results written to {written}" + (f", weights to {weights}" if weights else ""))
     diverged = result["summary"]["diverged"]
     if diverged:
-        _warn(f"{diverged} of {_plural(cfg.runs, 'run')} diverged (see above); exit status 1")
+        _warn(f"{diverged} of {plural(cfg.runs, 'run')} diverged (see above); exit status 1")
         return 1
     return 0
 
@@ -2114,14 +2114,21 @@ def log_lines(quiet: bool = False):
     return _quiet if quiet else (lambda *args, **kwargs: print(*args, **kwargs, flush=True))
 
 
-def _plural(n, word: str) -> str:
+def markdown_table(columns, rows) -> list[str]:
+    """The lines of a Markdown table: the header of `columns`, then one line per row of cells."""
+    line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"  # noqa: E731
+    return [line(columns), "|" + "---|" * len(columns), *map(line, rows)]
+
+
+def plural(n, word: str) -> str:
+    """e.g. '1 run', '3 runs', '9.9 epochs'."""
     return f"{n:g} {word}" + ("" if n == 1 else "s")
 
 
 def cpu_lead_in(cfg: Config) -> list[str]:
     """What a CPU user who started a full-size run should read first: what it costs, what to run instead."""
     return [f"note: training on the CPU (no GPU found{', or --device cpu' if cfg.device == 'cpu' else ''}). "
-            f"This run ({_plural(cfg.epochs, 'epoch')} on all 50,000 images{f', {cfg.runs} runs' if cfg.runs > 1 else ''}) "
+            f"This run ({plural(cfg.epochs, 'epoch')} on all 50,000 images{f', {cfg.runs} runs' if cfg.runs > 1 else ''}) "
             f"takes hours here; a GPU does it in seconds.",
             "  to see it work in a few minutes:  python speedrun.py --preset cpu",
             "  a one-minute smoke test:          python speedrun.py --preset cpu --subset 2000 --epochs 1",
@@ -2180,7 +2187,7 @@ def verdict(run: dict, cfg: Config) -> str:
                 f": the training loss stopped being finite, so it was stopped. Try a lower learning rate "
                 f"(--lr {cfg.lr / 4:g} instead of {cfg.lr:g}), a longer warm-up (--lr-peak-frac), or --precision fp32")
     if run["time_to_target_s"] is None:
-        reached = f"time-to-{pct}: not reached in {_plural(cfg.epochs, 'epoch')}"
+        reached = f"time-to-{pct}: not reached in {plural(cfg.epochs, 'epoch')}"
     else:
         reached = f"time-to-{pct}: {run['time_to_target_s']:.2f} s (epoch {run['epochs_to_target']} of {len(run['epochs'])})"
     return f"{reached}  final TTA accuracy {100 * run['final_acc']:.2f}%"
@@ -2191,13 +2198,13 @@ def summary_lines(s: dict) -> list[str]:
     diverged, n = s.get("diverged", 0), s["runs"]
     finished = n - diverged
     if finished == 0:
-        lines = [f"{_plural(n, 'run')}: every one diverged, so there is no accuracy to summarise"]
+        lines = [f"{plural(n, 'run')}: every one diverged, so there is no accuracy to summarise"]
     elif finished == 1:
-        lines = [f"{_plural(n, 'run')}: TTA accuracy {100 * s['acc_mean']:.2f}% (n = 1: no spread or interval); "
+        lines = [f"{plural(n, 'run')}: TTA accuracy {100 * s['acc_mean']:.2f}% (n = 1: no spread or interval); "
                  f"{100 * s['frac_at_target']:.0f}% of runs at or above {pct}"]
     else:
         lo, hi = s["acc_ci95"]
-        lines = [f"{_plural(n, 'run')}: TTA accuracy mean {100 * s['acc_mean']:.2f}% std {100 * s['acc_std']:.2f} "
+        lines = [f"{plural(n, 'run')}: TTA accuracy mean {100 * s['acc_mean']:.2f}% std {100 * s['acc_std']:.2f} "
                  f"min {100 * s['acc_min']:.2f} max {100 * s['acc_max']:.2f} (95% CI {100 * lo:.2f}..{100 * hi:.2f}, "
                  f"n = {finished}); {100 * s['frac_at_target']:.0f}% of runs at or above {pct}"]
     if diverged:
@@ -2212,7 +2219,7 @@ def summary_lines(s: dict) -> list[str]:
     if s["runs_reaching_target"]:
         spread = f" std {s['time_to_target_std_s']:.2f} s" if s["time_to_target_std_s"] is not None else ""
         lines.append(f"time-to-{pct}: mean {s['time_to_target_mean_s']:.2f} s{spread} "
-                     f"over the {_plural(s['runs_reaching_target'], 'run')} that reached it")
+                     f"over the {plural(s['runs_reaching_target'], 'run')} that reached it")
     else:
         lines.append(f"time-to-{pct}: no run reached it")
     return lines

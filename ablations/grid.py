@@ -51,10 +51,9 @@ def grid_tables(summary: dict) -> list[str]:
                         ("mean time-to-target s (runs reaching it)", lambda v: "—" if not v["runs_reaching_target"]
                          else f"{v['time_to_target_mean_s']:.2f} ({v['runs_reaching_target']})"),
                         ("mean timed s (whole budget)", lambda v: study.fmt_sec(v["timed_mean_s"]))):
-        out += ["", f"{title}, rows {yf}, columns {xf}:", "",
-                f"| {yf} \\ {xf} | " + " | ".join(str(x) for x in xs) + " |", "|---" * (len(xs) + 1) + "|"]
-        for y in ys:
-            out.append(f"| {y} | " + " | ".join(show(cell[x, y]) if cell[x, y]["runs"] else "—" for x in xs) + " |")
+        out += ["", f"{title}, rows {yf}, columns {xf}:", ""]
+        out += speedrun.markdown_table([f"{yf} \\ {xf}", *xs], [[y, *(show(cell[x, y]) if cell[x, y]["runs"] else "—" for x in xs)]
+                                                                for y in ys])
     return out
 
 

@@ -62,13 +62,11 @@ def best_per_optimizer(summary: dict) -> list[dict]:
 
 
 def best_lr_table(summary: dict) -> list[str]:
-    lines = ["", "Best learning rate per optimizer (chosen on the same seeds, so its accuracy is optimistic):", "",
-             "| optimizer | lr | step lr | acc % mean | time-to-target s |", "|---|---|---|---|---|"]
-    for v in best_per_optimizer(summary):
-        ttt = "—" if not v["runs_reaching_target"] else f"{v['time_to_target_mean_s']:.2f}"
-        lines.append(f"| {v['tags']['optimizer']} | {v['tags']['lr']:g} | {v['tags']['step_lr']:.3g} "
-                     f"| {study.fmt_pct(v['acc_mean'])} | {ttt} |")
-    return lines
+    rows = [[v["tags"]["optimizer"], f"{v['tags']['lr']:g}", f"{v['tags']['step_lr']:.3g}", study.fmt_pct(v["acc_mean"]),
+             "—" if not v["runs_reaching_target"] else f"{v['time_to_target_mean_s']:.2f}"]
+            for v in best_per_optimizer(summary)]
+    return ["", "Best learning rate per optimizer (chosen on the same seeds, so its accuracy is optimistic):", "",
+            *speedrun.markdown_table(["optimizer", "lr", "step lr", "acc % mean", "time-to-target s"], rows)]
 
 
 # The curves show each optimizer at its best LR.

@@ -275,9 +275,7 @@ def noise_notes(rows: list[dict]) -> list[str]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(format_cells(r)) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return "\n".join(speedrun.markdown_table(COLUMNS, map(format_cells, rows))) + "\n"
 
 
 def markdown_report(report: dict) -> str:
@@ -285,8 +283,8 @@ def markdown_report(report: dict) -> str:
     lines = ["# Scaling over processes", "",
              f"- hardware: {hardware_line(env, s)}",
              f"- command: `{report['command']}`",
-             f"- {plural(s['steps'], 'timed step')} after {plural(s['warmup_steps'], 'warm-up step')}, "
-             f"{plural(s['repeats'], 'repeat')} (step ms: mean ± sd over repeats), backend {s['backend']}, "
+             f"- {speedrun.plural(s['steps'], 'timed step')} after {speedrun.plural(s['warmup_steps'], 'warm-up step')}, "
+             f"{speedrun.plural(s['repeats'], 'repeat')} (step ms: mean ± sd over repeats), backend {s['backend']}, "
              f"epoch of {s['n_train']} training images",
              "", markdown_table(report["rows"]).rstrip(), ""]
     lines += [f"- {s['mode']} P={s['procs']} skipped: {s['reason']}" for s in report["skipped"]]
@@ -299,10 +297,6 @@ def markdown_report(report: dict) -> str:
     if s["device_type"] == "cpu":
         lines.append(f"- {CPU_NOTICE}.")
     return "\n".join(lines) + "\n"
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def hardware_line(env: dict, settings: dict) -> str:

@@ -484,25 +484,24 @@ def format_delta(d: dict | None, scale: float) -> str:
 def variant_table(summary: dict) -> list[str]:
     target = next((v["target_acc"] for v in summary["variants"] if v["runs"]), 0.94)
     pct = f"{100 * target:g}%"
-    lines = [f"| variant | change | runs | acc % mean (std) | acc % 95% CI | at {pct} | time-to-{pct} s (runs) "
-             f"| epochs-to-{pct} | timed s | Δ acc pp (95% CI) | Δ time-to-{pct} s (95% CI) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = ["variant", "change", "runs", "acc % mean (std)", "acc % 95% CI", f"at {pct}", f"time-to-{pct} s (runs)",
+               f"epochs-to-{pct}", "timed s", "Δ acc pp (95% CI)", f"Δ time-to-{pct} s (95% CI)"]
+    rows = []
     for v in summary["variants"]:
         if not v["runs"]:
-            lines.append(f"| {v['name']} | {v['change']} | 0 | not run yet | | | | | | | |")
+            rows.append([v["name"], v["change"], 0, "not run yet"] + [""] * 7)
             continue
         runs = f"{v['runs']} ({v['diverged']} diverged)" if v.get("diverged") else f"{v['runs']}"
         if v["acc_mean"] is None:
-            lines.append(f"| {v['name']} | {v['change']} | {runs} | diverged (every run) | — | 0% | — | — | — | — | — |")
+            rows.append([v["name"], v["change"], runs, "diverged (every run)", "—", "0%"] + ["—"] * 5)
             continue
         ttt = "—" if not v["runs_reaching_target"] else f"{v['time_to_target_mean_s']:.2f} ({v['runs_reaching_target']})"
         ett = "—" if v["epochs_to_target_mean"] is None else f"{v['epochs_to_target_mean']:.1f}"
         std = fmt_pct(v["acc_std"]) if v["runs"] - v.get("diverged", 0) > 1 else "—"
-        lines.append(f"| {v['name']} | {v['change']} | {runs} | {fmt_pct(v['acc_mean'])} ({std}) "
-                     f"| {_range(v['acc_ci95'], 100)} | {100 * v['frac_at_target']:.0f}% | {ttt} | {ett} "
-                     f"| {fmt_sec(v['timed_mean_s'])} | {format_delta(v.get('delta_acc'), 100)} "
-                     f"| {format_delta(v.get('delta_time_to_target_s'), 1)} |")
-    return lines
+        rows.append([v["name"], v["change"], runs, f"{fmt_pct(v['acc_mean'])} ({std})", _range(v["acc_ci95"], 100),
+                     f"{100 * v['frac_at_target']:.0f}%", ttt, ett, fmt_sec(v["timed_mean_s"]),
+                     format_delta(v.get("delta_acc"), 100), format_delta(v.get("delta_time_to_target_s"), 1)])
+    return speedrun.markdown_table(columns, rows)
 
 
 def summary_markdown(summary: dict, report: Report = Report()) -> str:

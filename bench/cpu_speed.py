@@ -68,12 +68,13 @@ def measure(presets: list[str], batch_size: int, steps: int, repeats: int, preci
 
 
 def table(medians: dict, batch_size: int) -> list[str]:
-    lines = ["| preset | precision | memory format | s/step (median) | images/s | vs fp32 NCHW |", "|---|---|---|---|---|---|"]
+    rows = []
     for (preset, precision, channels_last), s in medians.items():
         ratio = medians[preset, "fp32", False] / s if (preset, "fp32", False) in medians else float("nan")
-        lines.append(f"| {preset} | {precision} | {'channels_last' if channels_last else 'NCHW'} | {s:.3f} | "
-                     f"{batch_size / s:,.0f} | {ratio:.2f}x |")
-    return lines
+        rows.append([preset, precision, "channels_last" if channels_last else "NCHW", f"{s:.3f}",
+                     f"{batch_size / s:,.0f}", f"{ratio:.2f}x"])
+    return speedrun.markdown_table(["preset", "precision", "memory format", "s/step (median)", "images/s",
+                                    "vs fp32 NCHW"], rows)
 
 
 def main(argv=None) -> int:

@@ -102,19 +102,18 @@ def seconds(values: list[float]) -> str:
 
 
 def table(folder: Path) -> str:
-    lines = [START, "| preset | precision, memory format | device | torch | runs | accuracy mean ± std | min | max | "
-             "at ≥ 94% | epochs | timed budget | time-to-94% (runs) | wall time per run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = ["preset", "precision, memory format", "device", "torch", "runs", "accuracy mean ± std", "min", "max",
+               "at ≥ 94%", "epochs", "timed budget", "time-to-94% (runs)", "wall time per run"]
+    cells = []
     for r in rows(folder):
         spread = f" ± {100 * r['std']:.2f}" if r["runs"] > 1 else " (n = 1)"
         to_94 = f"{seconds(r['time_to_94_s'])} ({len(r['time_to_94_s'])})" if r["time_to_94_s"] else "—"
-        lines.append(f"| {r['preset']} | {r['precision']} | {r['device']} | {r['torch']} | {r['runs']} | "
-                     f"{100 * r['mean']:.2f}%{spread} | {100 * r['min']:.2f}% | {100 * r['max']:.2f}% | "
-                     f"{100 * r['at_94']:.0f}% | {r['epochs']:g} | {seconds(r['budget_s'])} | {to_94} | "
-                     f"{speedrun.format_duration(r['wall_s'])} |")
-    if len(lines) == 3:
-        lines.append("| (no full-scale result yet) | | | | | | | | | | | | |")
-    return "\n".join(lines + [END])
+        cells.append([r["preset"], r["precision"], r["device"], r["torch"], r["runs"], f"{100 * r['mean']:.2f}%{spread}",
+                      f"{100 * r['min']:.2f}%", f"{100 * r['max']:.2f}%", f"{100 * r['at_94']:.0f}%", f"{r['epochs']:g}",
+                      seconds(r["budget_s"]), to_94, speedrun.format_duration(r["wall_s"])])
+    if not cells:
+        cells.append(["(no full-scale result yet)"] + [""] * (len(columns) - 1))
+    return "\n".join([START, *speedrun.markdown_table(columns, cells), END])
 
 
 def study_tables(folder: Path) -> str:
@@ -126,16 +125,16 @@ def study_tables(folder: Path) -> str:
         target = 100 * summary["variants"][0]["target_acc"]
         parts += [f"**{summary['title']}** (`{where}/`): {', '.join(summary['hardware'])}, torch "
                   f"{', '.join(summary['torch'])}, seeds {', '.join(map(str, summary['seeds']))} for every variant; "
-                  f"`{summary['commands'][0]}`", "",
-                  f"| variant | change | runs | accuracy % mean ± std | Δ accuracy, points (95% CI) | at ≥ {target:g}% "
-                  f"| timed s | Δ timed s (95% CI) |", "|---|---|---|---|---|---|---|---|"]
+                  f"`{summary['commands'][0]}`", ""]
+        rows = []
         for v in summary["variants"]:
             runs = f"{v['runs']}" + (f" ({v['diverged']} diverged)" if v.get("diverged") else "")
             acc = "diverged (every run)" if v["acc_mean"] is None else f"{100 * v['acc_mean']:.2f} ± {100 * (v['acc_std'] or 0):.2f}"
             timed = "—" if v["timed_mean_s"] is None else f"{v['timed_mean_s']:.2f}"
-            delta_acc, delta_timed = study.format_delta(v.get("delta_acc"), 100), study.format_delta(v.get("delta_timed_s"), 1)
-            parts.append(f"| {v['name']} | {v['change']} | {runs} | {acc} | {delta_acc} "
-                         f"| {100 * v['frac_at_target']:.0f}% | {timed} | {delta_timed} |")
+            rows.append([v["name"], v["change"], runs, acc, study.format_delta(v.get("delta_acc"), 100),
+                         f"{100 * v['frac_at_target']:.0f}%", timed, study.format_delta(v.get("delta_timed_s"), 1)])
+        parts += speedrun.markdown_table(["variant", "change", "runs", "accuracy % mean ± std", "Δ accuracy, points (95% CI)",
+                                          f"at ≥ {target:g}%", "timed s", "Δ timed s (95% CI)"], rows)
         parts.append("")
     if len(parts) == 1:
         parts += ["(no study under results/ablations/ yet)", ""]

@@ -62,10 +62,6 @@ def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv else "?", *sys.argv[1:]])
 
 
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 def write_text(path: Path, text: str) -> None:
     speedrun.write_atomic(path, lambda tmp: tmp.write_text(text))
 

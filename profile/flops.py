@@ -212,8 +212,8 @@ def main(argv=None) -> int:
 
     unit, scale = ("TFLOP", 1e12) if count["timed_total"] >= 1e13 else ("GFLOP", 1e9)
     lines = [_common.describe_machine(device), f"command: {_common.command_line()}",
-             f"one training run: {count['n_train']} training images, {_common.plural(count['epochs'], 'epoch')} = "
-             f"{_common.plural(count['steps'], 'step')} "
+             f"one training run: {count['n_train']} training images, {speedrun.plural(count['epochs'], 'epoch')} = "
+             f"{speedrun.plural(count['steps'], 'step')} "
              f"of {cfg.batch_size}, width {cfg.width:g}, {count['n_test']} test images x {count['tta_views']} TTA view(s); "
              f"{count['forward_per_image'] / 1e6:.1f} MFLOP per image forward, {count['trainable_params']:,} trainable parameters",
              "", f"{'part':<44} {unit:>10} {'share':>7}"]

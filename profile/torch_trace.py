@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     lines = [_common.describe_machine(device), f"command: {_common.command_line()}",
              f"profiled window: whitening init ({min(cfg.whiten_samples, n_train) if cfg.whiten else 0} images), "
              f"augmentation of one epoch ({n_train} images), {args.trace_steps} training steps of {cfg.batch_size}, "
-             f"evaluation of {eval_images} test images ({tta}); 'run est.' = one timed run of {_common.plural(cfg.epochs, 'epoch')} "
+             f"evaluation of {eval_images} test images ({tta}); 'run est.' = one timed run of {speedrun.plural(cfg.epochs, 'epoch')} "
              f"on {n_train} images + one evaluation of {n_test}", ""]
     lines += format_table(times_us, factors, wall_s, device.type)
     text = "\n".join(lines)
