@@ -1994,13 +1994,18 @@ def save_weights(model: nn.Module, cfg: Config, path: Path) -> None:
     write_atomic(path, lambda tmp: torch.save({"config": config, "state_dict": state}, tmp))
 
 
-def load_weights(path: str | Path, device="cpu") -> Network:
-    """Rebuild a network saved with --save (weights of the evaluated, EMA model)."""
+def load_checkpoint(path: str | Path, device="cpu") -> tuple[Network, Config]:
+    """The network saved with --save (weights of the evaluated, EMA model), and its config."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     cfg = dataclasses.replace(Config(), **blob["config"])
     model = NETWORKS[cfg.arch](cfg)
     model.load_state_dict(blob["state_dict"])
-    return model.to(device).eval()
+    return model.to(device).eval(), cfg
+
+
+def load_weights(path: str | Path, device="cpu") -> Network:
+    """Rebuild a network saved with --save (weights of the evaluated, EMA model)."""
+    return load_checkpoint(path, device)[0]
 
 
 # -- devices and environment: choice, synchronisation, autocast, seeds, determinism, warm-up --

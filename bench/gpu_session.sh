@@ -7,13 +7,16 @@
 #          compile     airbench94 and record compiled (max-autotune), 10 runs each: the compiled times
 #          profile     per-kernel breakdown and FLOPs of each preset
 #          peers       ours against the airbench package
+#          tta-check   airbench94 seeds 0-4 trained with --save, each evaluated here in fp16 and fp32; evaluate
+#                      the same weight files on the CPU afterwards (bench/evaluate.py --device cpu) to see
+#                      whether the CPU's smaller TTA gain comes from evaluation or from training
 # Each command runs under its own time limit (seconds, below; SIGTERM keeps every finished run),
 # so a phase ends inside its call. Extra speedrun flags for every command go in $EXTRA
 # (e.g. EXTRA="--compile"). Study folders live in runs/studies/ (ignored, so they stay on a warm
 # machine between calls): a phase run again resumes them. At the end everything under OUT_DIR,
 # the study folders included, is packed into OUT_DIR.tgz, since a device call returns few files.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh accuracy|ablations|ablations-davidnet|compile|profile|peers DATA_DIR [OUT_DIR]}
+phase=${1:?usage: gpu_session.sh accuracy|ablations|ablations-davidnet|compile|profile|peers|tta-check DATA_DIR [OUT_DIR]}
 data=${2:?usage: gpu_session.sh PHASE DATA_DIR [OUT_DIR]}
 out=${3:-runs/gpu-session}
 extra=${EXTRA:-}
@@ -64,6 +67,15 @@ case "$phase" in
       python3 -m pip install -q --no-deps --no-build-isolation runs/vendor/airbench-0.1.8.tar.gz
     limited 500 peers python3 bench/peers.py --presets davidnet,airbench94,record --runs 10 --data-dir "$data" \
       --out "$out/peers.json" ;;
-  *) echo "unknown phase $phase: accuracy | ablations | ablations-davidnet | compile | profile | peers" >&2; exit 2 ;;
+  tta-check)
+    for seed in 0 1 2 3 4; do
+      limited 60 "airbench94-seed$seed" python3 speedrun.py --preset airbench94 --data-dir "$data" --seed "$seed" \
+        --out "$out/airbench94-seed$seed.json" --save "$out/airbench94-seed$seed.pt"
+    done
+    for precision in fp16 fp32; do
+      python3 bench/evaluate.py "$out"/airbench94-seed*.pt --data-dir "$data" --precision "$precision" \
+        --out "$out/evaluate-gpu-$precision.json"
+    done ;;
+  *) echo "unknown phase $phase: accuracy | ablations | ablations-davidnet | compile | profile | peers | tta-check" >&2; exit 2 ;;
 esac
 tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && echo "packed $out.tgz"

@@ -1,10 +1,13 @@
 """Evaluation: test-time augmentation's views and weights, TTA for the unsure images only, and the metrics."""
+import json
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import tiny_config
+from conftest import ROOT, preset_config, tiny_config
 import speedrun
 
 
@@ -71,3 +74,29 @@ def test_confusion_matrix_and_macro_metrics_match_a_hand_count():
     assert m["macro_precision"] == pytest.approx((0.5 + 2 / 3 + 1) / 3)
     p, r = [0.5, 2 / 3, 1.0], [0.5, 1.0, 0.5]
     assert m["macro_f1"] == pytest.approx(sum(2 * a * b / (a + b) for a, b in zip(p, r)) / 3)
+
+
+def test_saved_weights_evaluate_to_the_runs_own_plain_and_tta_accuracy(real_data_dir, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import evaluate
+    cfg = preset_config("airbench94", subset=512, test_subset=500, epochs=1, batch_size=64, eval_batch_size=500,
+                        data_dir=str(real_data_dir))
+    run = speedrun.train(cfg, log=speedrun._quiet)  # lookahead: the evaluated model is the trained one
+    weights, out = tmp_path / "w.pt", tmp_path / "eval.json"
+    speedrun.save_weights(run["model"], cfg, weights)
+    assert evaluate.main([str(weights), "--device", "cpu", "--data-dir", str(real_data_dir), "--test-subset", "500",
+                          "--out", str(out)]) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["test_images"] == 500 and result["tta"] == "flip_translate"
+    assert result["tta_acc"] == pytest.approx(run["final_acc"], abs=1e-9)
+    assert result["plain_acc"] == pytest.approx(run["epochs"][-1]["test_acc"], abs=1e-9)
+    assert result["tta_gain"] == pytest.approx(result["tta_acc"] - result["plain_acc"])
+    assert f"{100 * result['tta_acc']:.2f}" in capsys.readouterr().out
+
+
+def test_evaluating_a_missing_weights_file_says_how_to_make_one(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import evaluate
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main([str(tmp_path / "none.pt"), "--device", "cpu"])
+    assert stop.value.code == 2 and "speedrun.py --save" in capsys.readouterr().err
