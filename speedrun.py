@@ -1833,6 +1833,12 @@ def new_path(root: Path, stem: str, suffix: str = "") -> Path:
     return path
 
 
+def command_line(script: str | Path, argv: list[str] | None = None) -> str:
+    """How a tool was started, to paste again: 'python SCRIPT ARGS', the script relative to here."""
+    return "python " + " ".join([os.path.relpath(Path(script).resolve(), Path.cwd()),
+                                 *(sys.argv[1:] if argv is None else map(str, argv))])
+
+
 def default_out_path(root: Path = Path("runs"), prefix: str = "") -> Path:
     """A new file root/<prefix><time>.json (with -1, -2, ... if that exists already)."""
     return new_path(root, prefix + timestamp(), ".json")

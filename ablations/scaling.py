@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
 import os
 import subprocess
@@ -422,9 +421,8 @@ def main(argv=None) -> int:
             raise ValueError("nothing to measure: " + "; ".join(f"{s['mode']} P={s['procs']}: {s['reason']}" for s in skipped))
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
-    out = args.out or Path("runs") / f"scaling-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    command = "python " + " ".join([os.path.relpath(Path(__file__).resolve(), Path.cwd()),
-                                    *(sys.argv[1:] if argv is None else map(str, argv))])
+    out = args.out or speedrun.new_path(Path("runs"), f"scaling-{speedrun.timestamp()}")
+    command = speedrun.command_line(__file__, argv)
     if device.type == "cpu":
         torch.set_num_threads(1)  # as in each process, so that the environment line says what they use
     env = speedrun.environment(device)

@@ -8,7 +8,6 @@ puts the repository root on sys.path to import speedrun.
 """
 from __future__ import annotations
 
-import os
 import platform
 import sys
 from pathlib import Path
@@ -56,10 +55,6 @@ def describe_machine(device: torch.device) -> str:
     env = speedrun.environment(device)
     where = f"GPU {env['device_name']} (CUDA {env['cuda']})" if device.type == "cuda" else env["device_name"]
     return f"{where}, torch {env['torch']}, Python {platform.python_version()}"
-
-
-def command_line() -> str:
-    return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv else "?", *sys.argv[1:]])
 
 
 def write_text(path: Path, text: str) -> None:

@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     peak = measure_peak(device, dtype, size)
 
     unit, scale = ("TFLOP", 1e12) if count["timed_total"] >= 1e13 else ("GFLOP", 1e9)
-    lines = [_common.describe_machine(device), f"command: {_common.command_line()}",
+    lines = [_common.describe_machine(device), f"command: {speedrun.command_line(__file__)}",
              f"one training run: {count['n_train']} training images, {speedrun.plural(count['epochs'], 'epoch')} = "
              f"{speedrun.plural(count['steps'], 'step')} "
              f"of {cfg.batch_size}, width {cfg.width:g}, {count['n_test']} test images x {count['tta_views']} TTA view(s); "
