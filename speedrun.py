@@ -20,8 +20,8 @@ Part I, the method, in reading order:
 Appendices, what the method needs but a reader need not: A. CIFAR-10 files (cache, folders,
 archives, download, checksums, safe unpickler, atomic writes); B. config checks, argument
 parsing, paths, results and weights, how the command line ends (errors, interrupts, partial
-results), devices (choice, synchronisation, autocast, seeds, determinism, warm-up), printed
-reports; C. statistics (mean, spread, Student-t interval and test); D. several processes
+results), devices (choice, synchronisation, autocast, seeds, determinism, warm-up), result
+metrics and printed reports; C. statistics (mean, spread, Student-t interval and test); D. several processes
 (torchrun helpers, worker pool). A reader can stop at the Appendices banner.
 Each switch's choices are one table beside the code it switches (NETWORKS, OPTIMIZERS,
 LR_SCHEDULES, EMA_KINDS, TTA_WEIGHTS, ...); SWITCHES names them all for checks, --help and tools.
@@ -107,7 +107,7 @@ class Config:
     bn_scale_frozen: bool = _f(True, "freeze every BN scale at 1 (only the BN bias trains)")
     bn_momentum: float = _f(0.1, "BN running-statistics momentum (torch convention)")
     bn_eps: float = _f(1e-5, "BN epsilon")
-    residual: bool = _f(True, "residual blocks after layer1 and layer3")
+    residual: bool = _f(True, "resnet9: residual blocks after layer1 and layer3 (the airbench network has none)")
     head_scale: float = _f(1 / 16, "multiplier of the logits after the bias-free linear head")
     head_init: str = _f("default", "head weights: PyTorch's default, or rescaled to standard deviation 1 (unit_std: hiverge)")
     # -- optimisation
@@ -138,15 +138,18 @@ class Config:
     ema_mode: str = _f("average", "average: evaluate the EMA; lookahead: pull the weights back to the EMA at each update, "
                                   "with decay ramped by (step/total)^3, so that the weights end as the EMA")
     ema_momentum: float = _f(0.99, "EMA momentum per training step")
-    ema_every: int = _f(5, "update the EMA every this many steps (decay ema_momentum**ema_every)")
-    ema_warmup: bool = _f(False, "average: blend the k-th update with decay min(ema_momentum**ema_every, k/(k+1)), a plain mean "
-                                 "at first, instead of starting from the initial weights as Page does")
+    ema_every: int = _f(5, "update the EMA every this many steps, with decay ema_momentum**ema_every (average: after "
+                           "batches 0, k, 2k, ... of each epoch, as Page counts; lookahead: every k-th step of the run)")
+    ema_warmup: bool = _f(False, "average: blend the k-th update with decay min(ema_momentum**ema_every, k/(k+1)), so the EMA "
+                                 "starts as the plain mean of the initial weights and the first updates, instead of "
+                                 "keeping the initial weights at full decay as Page does")
     # -- evaluation
     tta: str = _f("flip", "test-time augmentation: flip (image + mirror), flip_translate (6 views, weights 1/4, 1/4, "
                           "1/8 x 4), flip_translate_equal (the 6 views, 1/6 each: hiverge)")
     tta_unsure_frac: float = _f(1.0, "give the TTA views only to this fraction of the test images, those the plain view is least sure of")
     target_acc: float = _f(0.94, "test accuracy that stops the clock")
-    eval_every: int = _f(1, "evaluate after every k-th epoch (and always after the last); evaluation is outside the timer")
+    eval_every: int = _f(1, "evaluate after every k-th epoch (and always after the last); only the evaluation that "
+                            "reaches the target is timed (see the timing rule)")
     eval_batch_size: int = _f(1000, "evaluation batch size")
     # -- speed and reproducibility
     device: str = _f("auto", "auto (CUDA, then Apple MPS, then CPU) | cuda | cuda:N | mps | cpu")
@@ -214,7 +217,6 @@ def make_config(preset: str = "davidnet", **overrides) -> Config:
 
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
@@ -717,7 +719,7 @@ def build_optimizer(model: nn.Module, cfg: Config, total_steps: int = 0, bias_st
     """Parameter groups: weights at lr/batch_size; BN parameters at bias_lr_scale x that with
     1/bias_lr_scale the decay; the whitening bias with the weights (whiten_bias_schedule
     'shared', as in airbench94) or like the BN parameters but decaying to 0 over its `bias_steps`
-    ('own'); with optimizer 'muon', the 3x3 conv filters in a Muon group at muon_lr. set_lr()
+    ('own'); with optimizer 'muon', every trained conv filter bank in a Muon group at muon_lr. set_lr()
     scales each group's 'peak_lr'; total_steps paces Muon's 'growing' renormalisation."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     base, wd = cfg.lr / cfg.batch_size, cfg.weight_decay * cfg.batch_size
@@ -833,7 +835,7 @@ def make_ema(model: nn.Module, cfg: Config, total_steps: int) -> EMA | None:
 
 
 class Stopwatch:
-    """Accumulates device time between start() and stop(); CUDA events on CUDA, else a wall clock."""
+    """Device time from start() to stop(): CUDA events on CUDA, else a wall clock after a synchronisation."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -961,8 +963,8 @@ class TrainingSetup:
         return model, torch.compile(model, mode=self.cfg.compile_mode) if self.cfg.compile else model
 
     def freeze_whitening_bias(self) -> None:
-        """Stop training the whitening bias: with no gradient, no backward pass reaches the first
-        conv's input and the optimizer skips it. Under torch.compile this changes the graph; the
+        """Stop training the whitening bias: with nothing trainable in the first conv, the backward
+        pass stops at the layer after it and the optimizer skips the bias. Under torch.compile this changes the graph; the
         warm-up compiles both versions before the timer. DDP must be rebuilt to know it."""
         bias = getattr(self.model.whiten, "bias", None)
         if bias is None or not bias.requires_grad:
@@ -983,9 +985,7 @@ def prepare_training(cfg: Config, data: DeviceData, device: torch.device, seed: 
     if n_batches == 0:
         raise ValueError(f"{n_train} training images are fewer than one batch of {cfg.batch_size}; "
                          f"lower --batch-size or raise --subset")
-    if cfg.ghost_bn_splits % ctx.world:
-        raise ValueError(f"ghost_bn_splits {cfg.ghost_bn_splits} is not a multiple of the {ctx.world} processes: "
-                         f"each process normalises whole groups of the batch; set --ghost-bn-splits to a multiple of {ctx.world}")
+    check_world(cfg, ctx.world)
     set_determinism(cfg, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -1058,7 +1058,8 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
                 logits = predict(eval_forward, data.test_x, cfg, device, dtype)
             row["eval_s"] = watch.stop()
             row["tta_acc"] = (logits.argmax(1) == data.test_y).float().mean().item()
-            raw_forward = model if ctx.active else setup.forward  # the trained weights, without EMA or TTA
+            # the trained weights without TTA, and without EMA (lookahead has pulled them to its average)
+            raw_forward = model if ctx.active else setup.forward
             raw = predict(raw_forward, data.test_x, cfg, device, dtype, tta="none")
             row["test_acc"] = (raw.argmax(1) == data.test_y).float().mean().item()
             if time_to_target is None and row["tta_acc"] >= cfg.target_acc:
@@ -1127,18 +1128,6 @@ def predict(forward, x: torch.Tensor, cfg: Config, device, dtype, tta: str | Non
     if len(unsure):
         logits[unsure] = logits_of(x[unsure], tta)
     return logits
-
-
-def classification_metrics(pred: torch.Tensor, target: torch.Tensor, classes: int = 10) -> dict:
-    """Per-class accuracy (= recall), confusion matrix (rows true, columns predicted), macro P/R/F1."""
-    cm = torch.bincount(target * classes + pred, minlength=classes * classes).view(classes, classes).cpu().double()
-    tp = cm.diag()
-    recall = tp / cm.sum(1).clamp_min(1)
-    precision = tp / cm.sum(0).clamp_min(1)
-    f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
-    return dict(per_class_acc={c: recall[i].item() for i, c in enumerate(CLASSES[:classes])},
-                confusion_matrix=cm.long().tolist(), macro_precision=precision.mean().item(),
-                macro_recall=recall.mean().item(), macro_f1=f1.mean().item())
 
 
 # =============================================================================================
@@ -1586,7 +1575,7 @@ def write_atomic(path: Path, write) -> None:
 
 
 # =============================================================================================
-# B. Config checks, argument parsing, paths, weights, environment, printed reports
+# B. Config checks, argument parsing, paths, results and weights, devices, metrics and printed reports
 # =============================================================================================
 
 
@@ -1797,7 +1786,7 @@ def check_world(cfg: Config, world: int) -> None:
                          f"each process normalises whole groups of the batch; set --ghost-bn-splits to a multiple of {world}")
 
 
-# -- paths, results, weights, and how the command line ends -----------------------------------
+# -- paths, results, weights, and how the command line ends ----------------------------------
 
 
 def check_writable(path: Path, what: str) -> None:
@@ -2014,7 +2003,7 @@ def load_weights(path: str | Path, device="cpu") -> Network:
     return load_checkpoint(path, device)[0]
 
 
-# -- devices and environment: choice, synchronisation, autocast, seeds, determinism, warm-up --
+# -- devices and environment: choice, synchronisation, autocast, seeds, warm-up --------------
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -2113,7 +2102,22 @@ def warm_up(cfg: Config, data: DeviceData, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-# -- printed reports -------------------------------------------------------------------------
+# -- result metrics and printed reports ------------------------------------------------------
+
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def classification_metrics(pred: torch.Tensor, target: torch.Tensor, classes: int = 10) -> dict:
+    """Per-class accuracy (= recall), confusion matrix (rows true, columns predicted), macro P/R/F1."""
+    cm = torch.bincount(target * classes + pred, minlength=classes * classes).view(classes, classes).cpu().double()
+    tp = cm.diag()
+    recall = tp / cm.sum(1).clamp_min(1)
+    precision = tp / cm.sum(0).clamp_min(1)
+    f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+    return dict(per_class_acc={c: recall[i].item() for i, c in enumerate(CLASSES[:classes])},
+                confusion_matrix=cm.long().tolist(), macro_precision=precision.mean().item(),
+                macro_recall=recall.mean().item(), macro_f1=f1.mean().item())
 
 
 def _quiet(*args, **kwargs):
