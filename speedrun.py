@@ -1164,41 +1164,20 @@ def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = 
     `preset`, the name the config started from, is recorded in the result."""
     check_config(cfg)
     device = pick_device(cfg.device)
-    if device.type == "cpu" and cfg.subset == 0:
-        for line in cpu_lead_in(cfg):
-            log(line)
     devices = worker_devices(cfg, device)
     seeds = [cfg.seed + k for k in range(cfg.runs)]
-    runs = [None] * cfg.runs
-    rank0 = process_group().rank == 0
-    if len(devices) > 1:
-        log(f"{cfg.runs} runs over {len(devices)} worker processes ({', '.join(sorted(set(devices)))})")
-
-    def on_result(index, run, where):
-        runs[index] = run
-        if on_progress is not None and rank0:
-            done = [{k: v for k, v in r.items() if k != "model"} for r in runs if r is not None]
-            on_progress(dict(preset=preset, config=dataclasses.asdict(cfg), environment=environment(device), data_load_s=None,
-                             warmup_s=None, runs=done, summary=summarize(done, cfg.target_acc), complete=False))
-        if len(devices) > 1:
-            done = sum(r is not None for r in runs)
-            log(f"run {done} of {cfg.runs} (seed {run['seed']}, {where}): {verdict(run, cfg)}")
-        elif rank0:
-            log(verdict(run, cfg))
-            if index + 1 < cfg.runs:
-                log(f"\nrun {index + 2} of {cfg.runs} (seed {seeds[index + 1]})")
-
-    if cfg.runs > 1 and len(devices) == 1:
-        log(f"run 1 of {cfg.runs} (seed {seeds[0]})")
-    totals = run_jobs([(cfg, s) for s in seeds], devices, on_result, url=url, keep={cfg.runs - 1},
+    progress = RunsProgress(cfg, seeds, preset, device, devices, log, on_progress)
+    progress.start()
+    totals = run_jobs([(cfg, s) for s in seeds], devices, progress.on_result, url=url, keep={cfg.runs - 1},
                       log=log if len(devices) == 1 else _quiet, data=data)
-    model = runs[-1].get("model")
+    runs = progress.runs
+    model = runs[-1].pop("model", None)
     for r in runs:
         r.pop("model", None)
-    if not rank0:
+    if process_group().rank != 0:
         return {}
-    result = dict(preset=preset, config=dataclasses.asdict(cfg), environment=environment(device), **totals,
-                  runs=runs, summary=summarize(runs, cfg.target_acc), complete=True, model=model)
+    result = dict(**progress.header(), **totals, runs=runs, summary=summarize(runs, cfg.target_acc), complete=True,
+                  model=model)
     if cfg.runs > 1:
         for line in summary_lines(result["summary"]):
             log(line)
@@ -2456,6 +2435,49 @@ def _pool_worker(device: str, threads: int | None, url: str, jobs, results) -> N
             results.put(("error", index, (f"{type(e).__name__}: {e}", trace), device))
             return
     results.put(("done", -1, (cache.load_s, cache.warmup_s), device))
+
+
+class RunsProgress:
+    """What run_many says and saves while its runs go: at the start, a CPU user's lead-in and the
+    runs' header; as each run ends (on_result), its verdict and the next run's header in one
+    process, or 'run k of N' lines over workers, and on rank 0 on_progress(the partial result)."""
+
+    def __init__(self, cfg: Config, seeds: list[int], preset: str | None, device: torch.device, devices: list[str],
+                 log, on_progress):
+        self.cfg, self.seeds, self.preset, self.device, self.devices, self.log = cfg, seeds, preset, device, devices, log
+        self.on_progress, self.rank0 = on_progress, process_group().rank == 0
+        self.slots: list[dict | None] = [None] * len(seeds)
+
+    def start(self) -> None:
+        cfg, log = self.cfg, self.log
+        if self.device.type == "cpu" and cfg.subset == 0:
+            for line in cpu_lead_in(cfg):
+                log(line)
+        if len(self.devices) > 1:
+            log(f"{cfg.runs} runs over {len(self.devices)} worker processes ({', '.join(sorted(set(self.devices)))})")
+        elif cfg.runs > 1:
+            log(f"run 1 of {cfg.runs} (seed {self.seeds[0]})")
+
+    @property
+    def runs(self) -> list[dict]:
+        return [r for r in self.slots if r is not None]
+
+    def header(self) -> dict:
+        return dict(preset=self.preset, config=dataclasses.asdict(self.cfg), environment=environment(self.device))
+
+    def on_result(self, index: int, run: dict, where: str) -> None:
+        cfg, log = self.cfg, self.log
+        self.slots[index] = run
+        if self.on_progress is not None and self.rank0:
+            done = [{k: v for k, v in r.items() if k != "model"} for r in self.runs]
+            self.on_progress(dict(**self.header(), data_load_s=None, warmup_s=None, runs=done,
+                                  summary=summarize(done, cfg.target_acc), complete=False))
+        if len(self.devices) > 1:
+            log(f"run {len(self.runs)} of {cfg.runs} (seed {run['seed']}, {where}): {verdict(run, cfg)}")
+        elif self.rank0:
+            log(verdict(run, cfg))
+            if index + 1 < cfg.runs:
+                log(f"\nrun {index + 2} of {cfg.runs} (seed {self.seeds[index + 1]})")
 
 
 def run_jobs(jobs: list, devices: list[str], on_result, url: str = CIFAR10_URL, threads: int | None = None,
