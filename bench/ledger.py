@@ -40,6 +40,8 @@ STUDIES_START, STUDIES_END = "<!-- studies:start (bench/ledger.py writes these t
 # fields a run may change without changing the recipe it measures
 FREE = {"seed", "runs", "device", "precision", "channels_last", "eval_every", "workers", "data_dir", "compile",
         "compile_mode", "deterministic", "eval_batch_size"}
+# fields that act only on CUDA (orthogonalize() runs Newton-Schulz in fp32 elsewhere): free off a GPU
+CUDA_ONLY = {"muon_ns_precision"}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -53,11 +55,13 @@ def preset_of(result: dict, source) -> str:
                          f"{config.get('test_subset')}); keep only full-scale results under results/")
     names = [result["preset"]] if result.get("preset") else list(speedrun.PRESETS)
     defaults = dataclasses.asdict(speedrun.Config())
+    free = FREE if result["environment"]["device"].startswith("cuda") else FREE | CUDA_ONLY
     for name in names:
         recipe = dataclasses.asdict(speedrun.make_config(name))
-        changed = sorted(k for k, v in recipe.items() if k not in FREE and k in config and config[k] != v)
+        changed = sorted(k for k, v in recipe.items() if k not in free and k in config and config[k] != v)
         if not changed:
-            older = [f"{k}={defaults[k]}" for k, v in recipe.items() if k not in config and defaults[k] != v]
+            older = [f"{k}={defaults[k]}" for k, v in recipe.items()
+                     if k not in free and k not in config and defaults[k] != v]
             return f"{name} (then: {', '.join(older)})" if older else name
     raise ValueError(f"{source}: its config is not the recipe of preset {names[0] if len(names) == 1 else 'any preset'}"
                      + (f" (changed: {', '.join(changed)})" if len(names) == 1 else ""))

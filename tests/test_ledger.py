@@ -13,12 +13,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 import ledger  # noqa: E402
 
 
-def result_file(folder, name, preset, accs, **changes):
-    cfg = dataclasses.asdict(speedrun.make_config(preset, device="cpu", **changes))
+def result_file(folder, name, preset, accs, device="cpu", **changes):
+    cfg = dataclasses.asdict(speedrun.make_config(preset, device=device, **changes))
     runs = [dict(seed=k, final_acc=a, diverged=False, whitening_s=0.1, train_s=2.9 + k, wall_s=4.0 + k,
                  full_budget_s=3.0 + k, time_to_target_s=3.0 + k if a >= 0.94 else None,
                  epochs=[dict(eval_s=0.05)]) for k, a in enumerate(accs)]
-    env = dict(device="cpu", device_name="CPU Test (2 cores)", torch="2.13.0+cpu")
+    env = dict(device=device, device_name="CPU Test (2 cores)" if device == "cpu" else "GPU Test",
+               torch="2.13.0+cpu")
     (folder / name).write_text(json.dumps(dict(preset=preset, config=cfg, environment=env, runs=runs)))
 
 
@@ -48,13 +49,32 @@ def test_ledger_groups_runs_and_rewrites_only_its_table(tmp_path):
     assert ledger.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
 
 
+def forget_field(path, field):
+    """A result as written before `field` existed in Config."""
+    data = json.loads(path.read_text())
+    del data["config"][field]
+    path.write_text(json.dumps(data))
+
+
 def test_a_result_older_than_a_recipe_change_is_labelled_with_what_it_ran(tmp_path):
-    result_file(tmp_path, "old.json", "record", [0.9396])
-    data = json.loads((tmp_path / "old.json").read_text())
-    del data["config"]["muon_ns_precision"]  # written before the field existed: it ran the default, bf16
-    (tmp_path / "old.json").write_text(json.dumps(data))
-    result_file(tmp_path, "new.json", "record", [0.9401])
+    result_file(tmp_path, "old.json", "record", [0.9396], device="cuda")
+    forget_field(tmp_path / "old.json", "muon_ns_precision")  # it ran the default then, bf16
+    result_file(tmp_path, "new.json", "record", [0.9401], device="cuda")
     assert sorted(r["preset"] for r in ledger.rows(tmp_path)) == ["record", "record (then: muon_ns_precision=bf16)"]
+
+
+def test_a_field_that_acts_only_on_cuda_does_not_split_or_refuse_cpu_runs(tmp_path):
+    result_file(tmp_path, "old.json", "record", [0.9406])
+    forget_field(tmp_path / "old.json", "muon_ns_precision")
+    result_file(tmp_path, "bf16.json", "record", [0.9425], muon_ns_precision="bf16")
+    result_file(tmp_path, "new.json", "record", [0.9402])
+    (row,) = ledger.rows(tmp_path)
+    assert row["preset"] == "record" and row["runs"] == 3
+    # on a GPU the same change is another recipe, and the ledger refuses it
+    result_file(tmp_path, "bf16-gpu.json", "record", [0.9425], device="cuda", muon_ns_precision="bf16")
+    with pytest.raises(ValueError, match="changed: muon_ns_precision"):
+        ledger.rows(tmp_path)
+
 
 
 @pytest.mark.parametrize("changes,message", [(dict(subset=5000), "not a full-scale run"),

@@ -52,6 +52,12 @@ def test_whitening_bias_trains_with_the_weights_then_stops_taking_a_gradient():
     assert torch.equal(bias, after_first_epoch) and bias.grad is None, "no gradient, no update, no decay"
 
 
+def test_newton_schulz_precision_changes_nothing_off_cuda():
+    g = torch.randn(2, 16, 72, generator=torch.Generator().manual_seed(0))
+    coeffs = speedrun.NS_COEFFICIENTS["hiverge"]
+    assert torch.equal(speedrun.orthogonalize(g, 3, coeffs, torch.float16), speedrun.orthogonalize(g, 3, coeffs, torch.bfloat16))
+
+
 def test_orthogonalize_approaches_the_polar_factor():
     g = torch.randn(64, 144, generator=torch.Generator().manual_seed(0))
     u, _, vh = torch.linalg.svd(g, full_matrices=False)
