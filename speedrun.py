@@ -24,7 +24,7 @@ results), devices (choice, synchronisation, autocast, seeds, determinism, warm-u
 metrics and printed reports; C. statistics (mean, spread, Student-t interval and test); D. several processes
 (torchrun helpers, worker pool). A reader can stop at the Appendices banner.
 Each switch's choices are one table beside the code it switches (NETWORKS, OPTIMIZERS,
-LR_SCHEDULES, EMA_KINDS, TTA_WEIGHTS, ...); SWITCHES names them all for checks, --help and tools.
+LR_SCHEDULES, EMA_KINDS, TTA_MODES, ...); SWITCHES names them all for checks, --help and tools.
 
 Timing rule. time_to_target_s = whitening init + every training step (augmentation included)
 up to the end of the first epoch whose evaluated (EMA + TTA) accuracy reaches the target, +
@@ -274,9 +274,6 @@ def load_data(cfg: Config, device: torch.device | None = None, quiet: bool = Fal
 # =============================================================================================
 
 
-FLIPS = ("random", "alternating", "none")  # see EpochAugmenter
-
-
 @dataclass
 class EpochDraw:
     """The random choices of one epoch, one entry per training image (None where a step is off)."""
@@ -307,27 +304,39 @@ def cutout_at(x: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, size: int) ->
     return x.masked_fill((r >= y0) & (r < y0 + size) & (c >= x0) & (c < x0 + size), 0)
 
 
-class EpochAugmenter:
-    """Crop, flip, colour jitter (brightness then contrast), cutout, with choices drawn for the whole training set at once.
+def random_flips(augmenter, n: int, epoch: int, device) -> torch.Tensor:
+    """A fresh random half of the images, every epoch."""
+    return torch.rand(n, device=device, generator=augmenter.gen) < 0.5
 
-    Flip 'alternating' mirrors a random half at epoch 0 and the complement of that half on odd
-    epochs, so every image alternates orientation. draw() then apply() lets a process of a
-    distributed run augment only its share while drawing the same numbers as everyone else."""
+
+def alternating_flips(augmenter, n: int, epoch: int, device) -> torch.Tensor:
+    """A random half at the first epoch; then every image alternates: its opposite on odd epochs."""
+    if augmenter.first_flips is None:
+        augmenter.first_flips = random_flips(augmenter, n, epoch, device)
+    return augmenter.first_flips ^ bool(epoch % 2)
+
+
+def no_flips(augmenter, n: int, epoch: int, device) -> None:
+    return None
+
+
+FLIPS = {"random": random_flips, "alternating": alternating_flips, "none": no_flips}  # Config.flip -> its draw
+
+
+class EpochAugmenter:
+    """Crop, flip, colour jitter (brightness then contrast), cutout, with choices drawn for the
+    whole training set at once. draw() then apply() lets a process of a distributed run augment
+    only its share while drawing the same numbers as everyone else."""
 
     def __init__(self, cfg: Config, gen: torch.Generator):
         self.cfg, self.gen, self.first_flips = cfg, gen, None
 
     def draw(self, n: int, epoch: int, device) -> EpochDraw:
         cfg, gen = self.cfg, self.gen
-        dy = dx = flips = cy = cx = None
+        dy = dx = cy = cx = None
         if cfg.crop_pad:
             dy, dx = (torch.randint(0, 2 * cfg.crop_pad + 1, (n,), device=device, generator=gen) for _ in range(2))
-        if cfg.flip == "random" or (cfg.flip == "alternating" and self.first_flips is None):
-            flips = torch.rand(n, device=device, generator=gen) < 0.5
-            if cfg.flip == "alternating":
-                self.first_flips = flips
-        elif cfg.flip == "alternating":
-            flips = self.first_flips ^ bool(epoch % 2)
+        flips = FLIPS[cfg.flip](self, n, epoch, device)
         if cfg.cutout:
             cy, cx = (torch.randint(0, 32 - cfg.cutout + 1, (n,), device=device, generator=gen) for _ in range(2))
         shift = scale = None
@@ -428,8 +437,12 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
+def keep_init(module) -> None:
+    """PyTorch's default initialisation, as the modules were built."""
+
+
 WHITEN_KERNELS = (2, 3)  # side of the whitened patches
-WHITEN_BIAS_INITS = ("zero", "default")  # default: PyTorch's uniform +-1/sqrt(fan-in)
+WHITEN_BIAS_INITS = {"zero": nn.init.zeros_, "default": keep_init}  # default: PyTorch's uniform +-1/sqrt(fan-in)
 
 
 def whitening_layer(cfg: Config) -> tuple[nn.Module, int]:
@@ -441,14 +454,25 @@ def whitening_layer(cfg: Config) -> tuple[nn.Module, int]:
     channels = 3 * k * k * (2 if cfg.whiten_negatives else 1)
     conv = nn.Conv2d(3, channels, k, padding=(k - 1) // 2, bias=cfg.whiten_bias_epochs > 0)
     conv.weight.requires_grad_(False)
-    if conv.bias is not None and cfg.whiten_bias_init == "zero":
-        nn.init.zeros_(conv.bias)
+    if conv.bias is not None:
+        WHITEN_BIAS_INITS[cfg.whiten_bias_init](conv.bias)
     return conv, channels
 
 
 class Network(nn.Module):
     """What every network shares: whitening -> prep -> layer1 -> layer2 -> layer3 -> global
-    max-pool -> bias-free linear head, its logits scaled by head_scale. A subclass builds the layers."""
+    max-pool -> bias-free linear head, its logits scaled by head_scale. A subclass's body()
+    builds prep and the three layers (in this order, which is the order of the random init)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.whiten, c_white = whitening_layer(cfg)
+        self.head = nn.Linear(self.body(cfg, c_white), 10, bias=False)
+        self.head_scale = cfg.head_scale
+
+    def body(self, cfg: Config, c_in: int) -> int:
+        """Set self.prep, layer1, layer2, layer3 for `c_in` channels in; return the channels out."""
+        raise NotImplementedError
 
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.prep(self.whiten(x)))))
@@ -467,37 +491,31 @@ class ResNet9(Network):
     """Page's ResNet-9: whitening, a prep conv, three pooled layers (the first and last with a
     residual of two conv-BN-act), 64/128/256/512 channels at width 1."""
 
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.whiten, c_white = whitening_layer(cfg)
+    def body(self, cfg: Config, c_in: int) -> int:
         c0, c1, c2, c3 = channels(cfg, 64, 128, 256, 512)
-        self.prep = conv_bn(c_white, c0, cfg, kernel=1) if cfg.whiten else conv_bn(3, c0, cfg)
+        self.prep = conv_bn(c_in, c0, cfg, kernel=1) if cfg.whiten else conv_bn(c_in, c0, cfg)
 
         def res(c):
             return [Residual(conv_bn(c, c, cfg), conv_bn(c, c, cfg))] if cfg.residual else []
         self.layer1 = nn.Sequential(conv_bn(c0, c1, cfg, pool=True), *res(c1))
         self.layer2 = conv_bn(c1, c2, cfg, pool=True)
         self.layer3 = nn.Sequential(conv_bn(c2, c3, cfg, pool=True), *res(c3))
-        self.head = nn.Linear(c3, 10, bias=False)
-        self.head_scale = cfg.head_scale
+        return c3
 
 
 class AirbenchNet(Network):
     """Keller Jordan's airbench network: whitening -> activation -> three groups of
     conv-pool-BN-act-conv-BN-act, 64/256/256 channels at width 1; no prep conv, no residuals."""
 
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.whiten, c_white = whitening_layer(cfg)
+    def body(self, cfg: Config, c_in: int) -> int:
         c1, c2, c3 = channels(cfg, 64, 256, 256)
         after_whitening = None if cfg.whiten_activation == "same" else cfg.whiten_activation
         self.prep = make_activation(cfg, after_whitening) if cfg.whiten else nn.Identity()
 
         def group(c_in, c_out):
             return nn.Sequential(conv_bn(c_in, c_out, cfg, pool=True), conv_bn(c_out, c_out, cfg))
-        self.layer1, self.layer2, self.layer3 = group(c_white, c1), group(c1, c2), group(c2, c3)
-        self.head = nn.Linear(c3, 10, bias=False)
-        self.head_scale = cfg.head_scale
+        self.layer1, self.layer2, self.layer3 = group(c_in, c1), group(c1, c2), group(c2, c3)
+        return c3
 
 
 NETWORKS = {"resnet9": ResNet9, "airbench": AirbenchNet}  # Config.arch -> the network's class
@@ -546,10 +564,6 @@ def dirac_filters(model: Network) -> None:
 @torch.no_grad()
 def unit_std_head(model: Network) -> None:
     model.head.weight.div_(model.head.weight.std())
-
-
-def keep_init(model: Network) -> None:
-    """PyTorch's default initialisation, as the modules were built."""
 
 
 CONV_INITS = {"default": keep_init, "dirac": dirac_filters}
@@ -643,7 +657,9 @@ def orthogonalize_all(mats: list[torch.Tensor], steps: int, coeffs, dtype=torch.
             for o, w, m in zip(out, wide, mats)]
 
 
-MUON_RENORMS = ("none", "every_step", "growing")  # see Muon.renorm_due
+# Config.muon_renorm -> whether step k (from 1) of `total`, `since` steps after the last rescale, rescales the banks
+MUON_RENORMS = {"none": lambda k, since, total: False, "every_step": lambda k, since, total: True,
+                "growing": lambda k, since, total: since >= 2 + int(15 * k / total)}  # hiverge's
 
 
 class Muon(torch.optim.Optimizer):
@@ -655,22 +671,16 @@ class Muon(torch.optim.Optimizer):
     and after it, decays by its LR x decoupled_wd."""
 
     def __init__(self, groups, momentum: float, ns_steps: int, coeffs=NS_COEFFICIENTS["keller"],
-                 renorm: str = "none", total_steps: int = 0, ns_dtype=torch.bfloat16):
+                 renorm=MUON_RENORMS["none"], total_steps: int = 0, ns_dtype=torch.bfloat16):
         super().__init__(groups, dict(lr=0.0, momentum=momentum, weight_decay=0.0, orthogonalize=False,
                                       ns_steps=ns_steps, decoupled_wd=0.0))
         self.coeffs, self.renorm, self.total_steps, self.ns_dtype = coeffs, renorm, total_steps, ns_dtype
         self.steps = self.last_renorm = 0
 
-    def renorm_due(self) -> bool:
-        """Whether this step (self.steps, counted from 1) rescales the filter banks."""
-        if self.renorm == "growing":
-            return self.steps - self.last_renorm >= 2 + int(15 * self.steps / self.total_steps)
-        return self.renorm == "every_step"
-
     @torch.no_grad()
     def step(self):
         self.steps += 1
-        renorm = self.renorm_due()
+        renorm = self.renorm(self.steps, self.steps - self.last_renorm, self.total_steps)
         if renorm:
             self.last_renorm = self.steps
         for g in self.param_groups:
@@ -702,7 +712,7 @@ OPTIMIZERS = {
     "nesterov": lambda groups, cfg, total: torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=True),
     "sgd": lambda groups, cfg, total: torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum),
     "muon": lambda groups, cfg, total: Muon(groups, momentum=cfg.momentum, ns_steps=cfg.muon_ns_steps,
-                                            coeffs=NS_COEFFICIENTS[cfg.muon_ns_coeffs], renorm=cfg.muon_renorm,
+                                            coeffs=NS_COEFFICIENTS[cfg.muon_ns_coeffs], renorm=MUON_RENORMS[cfg.muon_renorm],
                                             total_steps=total, ns_dtype=NS_PRECISIONS[cfg.muon_ns_precision]),
     "adam": lambda groups, cfg, total: torch.optim.Adam(groups, lr=0.0),
     # AdamW decays by lr x weight_decay per step, not by the summed loss's weight_decay x batch_size
@@ -862,25 +872,20 @@ class Stopwatch:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
-def make_step_fn(model, opt, cfg, device, dtype, world: int = 1):
+def make_step_fn(model, opt, cfg, device, dtype, ctx: Distributed):
     """step_fn(images, labels) -> (summed loss, logits): forward, backward and optimizer step.
-    Returns (step_fn, forward, module): forward is module, compiled if cfg.compile; module is the
-    model, or with several processes its DistributedDataParallel wrapper. Each process's summed
-    loss is then multiplied by the number of processes, so that DDP's mean of the gradients
-    equals the gradient of the loss summed over the whole batch, as in a single process."""
-    module = model
-    if world > 1:
-        with warnings.catch_warnings():  # newer torch renames broadcast_buffers; torch 2.4 knows only this name
-            warnings.filterwarnings("ignore", message=".*broadcast_buffers", category=FutureWarning)
-            module = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                         broadcast_buffers=False)
+    Returns (step_fn, forward, module): module is the model as this process trains it (see
+    Distributed.wrap), forward that module compiled if cfg.compile. With several processes each
+    one's summed loss is multiplied by their number, so that the mean of the gradients over the
+    processes is the gradient of the loss summed over the whole batch, as in a single process."""
+    module = ctx.wrap(model, device)
     forward = torch.compile(module, mode=cfg.compile_mode) if cfg.compile else module
 
     def step_fn(xb, yb):
         with autocast(device, dtype):
             logits = forward(xb)
         loss = smoothed_cross_entropy(logits, yb, cfg.label_smoothing)
-        (loss * world if world > 1 else loss).backward()
+        (loss * ctx.world if ctx.active else loss).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss, logits
@@ -972,7 +977,7 @@ class TrainingSetup:
         bias.requires_grad_(False)
         if self.ctx.active:
             self.step_fn, self.forward, self.module = make_step_fn(self.model, self.opt, self.cfg, self.device,
-                                                                   self.dtype, self.ctx.world)
+                                                                   self.dtype, self.ctx)
 
 
 def prepare_training(cfg: Config, data: DeviceData, device: torch.device, seed: int) -> TrainingSetup:
@@ -995,7 +1000,7 @@ def prepare_training(cfg: Config, data: DeviceData, device: torch.device, seed: 
     model = build_model(dataclasses.replace(cfg, ghost_bn_splits=cfg.ghost_bn_splits // ctx.world), device)
     steps, bias_steps = total_steps(cfg, n_batches), whiten_bias_steps(cfg, n_batches)
     opt = build_optimizer(model, cfg, steps, bias_steps)
-    step_fn, forward, module = make_step_fn(model, opt, cfg, device, dtype, ctx.world)
+    step_fn, forward, module = make_step_fn(model, opt, cfg, device, dtype, ctx)
     sync_bn = (lambda: average_bn_statistics(model, ctx.world)) if ctx.active else None
     return TrainingSetup(cfg, device, dtype, ctx, gen, model, opt, step_fn, forward, module, EpochAugmenter(cfg, gen),
                          local_positions(n_batches, cfg, ctx).to(device), n_batches, steps, bias_steps,
@@ -1016,8 +1021,8 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
     watch.start()
     with record_function("speedrun: whitening"):
         init_whitening(model, data.train_x, cfg)
-        if ctx.active and cfg.whiten:
-            dist.broadcast(model.whiten.weight.data, 0)
+        if cfg.whiten:
+            ctx.broadcast(model.whiten.weight.data)  # every process then starts from rank 0's filters
     whitening_s = watch.stop()
     ema = setup.make_ema(cfg)
     eval_model, eval_forward = setup.evaluated(ema)
@@ -1038,10 +1043,7 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
         if ema is not None and last:
             ema.finish()
         train_s += watch.stop()
-        if ctx.active:
-            totals = torch.stack([loss_sum, correct.to(loss_sum.dtype)])
-            dist.all_reduce(totals)
-            loss_sum, correct = totals[0], totals[1]
+        loss_sum, correct = ctx.sum(loss_sum, correct)
         seen = n_steps * cfg.batch_size
         row = dict(epoch=epoch + 1, steps=n_steps, train_loss=loss_sum.item() / seen, train_acc=correct.item() / seen,
                    test_acc=None, tta_acc=None, train_s=whitening_s + train_s, eval_s=None)
@@ -1067,20 +1069,14 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
         epochs.append(row)
         log(format_epoch_row(row, first=epoch == 0))
 
-    agree = ranks_agree(model, eval_model) if ctx.active else None
+    agreement = ctx.agreement(log, model, eval_model)
     if ctx.rank != 0:
         return dict(seed=seed, model=eval_model)
-    result = dict(seed=seed, epochs=epochs, diverged=False, final_acc=epochs[-1]["tta_acc"],
-                  time_to_target_s=time_to_target, epochs_to_target=epochs_to_target, whitening_s=whitening_s,
-                  train_s=train_s, full_budget_s=whitening_s + train_s + epochs[-1]["eval_s"],
-                  wall_s=time.perf_counter() - started,
-                  **classification_metrics(logits.argmax(1), data.test_y))
-    if ctx.active:
-        result["distributed"] = dict(world_size=ctx.world, backend=dist.get_backend(), weights_identical=agree)
-        if not agree:
-            log("warning: the processes' weights differ at the end of training")
-    result["model"] = eval_model
-    return result
+    return dict(seed=seed, epochs=epochs, diverged=False, final_acc=epochs[-1]["tta_acc"],
+                time_to_target_s=time_to_target, epochs_to_target=epochs_to_target, whitening_s=whitening_s,
+                train_s=train_s, full_budget_s=whitening_s + train_s + epochs[-1]["eval_s"],
+                wall_s=time.perf_counter() - started,
+                **classification_metrics(logits.argmax(1), data.test_y), **agreement, model=eval_model)
 
 
 # =============================================================================================
@@ -1088,20 +1084,23 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
 # =============================================================================================
 
 
-# The weights of each TTA mode's views: the image, its mirror, then 1-pixel shifts up-left and
-# down-right (reflect-padded) of the image and of the mirror.
-TTA_WEIGHTS = {"none": [1.0], "flip": [0.5, 0.5], "flip_translate": [0.25, 0.25, 0.125, 0.125, 0.125, 0.125],
-               "flip_translate_equal": [1 / 6] * 6}
+def shifted(x: torch.Tensor, offset: int) -> torch.Tensor:
+    """The images moved by one pixel, reflect-padded: offset 0 up-left, 2 down-right."""
+    return F.pad(x, (1, 1, 1, 1), mode="reflect")[..., offset:offset + x.shape[2], offset:offset + x.shape[3]]
+
+
+TTA_VIEWS = {"image": lambda x: x, "mirror": lambda x: x.flip(3),
+             "up_left": lambda x: shifted(x, 0), "down_right": lambda x: shifted(x, 2),
+             "up_left_mirror": lambda x: shifted(x, 0).flip(3), "down_right_mirror": lambda x: shifted(x, 2).flip(3)}
+# Config.tta -> the views whose logits it averages, with their weights
+TTA_MODES = {"none": {"image": 1.0}, "flip": {"image": 0.5, "mirror": 0.5},
+             "flip_translate": {"image": 0.25, "mirror": 0.25, **dict.fromkeys(list(TTA_VIEWS)[2:], 0.125)},
+             "flip_translate_equal": dict.fromkeys(TTA_VIEWS, 1 / 6)}
 
 
 def tta_views(x: torch.Tensor, mode: str):
     """The views of a batch that TTA averages, with their weights."""
-    weights = TTA_WEIGHTS[mode]
-    views = [x, x.flip(3)]
-    if len(weights) == 6:
-        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        views += [padded[..., :-2, :-2], padded[..., 2:, 2:], padded[..., :-2, :-2].flip(3), padded[..., 2:, 2:].flip(3)]
-    return views[:len(weights)], weights
+    return [TTA_VIEWS[name](x) for name in TTA_MODES[mode]], list(TTA_MODES[mode].values())
 
 
 @torch.no_grad()
@@ -1203,13 +1202,10 @@ def main(argv=None) -> int:
         check_world(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         ctx = init_distributed(cfg)
         log = print if ctx.rank == 0 and not args.quiet else _quiet
-        if ctx.active:
-            log(f"{ctx.world} processes ({dist.get_backend()}): global batch {cfg.batch_size}, "
-                f"{cfg.batch_size // ctx.world} images and {cfg.ghost_bn_splits // ctx.world} ghost-BN groups per process")
+        ctx.describe(cfg, log)
         result = run_many(cfg, log=log, url=args.data_url, preset=args.preset,
                           on_progress=partial.writer(out) if cfg.runs > 1 else None)
-        if ctx.active:  # no process leaves, and tears down its connections, while another still uses them
-            dist.barrier()
+        ctx.barrier()  # no process leaves, and tears down its connections, while another still uses them
     except BaseException as e:
         return stop_early(e, parser, ctx, cfg, partial)
     finally:
@@ -1563,7 +1559,7 @@ SWITCHES = dict(flip=FLIPS, arch=NETWORKS, activation=ACTIVATIONS, whiten_activa
                 whiten_kernel=WHITEN_KERNELS, whiten_bias_init=WHITEN_BIAS_INITS,
                 whiten_bias_schedule=WHITEN_BIAS_SCHEDULES, conv_init=CONV_INITS, head_init=HEAD_INITS,
                 optimizer=OPTIMIZERS, muon_ns_coeffs=NS_COEFFICIENTS, muon_ns_precision=NS_PRECISIONS,
-                muon_renorm=MUON_RENORMS, lr_schedule=LR_SCHEDULES, lr_schedule_at=LR_SCHEDULE_AT, ema_mode=EMA_KINDS, tta=TTA_WEIGHTS,
+                muon_renorm=MUON_RENORMS, lr_schedule=LR_SCHEDULES, lr_schedule_at=LR_SCHEDULE_AT, ema_mode=EMA_KINDS, tta=TTA_MODES,
                 precision=PRECISIONS, compile_mode=COMPILE_MODES)
 
 
@@ -2318,6 +2314,48 @@ class Distributed:
     @property
     def active(self) -> bool:
         return self.world > 1
+
+    def describe(self, cfg: Config, log) -> None:
+        if self.active:
+            log(f"{self.world} processes ({dist.get_backend()}): global batch {cfg.batch_size}, {cfg.batch_size // self.world} "
+                f"images and {cfg.ghost_bn_splits // self.world} ghost-BN groups per process")
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The model as this process trains it: itself alone; in a job, inside DistributedDataParallel,
+        which averages the gradients over the processes (each process keeps its own BN statistics)."""
+        if not self.active:
+            return model
+        with warnings.catch_warnings():  # newer torch renames broadcast_buffers; torch 2.4 knows only this name
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers", category=FutureWarning)
+            return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                       broadcast_buffers=False)
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        """Rank 0's values of `tensor` into every process's (nothing to do alone)."""
+        if self.active:
+            dist.broadcast(tensor, 0)
+
+    def sum(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The tensors summed over the processes, in one all-reduce, in the first one's dtype (alone: as given)."""
+        if not self.active:
+            return tensors
+        totals = torch.stack([t.to(tensors[0].dtype) for t in tensors])
+        dist.all_reduce(totals)
+        return tuple(totals)
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def agreement(self, log, *models: nn.Module) -> dict:
+        """In a job, {'distributed': size, backend, and whether every process ends with bit-identical
+        `models`}, with a warning where they differ; alone, {}. Every process must call it."""
+        if not self.active:
+            return {}
+        agree = ranks_agree(*models)
+        if not agree:
+            log("warning: the processes' weights differ at the end of training")
+        return dict(distributed=dict(world_size=self.world, backend=dist.get_backend(), weights_identical=agree))
 
 
 def process_group() -> Distributed:

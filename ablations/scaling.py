@@ -150,8 +150,7 @@ def measure_case(cfg: speedrun.Config, data: speedrun.DeviceData, ctx: speedrun.
     def timed(k: int, communicate: bool) -> float:
         xs, ys = batches(k)
         model.train()
-        if ctx.active:
-            dist.barrier()
+        ctx.barrier()
         watch.start()
         with contextlib.nullcontext() if communicate or not ctx.active else setup.module.no_sync():
             speedrun.train_epoch(setup, cfg, ema, xs, ys, step=0, communicate=communicate)

@@ -111,7 +111,7 @@ def test_muon_steps_filters_along_orthogonal_directions_and_the_rest_by_sgd():
 def test_muon_renormalises_then_decays_its_filters():
     conv = nn.Conv2d(4, 6, 3, bias=False)
     groups = [dict(params=[conv.weight], lr=0.5, orthogonalize=True, decoupled_wd=0.1, momentum=0.6)]
-    opt = speedrun.Muon(groups, momentum=0.9, ns_steps=3, renorm="every_step", total_steps=10)
+    opt = speedrun.Muon(groups, momentum=0.9, ns_steps=3, renorm=speedrun.MUON_RENORMS["every_step"], total_steps=10)
     conv.weight.grad = torch.zeros_like(conv.weight)  # no gradient: the step only renormalises and decays
     opt.step()
     assert conv.weight.norm().item() == pytest.approx(6 ** 0.5 * (1 - 0.5 * 0.1), rel=1e-5)
