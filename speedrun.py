@@ -246,15 +246,18 @@ def to_device(images: np.ndarray, device, dtype) -> torch.Tensor:
     return ((x - mean) / std).to(dtype).contiguous()
 
 
+def subsets(arrays, cfg: Config) -> tuple:
+    """(train_x, train_y, test_x, test_y) cut to the config's first `subset` and `test_subset` images."""
+    train_x, train_y, test_x, test_y = arrays
+    n, m = cfg.subset or None, cfg.test_subset or None
+    return train_x[:n], train_y[:n], test_x[:m], test_y[:m]
+
+
 def device_data(arrays, cfg: Config, device: torch.device, started: float | None = None) -> DeviceData:
     """The config's subsets of (train_x, train_y, test_x, test_y), normalised on the device.
     load_s counts from `started` (a time.perf_counter() value; default: now)."""
     t0 = time.perf_counter() if started is None else started
-    train_x, train_y, test_x, test_y = arrays
-    if cfg.subset:
-        train_x, train_y = train_x[:cfg.subset], train_y[:cfg.subset]
-    if cfg.test_subset:
-        test_x, test_y = test_x[:cfg.test_subset], test_y[:cfg.test_subset]
+    train_x, train_y, test_x, test_y = subsets(arrays, cfg)
     dtype = compute_dtype(cfg, device)
     data = DeviceData(to_device(train_x, device, dtype), torch.from_numpy(train_y).to(device),
                       to_device(test_x, device, dtype), torch.from_numpy(test_y).to(device), 0.0)
@@ -1756,6 +1759,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def check_world(cfg: Config, world: int) -> None:
     """The checks of a distributed run that need its process count, before anything is printed."""
+    check_process_devices(cfg.device, world)
     if world > 1 and cfg.ghost_bn_splits % world:
         raise ValueError(f"ghost_bn_splits {cfg.ghost_bn_splits} is not a multiple of the {world} processes: "
                          f"each process normalises whole groups of the batch; set --ghost-bn-splits to a multiple of {world}")
@@ -1808,9 +1812,14 @@ def default_out_path(root: Path = Path("runs"), prefix: str = "") -> Path:
     return new_path(root, prefix + timestamp(), ".json")
 
 
-def refuse_existing(path: Path | None, flag: str) -> None:
-    """ValueError when the output path given with `flag` exists: results are never overwritten."""
-    if path is not None and Path(path).exists():
+def refuse_existing(path: Path | None, flag: str, folder: bool = False) -> None:
+    """ValueError when the output path given with `flag` exists (for an output folder: exists and is
+    not an empty folder): results are never overwritten."""
+    path = None if path is None else Path(path)
+    if folder and path is not None and path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"{flag} {path} already exists and is not an empty folder; "
+                         f"choose another (results are never overwritten)")
+    if not folder and path is not None and path.exists():
         raise ValueError(f"{flag} {path} already exists; choose another path (results are never overwritten)")
 
 
@@ -2364,13 +2373,28 @@ def process_group() -> Distributed:
     return Distributed()
 
 
+def check_process_devices(device_name: str, world: int, fewer: str = "start fewer processes") -> None:
+    """ValueError, saying what to do, unless each of `world` processes can have its own device of
+    the kind `device_name` names (one GPU each on CUDA; any number on the CPU; none on MPS)."""
+    if world <= 1:
+        return
+    kind = pick_device(device_name).type
+    if kind == "mps":
+        raise ValueError("several processes on Apple MPS are not supported; use --device cpu")
+    if kind == "cuda" and device_name != "auto" and torch.device(device_name).index is not None:
+        raise ValueError(f"--device {device_name} pins every process to one GPU; use --device cuda (process r uses GPU r)")
+    if kind == "cuda" and world > torch.cuda.device_count():
+        raise ValueError(f"{world} processes need {world} GPUs (one per process) but {torch.cuda.device_count()} "
+                         f"are visible; {fewer}, or use --device cpu")
+
+
 def init_distributed(cfg: Config) -> Distributed:
     """Join the torchrun job this process was started in, if any: NCCL on CUDA, gloo on the CPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
         return Distributed()
+    check_process_devices(cfg.device, world)
     device = pick_device(cfg.device)
-    if device.type == "mps":
-        raise ValueError("several processes on Apple MPS are not supported; use --device cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))

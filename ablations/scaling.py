@@ -373,7 +373,7 @@ def build_parser():
     return parser
 
 
-def check_request(args, cfg: speedrun.Config, device: torch.device, procs: list[int]) -> None:
+def check_request(args, cfg: speedrun.Config, procs: list[int]) -> None:
     if cfg.runs != 1 or cfg.workers != 0:
         raise ValueError("--runs and --workers do not apply: each P is one torchrun job of one run's training steps")
     for name in ("steps", "repeats"):
@@ -381,18 +381,8 @@ def check_request(args, cfg: speedrun.Config, device: torch.device, procs: list[
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.warmup_steps < 0:
         raise ValueError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
-    if device.type == "mps":
-        raise ValueError("several processes on Apple MPS are not supported; use --device cpu")
-    if device.type == "cuda":
-        if device.index is not None and max(procs) > 1:
-            raise ValueError(f"--device {cfg.device} pins every process to one GPU; use --device cuda (process r uses GPU r)")
-        visible = torch.cuda.device_count()
-        if max(procs) > visible:
-            raise ValueError(f"P={max(procs)} needs {max(procs)} GPUs (one per process) but {visible} are visible; "
-                             f"lower --max-procs/--procs, or use --device cpu")
-    if args.out is not None and args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        raise ValueError(f"--out {args.out} already exists and is not an empty folder; "
-                         f"choose another (results are never overwritten)")
+    speedrun.check_process_devices(cfg.device, max(procs), fewer="lower --max-procs/--procs")
+    speedrun.refuse_existing(args.out, "--out", folder=True)
 
 
 def count_training_images(cfg: speedrun.Config) -> int:
@@ -412,7 +402,7 @@ def main(argv=None) -> int:
             raise ValueError("give --procs or --max-procs, not both")
         default_max = torch.cuda.device_count() if device.type == "cuda" else (os.cpu_count() or 1)
         procs = parse_procs(args.procs, args.max_procs if args.max_procs is not None else default_max)
-        check_request(args, cfg, device, procs)
+        check_request(args, cfg, procs)
         modes = list(MODES) if args.mode == "both" else [args.mode]
         n_train = count_training_images(cfg)
         plan, skipped = plan_cases(cfg, procs, modes, n_train)

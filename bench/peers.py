@@ -443,11 +443,7 @@ def main(argv=None, make_peer=None) -> int:
         peer = make_peer(airbench_dir, device)  # fails here, before any work, when airbench cannot run
         cfg0 = next(iter(cfgs.values()))
         t0 = time.perf_counter()
-        arrays = speedrun.load_cifar10(data_dir or None, url=args.data_url, quiet=True)
-        if cfg0.subset:
-            arrays = (arrays[0][:cfg0.subset], arrays[1][:cfg0.subset], *arrays[2:])
-        if cfg0.test_subset:
-            arrays = (*arrays[:2], arrays[2][:cfg0.test_subset], arrays[3][:cfg0.test_subset])
+        arrays = speedrun.subsets(speedrun.load_cifar10(data_dir or None, url=args.data_url, quiet=True), cfg0)
         read_s = time.perf_counter() - t0
         prepared = prepare_airbench_data(airbench_dir, *arrays)
     except (ValueError, speedrun.DataError, PeerError) as e:

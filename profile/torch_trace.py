@@ -188,8 +188,10 @@ def write_traces(prof, trace_dir: Path) -> tuple[Path, Path]:
 def main(argv=None) -> int:
     parser, args, cfg, device = _common.parse_args(__doc__.split("\n\n")[0], add_flags, argv, uses=())
     trace_dir = args.trace_dir or speedrun.new_path(Path("traces"), f"trace-{speedrun.timestamp()}")
-    if trace_dir.exists() and (not trace_dir.is_dir() or any(trace_dir.iterdir())):
-        parser.exit(2, f"error: --trace-dir {trace_dir} exists and is not an empty folder; choose another\n")
+    try:
+        speedrun.refuse_existing(trace_dir, "--trace-dir", folder=True)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
     for name, least in (("trace_steps", 1), ("trace_warmup", 0), ("trace_eval_images", 0)):
         if getattr(args, name) < least:
             parser.exit(2, f"error: --{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}\n")

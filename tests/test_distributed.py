@@ -76,6 +76,19 @@ def test_ghost_bn_groups_must_split_over_the_processes(monkeypatch):
         speedrun.train(tiny_config(ghost_bn_splits=1), random_device_data(), log=lambda *a: None)
 
 
+def test_processes_need_a_device_each_and_are_told_what_to_do(monkeypatch):
+    speedrun.check_process_devices("cpu", 8)  # CPU processes share the cores
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    speedrun.check_process_devices("cuda", 2)
+    speedrun.check_process_devices("cuda:1", 1)  # alone, a pinned GPU is fine
+    with pytest.raises(ValueError, match="cuda:1 pins every process to one GPU; use --device cuda"):
+        speedrun.check_process_devices("cuda:1", 2)
+    with pytest.raises(ValueError, match="3 processes need 3 GPUs .* 2 are visible; lower --procs, or use --device cpu"):
+        speedrun.check_process_devices("auto", 3, fewer="lower --procs")
+
+
 def test_runs_spread_over_worker_processes(real_data_dir, tmp_path):
     base = [sys.executable, "speedrun.py", "--data-dir", str(real_data_dir), *TINY, "--runs", "2"]
     spread = subprocess.run(base + ["--workers", "2", "--out", str(tmp_path / "w2.json")], capture_output=True, text=True, cwd=ROOT)
