@@ -1653,6 +1653,8 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line that points to --help, not the whole usage."""
 
     def error(self, message):
+        if "--set" in message:  # --set FIELD=VALUE, removed: one way to set a field is enough
+            message += "; every config field has its own flag: --ghost-bn-splits 1, not --set ghost_bn_splits=1"
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -1673,11 +1675,11 @@ def help_epilog() -> str:
   python speedrun.py --preset cpu        on a CPU: a small copy that finishes in minutes
   python speedrun.py                     the davidnet recipe, one run (seconds on a GPU, hours on a CPU)
   python speedrun.py --runs 20           seeds 0..19: mean, spread, fraction at the target, t-test
-  python speedrun.py --lr 0.5 --no-ema   change any field with its flag ...
-  python speedrun.py --set ghost_bn_splits=1 --out r.json --save w.pt   ... or with --set
-  torchrun --nproc_per_node=4 speedrun.py                                one run over 4 GPUs
+  python speedrun.py --lr 0.5 --no-ema   change any field with its flag (--help lists them all)
+  python speedrun.py --ghost-bn-splits 1 --out r.json --save w.pt     the result and the weights
+  torchrun --nproc_per_node=4 speedrun.py                             one run over 4 GPUs
 
-presets (each sets these fields; flags and --set override them):
+presets (each sets these fields; the flags override them):
 {presets_text()}
 
 data: CIFAR-10 is read from --data-dir (default $CIFAR10_HOME, else ~/.cache/cifar10): a cache a
@@ -1690,19 +1692,14 @@ output: one row per epoch, a verdict, and a JSON result (--out, default a new fi
 
 
 def build_parser(description: str | None = None, outputs: bool = True) -> argparse.ArgumentParser:
-    """The trainer's flags: --preset, --set FIELD=VALUE, one flag per Config field, and (with
-    outputs) --out and --save. The profile/, ablations/ and bench/ scripts start from this
+    """The trainer's flags: --preset, one flag per Config field, and (with outputs) --out and --save. The profile/, ablations/ and bench/ scripts start from this
     parser and add their own flags."""
     p = _Parser(description=description or __doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog(),
                 usage="%(prog)s [--preset NAME] [--runs N] [--device DEVICE] [FLAG ...]  (--help lists every flag)")
     p.add_argument("--preset", default="davidnet", metavar="NAME",
                    help=f"named set of defaults, one of {', '.join(PRESETS)} (what each sets is listed at the end); "
-                        f"flags and --set override it (default: davidnet)")
-
-
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="set any config field, e.g. --set ema=false --set ghost_bn_splits=1 (repeatable)")
+                        f"the flags override it (default: davidnet)")
     if outputs:
         p.add_argument("--out", type=Path, default=None,
                        help="JSON result file (default: a new timestamped file under runs/); never overwritten")
@@ -1732,28 +1729,13 @@ def _field_help(f: dataclasses.Field) -> str:
     return f"{text} (default: {shown})"
 
 
-def parse_assignments(items: list[str]) -> dict:
-    """{field: value} from --set items like 'ema=false'; raises ValueError for a bad one."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    overrides = {}
-    for item in items:
-        name, eq, value = item.partition("=")
-        name = name.strip().replace("-", "_")
-        if not eq or name not in fields:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of the config fields (see --help)")
-        overrides[name] = parse_field_value(fields[name], value.strip())
-    return overrides
-
-
 def overrides_from_args(args: argparse.Namespace) -> dict:
-    """{field: value} of the --set assignments, then of the dedicated flags given (a flag wins)."""
-    overrides = parse_assignments(args.set)
-    overrides.update({f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)})
-    return overrides
+    """{field: value} of the config flags given."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Preset, then --set assignments, then dedicated flags; raises ValueError on bad input."""
+    """The preset, its fields replaced by the flags given; raises ValueError on bad input."""
     return make_config(args.preset, **overrides_from_args(args))
 
 

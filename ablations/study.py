@@ -633,8 +633,7 @@ def default_study_folder(name: str, root: Path = Path("studies")) -> Path:
 def base_config(args) -> speedrun.Config:
     """The Config of the flags; --runs defaults to DEFAULT_RUNS (seeds shared by every variant)."""
     cfg = speedrun.config_from_args(args)
-    runs_given = hasattr(args, "runs") or any(s.partition("=")[0].strip().replace("-", "_") == "runs" for s in args.set)
-    return cfg if runs_given else dataclasses.replace(cfg, runs=DEFAULT_RUNS)
+    return cfg if hasattr(args, "runs") else dataclasses.replace(cfg, runs=DEFAULT_RUNS)
 
 
 def resume_command(argv: list[str], folder: Path) -> str:

@@ -3,7 +3,7 @@
 in one process on one GPU, on the same CIFAR-10 arrays, interleaved round by round.
 
     python bench/peers.py --presets davidnet,airbench94,record --runs 10 --device cuda
-    python bench/peers.py --presets davidnet --runs 3 --set epochs=8      # --set applies to every preset
+    python bench/peers.py --presets davidnet --runs 3 --epochs 8      # a config flag applies to every preset
 
 Procedure: CIFAR-10 is read once (speedrun.load_cifar10); airbench's cifar10/train.pt and
 test.pt are written from those arrays, so it downloads nothing; every trainer does one untimed
@@ -206,7 +206,7 @@ def preset_configs(names: list[str], overrides: dict, device: torch.device) -> d
     sizes = {(c.subset, c.test_subset) for c in cfgs.values()}
     if len(sizes) > 1:
         raise ValueError(f"the presets train or test on different subsets {sorted(sizes)}; the comparison needs one "
-                         f"data set: set them alike with --set subset=N --set test_subset=M")
+                         f"data set: set them alike with --subset N --test-subset M")
     return cfgs
 
 
@@ -358,7 +358,7 @@ def achieved_flops(cfgs: dict, summary: dict, device: torch.device, peak_size: i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """speedrun's parser, whose Config flags and --set apply to every preset (--runs: timed runs of
+    """speedrun's parser, whose Config flags apply to every preset (--runs: timed runs of
     each trainer, default 10; --seed: round k seeds every trainer with seed+k), plus this
     benchmark's flags; --presets, several, takes the place of speedrun's --preset."""
     p = speedrun.build_parser(__doc__.split("\n\n")[0], outputs=False)
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def split_overrides(args) -> tuple[dict, int, int, str, str]:
-    """(the Config overrides every preset gets, runs, seed, device, data_dir) from the flags and --set."""
+    """(the Config overrides every preset gets, runs, seed, device, data_dir) from the flags."""
     if args.preset is not None:
         raise ValueError("--preset: this script compares several, named with --presets")
     overrides = speedrun.overrides_from_args(args)

@@ -1,4 +1,4 @@
-"""Command line: flags, --set, presets, errors, the JSON result and saved weights."""
+"""Command line: flags, presets, errors, the JSON result and saved weights."""
 import dataclasses
 import json
 import subprocess
@@ -19,7 +19,7 @@ def test_help_explains_every_config_field():
     text = speedrun.build_parser().format_help()
     for f in dataclasses.fields(speedrun.Config):
         assert "--" + f.name.replace("_", "-") in text
-    for flag in ("--preset", "--set", "--out", "--save", "--data-url"):
+    for flag in ("--preset", "--out", "--save", "--data-url"):
         assert flag in text
     assert "time_to_target_s" in text, "the timing rule is part of --help"
 
@@ -28,23 +28,17 @@ def test_defaults_are_the_davidnet_preset():
     assert parse() == speedrun.make_config("davidnet") == speedrun.Config()
 
 
-def test_flags_and_set_override_the_preset():
-    cfg = parse("--preset", "cpu", "--set", "ema=false", "--set", "ghost_bn_splits=1", "--epochs", "3",
-                "--no-whiten", "--lr", "0.5", "--flip", "alternating", "--set", "celu-alpha=0.5")
+def test_flags_override_the_preset():
+    cfg = parse("--preset", "cpu", "--no-ema", "--ghost-bn-splits", "1", "--epochs", "3",
+                "--no-whiten", "--lr", "0.5", "--flip", "alternating", "--celu-alpha", "0.5")
     assert (cfg.ema, cfg.ghost_bn_splits, cfg.epochs, cfg.whiten, cfg.lr, cfg.flip, cfg.celu_alpha) == \
            (False, 1, 3, False, 0.5, "alternating", 0.5)
     assert cfg.width == speedrun.PRESETS["cpu"]["width"]
-    assert parse("--set", "epochs=4", "--epochs", "6").epochs == 6, "a dedicated flag wins over --set"
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--set", "nonsense=1"], "expected FIELD=VALUE"),
-    (["--set", "ema"], "expected FIELD=VALUE"),
-    (["--set", "ema=maybe"], "ema takes true or false"),
-    (["--set", "epochs=ten"], "epochs takes a number, not 'ten'"),
-    (["--set", "lr=fast"], "lr takes a number, not 'fast'"),
     (["--lr", "nan"], "lr must be a finite number"),
-    (["--set", "lr=inf"], "lr must be a finite number"),
+    (["--lr", "inf"], "lr must be a finite number"),
     (["--lr", "0"], "lr must be positive"),
     (["--lr", "-0.1"], "lr must be positive"),
     (["--momentum", "1"], r"momentum must be in \[0, 1\)"),
@@ -67,7 +61,7 @@ def run_cli(*argv):
 
 
 def test_cli_error_exits_2_with_message():
-    proc = run_cli("--set", "lr_schedule=cosine")
+    proc = run_cli("--lr-schedule", "cosine")
     assert proc.returncode == 2 and "error: lr_schedule='cosine' is not one of" in proc.stderr
 
 
@@ -76,6 +70,7 @@ def test_cli_error_exits_2_with_message():
     (["--batch-size", "ten"], "argument --batch-size: batch_size takes a whole number, not 'ten'"),
     (["--epochs", "ten"], "argument --epochs: epochs takes a number, not 'ten'"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--set", "ema=false"], "every config field has its own flag: --ghost-bn-splits 1, not --set ghost_bn_splits=1"),
 ])
 def test_bad_flags_are_one_line_errors_not_the_usage(argv, message):
     proc = run_cli(*argv)

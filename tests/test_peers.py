@@ -16,9 +16,8 @@ import speedrun
 sys.path.insert(0, str(ROOT / "bench"))
 import peers  # noqa: E402
 
-TINY_SETS = ["subset=256", "test_subset=128", "width=0.125", "epochs=1", "batch_size=64", "ghost_bn_splits=4",
-             "whiten_samples=128"]
-TINY = [arg for item in TINY_SETS for arg in ("--set", item)] + ["--device", "cpu", "--peak-size", "64"]
+TINY = ["--subset", "256", "--test-subset", "128", "--width", "0.125", "--epochs", "1", "--batch-size", "64",
+        "--ghost-bn-splits", "4", "--whiten-samples", "128", "--device", "cpu", "--peak-size", "64"]
 
 
 @pytest.fixture
@@ -270,8 +269,8 @@ def test_benchmark_end_to_end_with_a_fake_peer(real_data_dir, tmp_path, one_thre
     assert s["p_value_mean_acc_above_94"] == pytest.approx(p)
 
 
-def test_speedruns_flags_and_set_apply_to_every_preset_and_a_single_preset_is_refused():
-    args = peers.build_parser().parse_args(["--epochs", "3", "--set", "width=0.25", "--runs", "4", "--device", "cpu"])
+def test_speedruns_flags_apply_to_every_preset_and_a_single_preset_is_refused():
+    args = peers.build_parser().parse_args(["--epochs", "3", "--width", "0.25", "--runs", "4", "--device", "cpu"])
     overrides, runs, seed, device, data_dir = peers.split_overrides(args)
     assert overrides == {"epochs": 3.0, "width": 0.25} and (runs, seed, device, data_dir) == (4, 0, "cpu", "")
     cfgs = peers.preset_configs(["davidnet", "airbench94"], overrides, torch.device("cpu"))
