@@ -18,11 +18,12 @@ Part I, the method, in reading order:
   8. many seeds                     runs with consecutive seeds, their mean, spread and t-test
   9. main                           the command line's run
 Appendices, what the method needs but a reader need not: A. CIFAR-10 files (cache, folders,
-archives, download, checksums, safe unpickler, atomic writes); B. config checks, argument
-parsing, paths, results and weights, how the command line ends (errors, interrupts, partial
-results), devices (choice, synchronisation, autocast, seeds, determinism, warm-up), result
-metrics and printed reports; C. statistics (mean, spread, Student-t interval and test); D. several processes
-(torchrun helpers, worker pool). A reader can stop at the Appendices banner.
+archives, download, checksums, safe unpickler, atomic writes) and onto the device; B. config
+checks, argument parsing, paths, results and weights, how the command line ends (errors,
+interrupts, partial results), devices (choice, synchronisation, autocast, seeds, determinism,
+warm-up, memory layout), result metrics and printed reports; C. statistics (mean, spread,
+Student-t interval and test, the summary of many runs); D. several processes (torchrun
+helpers, worker pool). A reader can stop at the Appendices banner.
 Each switch's choices are one table beside the code it switches (NETWORKS, OPTIMIZERS,
 LR_SCHEDULES, EMA_KINDS, TTA_MODES, ...); SWITCHES names them all for checks, --help and tools.
 
@@ -244,32 +245,7 @@ def to_device(images: np.ndarray, device, dtype) -> torch.Tensor:
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
     return ((x - mean) / std).to(dtype).contiguous()
-
-
-def subsets(arrays, cfg: Config) -> tuple:
-    """(train_x, train_y, test_x, test_y) cut to the config's first `subset` and `test_subset` images."""
-    train_x, train_y, test_x, test_y = arrays
-    n, m = cfg.subset or None, cfg.test_subset or None
-    return train_x[:n], train_y[:n], test_x[:m], test_y[:m]
-
-
-def device_data(arrays, cfg: Config, device: torch.device, started: float | None = None) -> DeviceData:
-    """The config's subsets of (train_x, train_y, test_x, test_y), normalised on the device.
-    load_s counts from `started` (a time.perf_counter() value; default: now)."""
-    t0 = time.perf_counter() if started is None else started
-    train_x, train_y, test_x, test_y = subsets(arrays, cfg)
-    dtype = compute_dtype(cfg, device)
-    data = DeviceData(to_device(train_x, device, dtype), torch.from_numpy(train_y).to(device),
-                      to_device(test_x, device, dtype), torch.from_numpy(test_y).to(device), 0.0)
-    synchronize(device)
-    data.load_s = time.perf_counter() - t0
-    return data
-
-
-def load_data(cfg: Config, device: torch.device | None = None, quiet: bool = False, url: str = CIFAR10_URL) -> DeviceData:
-    """CIFAR-10 from disk (or the web) onto the device, as the config asks; load_s covers it all."""
-    t0 = time.perf_counter()
-    return device_data(load_cifar10(cfg.data_dir or None, url=url, quiet=quiet), cfg, device or pick_device(cfg.device), t0)
+# load_data() reads the files (Appendix A) and hands each array to to_device(), cut to the config's subsets.
 
 
 # =============================================================================================
@@ -551,11 +527,6 @@ def init_whitening(model: Network, train_x: torch.Tensor, cfg: Config) -> None:
         model.whiten.weight.data.copy_(filters.to(model.whiten.weight.device))
 
 
-def uses_channels_last(cfg: Config, device: torch.device) -> bool:
-    """channels_last applies on CUDA and the CPU (MPS runs NCHW)."""
-    return cfg.channels_last and device.type in ("cuda", "cpu")
-
-
 @torch.no_grad()
 def dirac_filters(model: Network) -> None:
     """Every 3x3 conv but the whitening starts as the identity on its first in-channels filters."""
@@ -591,7 +562,7 @@ def build_model(cfg: Config, device: torch.device | str = "cpu") -> Network:
 
 def epochs_to_steps(epochs: float, n_batches: int) -> int:
     """ceil(epochs x batches per epoch), so 9.9 epochs of 48 batches is 476 steps."""
-    return math.ceil(round(epochs * n_batches, 9))  # round: 10.0 x 97 must not become 971
+    return math.ceil(round(epochs * n_batches, 9))  # round: 9.8 x 195 is 1911.0000000000002, not 1912 steps
 
 
 def total_steps(cfg: Config, n_batches: int) -> int:
@@ -950,9 +921,9 @@ class TrainingSetup:
         whole, rest = divmod(self.total_steps, self.n_batches)
         return [self.n_batches] * whole + ([rest] if rest else [])
 
-    def make_ema(self, cfg: Config) -> EMA | None:
+    def make_ema(self) -> EMA | None:
         """The moving average, made once the model is initialised (after the whitening)."""
-        return make_ema(self.model, cfg, self.total_steps)
+        return make_ema(self.model, self.cfg, self.total_steps)
 
     def epoch_batches(self, data: DeviceData, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's augmented images and labels of one epoch, shuffled, in batch order."""
@@ -964,6 +935,12 @@ class TrainingSetup:
             if uses_channels_last(self.cfg, self.device):
                 x = x.contiguous(memory_format=torch.channels_last)
         return x, data.train_y[idx]
+
+    @property
+    def raw_forward(self) -> nn.Module:
+        """The trained network's own forward, for its accuracy without EMA and TTA: the compiled one,
+        but in a job the bare model, as only rank 0 evaluates and DDP's forward is a collective call."""
+        return self.model if self.ctx.active else self.forward
 
     def evaluated(self, ema: EMA | None) -> tuple[nn.Module, nn.Module]:
         """(the evaluated network: the EMA's, else the model; its forward, compiled if asked)."""
@@ -1027,7 +1004,7 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
         if cfg.whiten:
             ctx.broadcast(model.whiten.weight.data)  # every process then starts from rank 0's filters
     whitening_s = watch.stop()
-    ema = setup.make_ema(cfg)
+    ema = setup.make_ema()
     eval_model, eval_forward = setup.evaluated(ema)
     progress = Progress(log, setup.total_steps, cfg.batch_size) if log is not _quiet else None
 
@@ -1064,8 +1041,7 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
             row["eval_s"] = watch.stop()
             row["tta_acc"] = (logits.argmax(1) == data.test_y).float().mean().item()
             # the trained weights without TTA, and without EMA (lookahead has pulled them to its average)
-            raw_forward = model if ctx.active else setup.forward
-            raw = predict(raw_forward, data.test_x, cfg, device, dtype, tta="none")
+            raw = predict(setup.raw_forward, data.test_x, cfg, device, dtype, tta="none")
             row["test_acc"] = (raw.argmax(1) == data.test_y).float().mean().item()
             if time_to_target is None and row["tta_acc"] >= cfg.target_acc:
                 time_to_target, epochs_to_target = whitening_s + train_s + row["eval_s"], epoch + 1
@@ -1137,23 +1113,7 @@ def predict(forward, x: torch.Tensor, cfg: Config, device, dtype, tta: str | Non
 # =============================================================================================
 
 
-def summarize(runs: list[dict], target: float) -> dict:
-    """The multi-run summary. A diverged run (run['diverged']) counts in `runs` and `diverged` and
-    as a run below the target, but has no accuracy: the accuracy statistics are over the others.
-    With fewer than two accuracies there is no spread, interval or t-test (None)."""
-    finished = [r for r in runs if not r.get("diverged")]
-    accs = [r["final_acc"] for r in finished]
-    times = [r["time_to_target_s"] for r in finished if r["time_to_target_s"] is not None]
-    acc_mean, acc_std = mean_std(accs)
-    t_mean, t_std = mean_std(times)
-    t, p = one_sided_t_test(accs, target)
-    ci = [min(1.0, max(0.0, b)) for b in confidence_interval(accs)] if len(accs) >= 2 else None  # accuracy is in [0, 1]
-    return dict(runs=len(runs), target_acc=target, acc_mean=acc_mean, acc_std=acc_std if len(accs) >= 2 else None,
-                acc_min=min(accs, default=None), acc_max=max(accs, default=None), acc_ci95=ci,
-                frac_at_target=sum(a >= target for a in accs) / len(runs) if runs else None,
-                time_to_target_mean_s=t_mean, time_to_target_std_s=t_std if len(times) >= 2 else None,
-                runs_reaching_target=len(times), t_stat=t, p_value=p,
-                diverged=len(runs) - len(finished), diverged_seeds=[r["seed"] for r in runs if r.get("diverged")])
+# summarize() (Appendix C) gives the runs' mean, spread, Student-t interval and one-sided t-test.
 
 
 def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = CIFAR10_URL,
@@ -1226,7 +1186,7 @@ def main(argv=None) -> int:
 
 
 # =============================================================================================
-# A. CIFAR-10 files: cache, folders, archives, download, checksums, safe unpickler, atomic writes
+# A. CIFAR-10 files: cache, folders, archives, download, checksums, safe unpickler, atomic writes; onto the device
 # =============================================================================================
 
 
@@ -1552,8 +1512,34 @@ def write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def subsets(arrays, cfg: Config) -> tuple:
+    """(train_x, train_y, test_x, test_y) cut to the config's first `subset` and `test_subset` images."""
+    train_x, train_y, test_x, test_y = arrays
+    n, m = cfg.subset or None, cfg.test_subset or None
+    return train_x[:n], train_y[:n], test_x[:m], test_y[:m]
+
+
+def device_data(arrays, cfg: Config, device: torch.device, started: float | None = None) -> DeviceData:
+    """The config's subsets of (train_x, train_y, test_x, test_y), normalised on the device.
+    load_s counts from `started` (a time.perf_counter() value; default: now)."""
+    t0 = time.perf_counter() if started is None else started
+    train_x, train_y, test_x, test_y = subsets(arrays, cfg)
+    dtype = compute_dtype(cfg, device)
+    data = DeviceData(to_device(train_x, device, dtype), torch.from_numpy(train_y).to(device),
+                      to_device(test_x, device, dtype), torch.from_numpy(test_y).to(device), 0.0)
+    synchronize(device)
+    data.load_s = time.perf_counter() - t0
+    return data
+
+
+def load_data(cfg: Config, device: torch.device | None = None, quiet: bool = False, url: str = CIFAR10_URL) -> DeviceData:
+    """CIFAR-10 from disk (or the web) onto the device, as the config asks; load_s covers it all."""
+    t0 = time.perf_counter()
+    return device_data(load_cifar10(cfg.data_dir or None, url=url, quiet=quiet), cfg, device or pick_device(cfg.device), t0)
+
+
 # =============================================================================================
-# B. Config checks, argument parsing, paths, results and weights, devices, metrics and printed reports
+# B. Config checks, argument parsing, paths, results and weights, how the command line ends, devices, metrics, reports
 # =============================================================================================
 
 
@@ -1969,7 +1955,7 @@ def load_weights(path: str | Path, device="cpu") -> Network:
     return load_checkpoint(path, device)[0]
 
 
-# -- devices and environment: choice, synchronisation, autocast, seeds, warm-up --------------
+# -- devices and environment: choice, synchronisation, autocast, seeds, warm-up, layout ------
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -2053,7 +2039,7 @@ def warm_up(cfg: Config, data: DeviceData, device: torch.device) -> float:
     setup = prepare_training(cfg, data, device, cfg.seed)
     b = setup.local_batch
     x, y = setup.epoch_batches(data, 0)
-    _, eval_forward = setup.evaluated(setup.make_ema(cfg))  # an EMA copy is a network of its own to compile
+    _, eval_forward = setup.evaluated(setup.make_ema())  # an EMA copy is a network of its own to compile
     for frozen in (False, True) if getattr(setup.model.whiten, "bias", None) is not None else (False,):
         if frozen:
             setup.freeze_whitening_bias()
@@ -2063,9 +2049,14 @@ def warm_up(cfg: Config, data: DeviceData, device: torch.device) -> float:
         setup.model.eval()
         test_x = data.test_x[:cfg.eval_batch_size]
         predict(eval_forward, test_x, cfg, device, setup.dtype)  # as train() evaluates: EMA + TTA, and the raw model
-        predict(setup.model if setup.ctx.active else setup.forward, test_x, cfg, device, setup.dtype, tta="none")
+        predict(setup.raw_forward, test_x, cfg, device, setup.dtype, tta="none")
     synchronize(device)
     return time.perf_counter() - t0
+
+
+def uses_channels_last(cfg: Config, device: torch.device) -> bool:
+    """channels_last applies on CUDA and the CPU (MPS runs NCHW)."""
+    return cfg.channels_last and device.type in ("cuda", "cpu")
 
 
 # -- result metrics and printed reports ------------------------------------------------------
@@ -2207,7 +2198,7 @@ def summary_lines(s: dict) -> list[str]:
 
 
 # =============================================================================================
-# C. Statistics: mean and spread, Student-t interval and test
+# C. Statistics: mean and spread, Student-t interval and test, the summary of many runs
 # =============================================================================================
 
 
@@ -2241,6 +2232,25 @@ def confidence_interval(values, level: float = 0.95) -> tuple[float | None, floa
         return m, m
     half = student_t_ppf(0.5 + level / 2, n - 1) * s / math.sqrt(n)
     return m - half, m + half
+
+
+def summarize(runs: list[dict], target: float) -> dict:
+    """The multi-run summary. A diverged run (run['diverged']) counts in `runs` and `diverged` and
+    as a run below the target, but has no accuracy: the accuracy statistics are over the others.
+    With fewer than two accuracies there is no spread, interval or t-test (None)."""
+    finished = [r for r in runs if not r.get("diverged")]
+    accs = [r["final_acc"] for r in finished]
+    times = [r["time_to_target_s"] for r in finished if r["time_to_target_s"] is not None]
+    acc_mean, acc_std = mean_std(accs)
+    t_mean, t_std = mean_std(times)
+    t, p = one_sided_t_test(accs, target)
+    ci = [min(1.0, max(0.0, b)) for b in confidence_interval(accs)] if len(accs) >= 2 else None  # accuracy is in [0, 1]
+    return dict(runs=len(runs), target_acc=target, acc_mean=acc_mean, acc_std=acc_std if len(accs) >= 2 else None,
+                acc_min=min(accs, default=None), acc_max=max(accs, default=None), acc_ci95=ci,
+                frac_at_target=sum(a >= target for a in accs) / len(runs) if runs else None,
+                time_to_target_mean_s=t_mean, time_to_target_std_s=t_std if len(times) >= 2 else None,
+                runs_reaching_target=len(times), t_stat=t, p_value=p,
+                diverged=len(runs) - len(finished), diverged_seeds=[r["seed"] for r in runs if r.get("diverged")])
 
 
 def _betacf(a: float, b: float, x: float) -> float:

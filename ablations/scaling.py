@@ -133,7 +133,7 @@ def measure_case(cfg: speedrun.Config, data: speedrun.DeviceData, ctx: speedrun.
     setup = speedrun.prepare_training(cfg, data, device, cfg.seed)
     model, local, n_batches = setup.model, setup.local_batch, setup.n_batches
     speedrun.init_whitening(model, data.train_x, cfg)  # the filters' values do not change the speed
-    ema = setup.make_ema(cfg)
+    ema = setup.make_ema()
     n_train = data.train_x.shape[0]
     x, y = setup.epoch_batches(data, 0)
 

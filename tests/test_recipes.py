@@ -40,7 +40,7 @@ def drive_full_run(preset: str, n_train: int = 50000):
         return torch.zeros(()), torch.zeros(len(yb), 10)
     setup.step_fn = stand_in
 
-    ema = setup.make_ema(cfg)
+    ema = setup.make_ema()
     if ema is not None:
         real_update = ema.update
 
@@ -140,7 +140,7 @@ def test_record_is_airbench94_muon_with_hiverges_changes_at_every_step():
     wd = 1.0418e-6 * batch
     assert (total, bias_steps) == (243, 7)
     cfg, setup, steps, blends = drive_full_run("record")
-    assert isinstance(setup.opt, speedrun.Muon) and blends == [] and setup.make_ema(cfg) is None
+    assert isinstance(setup.opt, speedrun.Muon) and blends == [] and setup.make_ema() is None
     assert len(steps) == total
     filters = {n for n, p in setup.model.named_parameters() if p.ndim == 4 and n != "whiten.weight"}
     assert len(filters) == 6
