@@ -47,6 +47,7 @@ import json
 import math
 import os
 import pickle
+import shlex
 import shutil
 import signal
 import sys
@@ -1771,8 +1772,8 @@ def new_path(root: Path, stem: str, suffix: str = "") -> Path:
 
 def command_line(script: str | Path, argv: list[str] | None = None) -> str:
     """How a tool was started, to paste again: 'python SCRIPT ARGS', the script relative to here."""
-    return "python " + " ".join([os.path.relpath(Path(script).resolve(), Path.cwd()),
-                                 *(sys.argv[1:] if argv is None else map(str, argv))])
+    return shlex.join(["python", os.path.relpath(Path(script).resolve(), Path.cwd()),
+                       *(sys.argv[1:] if argv is None else map(str, argv))])
 
 
 def default_out_path(root: Path = Path("runs"), prefix: str = "") -> Path:
@@ -1929,6 +1930,7 @@ def dumps_json(obj, **kwargs) -> str:
 
 
 def save_json(result: dict, path: Path) -> None:
+    """`result` as indented JSON at `path`, written atomically; a trained model under 'model' stays out."""
     text = dumps_json({k: v for k, v in result.items() if k != "model"}, indent=2)
     write_atomic(path, lambda tmp: tmp.write_text(text + "\n"))
 

@@ -190,7 +190,7 @@ def run_worker(spec_path: Path) -> int:
         if ctx.rank == 0:
             result = dict(procs=ctx.world, backend=dist.get_backend() if ctx.active else None,
                           environment=speedrun.environment(device), cases=cases)
-            speedrun.write_atomic(Path(spec["result"]), lambda tmp: tmp.write_text(speedrun.dumps_json(result, indent=2)))
+            speedrun.save_json(result, Path(spec["result"]))
     except BaseException as e:
         message = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         Path(spec_path).with_name(f"error-rank{rank}.txt").write_text(f"rank {rank}: {message}\n")
@@ -341,7 +341,7 @@ def draw_chart(path: Path, rows: list[dict], plt) -> Path:
 def write_reports(folder: Path, report: dict, log=print) -> list[Path]:
     """scaling.json, scaling.md and (with matplotlib) scaling.png in `folder`; returns the paths written."""
     folder = Path(folder)
-    speedrun.write_atomic(folder / "scaling.json", lambda tmp: tmp.write_text(speedrun.dumps_json(report, indent=2) + "\n"))
+    speedrun.save_json(report, folder / "scaling.json")
     text = markdown_report(report)
     speedrun.write_atomic(folder / "scaling.md", lambda tmp: tmp.write_text(text))
     paths = [folder / "scaling.json", folder / "scaling.md"]

@@ -364,8 +364,7 @@ def read_meta(folder: Path) -> dict:
 
 
 def write_meta(folder: Path, definition: dict, sessions: list[dict]) -> None:
-    text = speedrun.dumps_json(dict(definition=definition, sessions=sessions), indent=2)
-    speedrun.write_atomic(Path(folder) / "study.json", lambda tmp: tmp.write_text(text + "\n"))
+    speedrun.save_json(dict(definition=definition, sessions=sessions), Path(folder) / "study.json")
 
 
 # =============================================================================================
@@ -452,7 +451,7 @@ def build_summary(definition: dict, rows: list[dict], sessions: list[dict]) -> d
     return dict(kind=definition["kind"], title=definition["title"], notes=definition["notes"],
                 axes=definition["axes"], runs_total=len(rows), seeds=sorted({r["seed"] for r in rows}),
                 hardware=sorted({r["device_name"] for r in rows}), torch=torch_versions,
-                commands=[" ".join(["python", *s["argv"]]) if s["argv"] else "" for s in sessions],
+                commands=[shlex.join(["python", *s["argv"]]) if s["argv"] else "" for s in sessions],
                 variants=variants)
 
 
@@ -527,7 +526,7 @@ def write_reports(folder: Path, definition: dict, rows: list[dict], sessions: li
                   report: Report = Report()) -> dict:
     summary = build_summary(definition, rows, sessions)
     folder = Path(folder)
-    speedrun.write_atomic(folder / "summary.json", lambda tmp: tmp.write_text(speedrun.dumps_json(summary, indent=2) + "\n"))
+    speedrun.save_json(summary, folder / "summary.json")
     text = summary_markdown(summary, report)
     speedrun.write_atomic(folder / "summary.md", lambda tmp: tmp.write_text(text))
     if not rows:

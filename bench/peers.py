@@ -215,7 +215,7 @@ def make_speedrun_trainer(cfg: speedrun.Config, data: speedrun.DeviceData, devic
     def train_once(seed: int) -> dict:
         speedrun.synchronize(device)
         t0 = time.perf_counter()
-        run = speedrun.train(cfg, data, log=lambda *a, **k: None, seed=seed)
+        run = speedrun.train(cfg, data, log=speedrun.log_lines(quiet=True), seed=seed)
         speedrun.synchronize(device)
         wall_s = time.perf_counter() - t0
         run.pop("model", None)
@@ -455,17 +455,18 @@ def main(argv=None, make_peer=None) -> int:
         on_device.setdefault(dtype, speedrun.device_data(arrays, cfg, device))
         trainers[name] = make_speedrun_trainer(cfg, on_device[dtype], device)
     trainers[PEER] = peer
-    print(f"{', '.join(trainers)} on {speedrun.environment(device)['device_name']}: 1 warm-up run each, "
-          f"then {runs} interleaved rounds")
+    log = speedrun.log_lines(args.quiet)
+    log(f"{', '.join(trainers)} on {speedrun.environment(device)['device_name']}: 1 warm-up run each, "
+        f"then {runs} interleaved rounds")
     try:
-        warm, records = run_benchmark(trainers, runs, seed)
+        warm, records = run_benchmark(trainers, runs, seed, log=log)
     except PeerError as e:
         parser.exit(2, f"error: {e}\n")
 
     summary = {name: trainer_summary([r for r in records if r["trainer"] == name]) for name in trainers}
     ratios = {name: compare(records, name) for name in cfgs}
     result = dict(
-        kind="peer comparison", command=" ".join(["python", *sys.argv]) if argv is None else "main(" + repr(argv) + ")",
+        kind="peer comparison", command=speedrun.command_line(__file__, argv),
         environment={**speedrun.environment(device), "cudnn_benchmark": torch.backends.cudnn.benchmark},
         peer=dict(name=PEER, package=PEER_PACKAGE, installed_version=peer_version()),
         timers=TIMERS, comparison_note=COMPARISON_NOTE, ratio_method=RATIO_METHOD, target_acc=TARGET_ACC,
@@ -475,9 +476,8 @@ def main(argv=None, make_peer=None) -> int:
         runs_per_trainer=runs, seed=seed, schedule=interleaved_schedule(list(trainers), runs),
         warm_up=warm, runs=records, summary=summary, ratios=ratios, targets=check_targets(summary, ratios),
         flops=achieved_flops(cfgs, summary, device, args.peak_size) if args.flops else None)
-    print("\n".join(report_lines(result)))
-    text = speedrun.dumps_json(result, indent=2)
-    speedrun.write_atomic(out, lambda tmp: tmp.write_text(text + "\n"))
+    log("\n".join(report_lines(result)))
+    speedrun.save_json(result, out)
     print(f"results written to {out}")
     return 0
 

@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     if args.json is not None:
         record = dict(machine=_common.describe_machine(device), command=speedrun.command_line(__file__), results=results)
-        _common.write_text(args.json, speedrun.dumps_json(record, indent=2) + "\n")
+        speedrun.save_json(record, args.json)
         print(f"results written to {args.json}")
     return 0
 

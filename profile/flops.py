@@ -242,7 +242,7 @@ def main(argv=None) -> int:
         lines.append("no measured time: give --seconds, --result or --train for the achieved TFLOP/s and the fraction of peak")
     print("\n".join(lines))
     if args.json is not None:
-        _common.write_text(args.json, speedrun.dumps_json(record, indent=2) + "\n")
+        speedrun.save_json(record, args.json)
         print(f"numbers written to {args.json}")
     return 0
 

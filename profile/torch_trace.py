@@ -127,10 +127,13 @@ def profile_window(cfg, data, device, steps: int, warmup: int, eval_images: int)
     ema = setup.make_ema()
     _, eval_forward = setup.evaluated(ema)
     test_x = data.test_x[:eval_images]
+    b = setup.local_batch
 
     model.train()
+    x, y = setup.epoch_batches(data, 0)  # batches as the window's: the same memory layout, so nothing recompiles
     for i in range(warmup):  # first-call allocations, cuDNN autotuning, compilation
-        step_fn(data.train_x[:cfg.batch_size], data.train_y[:cfg.batch_size])
+        k = i % setup.n_batches
+        step_fn(x[k * b:(k + 1) * b], y[k * b:(k + 1) * b])
     speedrun.predict(eval_forward, test_x[:cfg.eval_batch_size], cfg, device, dtype)
     speedrun.synchronize(device)
 
@@ -141,7 +144,7 @@ def profile_window(cfg, data, device, steps: int, warmup: int, eval_images: int)
             with record_function("speedrun: whitening"):
                 speedrun.init_whitening(model, data.train_x, cfg)
             x, y = setup.epoch_batches(data, 0)  # labelled "speedrun: augmentation" inside
-            speedrun.train_epoch(setup, cfg, ema, x[:steps * cfg.batch_size], y[:steps * cfg.batch_size], warmup)
+            speedrun.train_epoch(setup, cfg, ema, x[:steps * b], y[:steps * b], warmup)
             with record_function("speedrun: evaluation"):
                 speedrun.predict(eval_forward, test_x, cfg, device, dtype)
             speedrun.synchronize(device)
@@ -220,7 +223,7 @@ def main(argv=None) -> int:
     record = dict(device=str(device), machine=_common.describe_machine(device), command=speedrun.command_line(__file__),
                   window_wall_s=wall_s, window_us=times_us, run_factors=factors,
                   add_up_tolerance=ADD_UP_TOLERANCE, labels=CATEGORIES)
-    _common.write_text(trace_dir / "breakdown.json", speedrun.dumps_json(record, indent=2) + "\n")
+    speedrun.save_json(record, trace_dir / "breakdown.json")
     run_s = [times_us[c] * factors[c] / 1e6 for c in CATEGORIES]
     chart = _common.bar_chart(trace_dir / "breakdown.png", list(CATEGORIES.values()), run_s,
                               f"Estimated time of one run by category\n{_common.describe_machine(device)}",

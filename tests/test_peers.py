@@ -278,3 +278,12 @@ def test_speedruns_flags_apply_to_every_preset_and_a_single_preset_is_refused():
     assert peers.split_overrides(peers.build_parser().parse_args([]))[1:] == (10, 0, "auto", "")
     with pytest.raises(ValueError, match="--presets"):
         peers.split_overrides(peers.build_parser().parse_args(["--preset", "cpu"]))
+
+
+def test_quiet_prints_only_where_the_results_went(real_data_dir, tmp_path, one_thread, capsys):
+    def fake_peer(folder, device):
+        return lambda seed: dict(acc=0.94, time_s=2.0, wall_s=2.5)
+    out = tmp_path / "peers.json"
+    assert peers.main(["--presets", "davidnet", "--runs", "1", "--no-flops", "--quiet", "--out", str(out),
+                       "--data-dir", str(real_data_dir), *TINY], make_peer=fake_peer) == 0
+    assert capsys.readouterr().out.splitlines() == [f"results written to {out}"]
