@@ -337,7 +337,7 @@ def achieved_flops(cfgs: dict, summary: dict, device: torch.device, peak_size: i
     """Per preset: FLOPs of one full-budget run (what ours_full_budget_s covers), over its mean time,
     and as a fraction of a large matrix product's rate measured here in the preset's dtype."""
     flops = load_flops_module()
-    size = peak_size or (8192 if device.type == "cuda" else 2048)
+    size = flops.peak_matrix_size(peak_size, device)
     peaks, out = {}, {}
     for name, cfg in cfgs.items():
         dtype = speedrun.compute_dtype(cfg, device)

@@ -6,8 +6,9 @@
 
 Both produce one epoch of shuffled, augmented, normalised training batches on the device, with
 the config's crop padding, flips and cutout:
-- vectorized: speedrun.EpochAugmenter on the whole training set already on the device, then
-  batches cut from one shuffled copy (what the trainer does);
+- vectorized: the trainer's own epoch (TrainingSetup.epoch_batches): the whole training set,
+  already on the device, augmented in one shuffled copy in the training memory layout, from
+  which batches are views;
 - per-sample: a torch.utils.data.Dataset that converts, normalises, pads, crops and flips one
   image at a time, a DataLoader with worker processes (shuffled, default settings, so workers
   start anew each epoch, as in most CIFAR tutorials), and each batch copied to the device
@@ -68,19 +69,6 @@ class PerSampleCIFAR(Dataset):
         return x, int(self.labels[i])
 
 
-def vectorized_epoch(augment, train_x, train_y, epoch: int, batch: int, gen) -> int:
-    """One epoch of batches the trainer's way; returns the number of images delivered."""
-    n = train_x.shape[0]
-    draw = augment.draw(n, epoch, train_x.device)
-    idx = torch.randperm(n, device=train_x.device, generator=gen)[: n // batch * batch]
-    x, y = augment.apply(train_x, draw, idx), train_y[idx]
-    seen = 0
-    for i in range(x.shape[0] // batch):
-        xb, yb = x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]
-        seen += min(xb.shape[0], yb.shape[0])
-    return seen
-
-
 def loader_epoch(loader, device, dtype) -> int:
     seen = 0
     for xb, yb in loader:
@@ -113,20 +101,19 @@ def main(argv=None) -> int:
         parser.exit(2, f"error: {e}\n")
     data = _common.load_data(parser, cfg, device, args)
     n = data.train_x.shape[0]
-    if n < cfg.batch_size:
-        parser.exit(2, f"error: {n} training images are fewer than one batch of {cfg.batch_size}; "
-                       f"lower --batch-size or raise --subset\n")
+    try:
+        setup = speedrun.prepare_training(cfg, data, device, cfg.seed)  # the trainer's augmenter and epoch
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
     images, labels = speedrun.load_cifar10(cfg.data_dir or None, url=args.data_url, quiet=True)[:2]
     images, labels = images[:n], labels[:n]
     dtype = speedrun.compute_dtype(cfg, device)
 
     results = []
-    gen = speedrun.seed_everything(cfg.seed, device)
-    augment = speedrun.EpochAugmenter(cfg, gen)
-    sec, seen = time_epochs(lambda e: vectorized_epoch(augment, data.train_x, data.train_y, e, cfg.batch_size, gen),
-                            device, args.timed_epochs)
+    sec, seen = time_epochs(lambda e: setup.epoch_batches(data, e)[1].shape[0], device, args.timed_epochs)
     results.append(dict(pipeline=f"vectorized whole-epoch ({device})", workers=None, s_per_epoch=sec, images=seen))
 
+    # per sample, an alternating flip costs what a random one does: one coin per image (the first epoch's)
     dataset = PerSampleCIFAR(images, labels, cfg.crop_pad, cfg.flip != "none", cfg.cutout)
     for w in workers:
         loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=w, drop_last=True,

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -76,7 +76,7 @@ def whitening_flops(cfg) -> int:
         return 0
     sample = torch.zeros(PATCH_SAMPLE, 3, 32, 32)
     with FlopCounterMode(display=False) as counter:
-        speedrun.whitening_filters(sample, 3, cfg.whiten_eps)
+        speedrun.whitening_filters(sample, cfg.whiten_kernel, cfg.whiten_eps)
     n = min(cfg.whiten_samples, cfg.subset or FULL_SIZES[0])
     return counter.get_total_flops() * n // PATCH_SAMPLE
 
@@ -92,6 +92,26 @@ def orthogonalization_flops(model: nn.Module, cfg) -> int:
     with FlopCounterMode(display=False) as counter:
         speedrun.orthogonalize_all(mats, cfg.muon_ns_steps, speedrun.NS_COEFFICIENTS[cfg.muon_ns_coeffs])
     return counter.get_total_flops()
+
+
+def epoch_steps(steps: int, n_batches: int) -> list[int]:
+    """The steps of each epoch of a run of `steps` steps, the last epoch cut short, as train() runs them."""
+    whole, rest = divmod(steps, n_batches)
+    return [n_batches] * whole + ([rest] if rest else [])
+
+
+def ema_updates(cfg, steps: int, n_batches: int) -> int:
+    """How often the run's EMA blends in `steps` steps, asked of speedrun's own EMA class (its due())."""
+    if not cfg.ema:
+        return 0
+    due = speedrun.EMA_KINDS[cfg.ema_mode].due
+    every = SimpleNamespace(every=cfg.ema_every)  # all that due() reads of the EMA
+    done, updates = 0, 0
+    for n in epoch_steps(steps, n_batches):
+        for batch in range(n):
+            done += 1
+            updates += due(every, done, batch)
+    return updates
 
 
 def count_run(cfg, epochs: int | None = None) -> dict:
@@ -116,15 +136,24 @@ def count_run(cfg, epochs: int | None = None) -> dict:
         "backward (training)": steps * step["backward"],
         "optimizer step (estimate)": steps * params * OPTIMIZER_FLOPS_PER_PARAM[cfg.optimizer],
         "optimizer orthogonalization (Muon)": steps * orthogonalization_flops(model, cfg),
-        "EMA (estimate)": (steps // cfg.ema_every) * ema_elements * EMA_FLOPS_PER_ELEMENT if cfg.ema else 0,
+        "EMA (estimate)": ema_updates(cfg, steps, n_batches) * ema_elements * EMA_FLOPS_PER_ELEMENT,
         "whitening init": whitening_flops(cfg),
         "evaluation, timed (one EMA+TTA pass)": timed_eval,
     }
-    # train() also evaluates after every other epoch, and measures raw accuracy every epoch.
-    untimed_eval = math.ceil(round(epochs, 9)) * n_test * (views + 1) * per_image - timed_eval
+    # train() evaluates after every eval_every-th epoch and the last (EMA+TTA, then the raw model
+    # without TTA); one EMA+TTA pass is timed, the rest is not
+    run_epochs = len(epoch_steps(steps, n_batches))
+    evaluated = sum(1 for e in range(run_epochs) if e == run_epochs - 1 or (e + 1) % cfg.eval_every == 0)
+    untimed_eval = evaluated * n_test * (views + 1) * per_image - timed_eval
     return dict(parts=parts, timed_total=sum(parts.values()), untimed_evaluation=untimed_eval,
                 all_total=sum(parts.values()) + untimed_eval, epochs=epochs, steps=steps, n_train=n_train,
                 n_test=n_test, tta_views=views, forward_per_image=per_image, trainable_params=params)
+
+
+def peak_matrix_size(requested: int, device: torch.device) -> int:
+    """The side of the peak-measuring matrices: as requested, else 8192 on CUDA (a GPU needs large
+    products to reach its peak) and 2048 elsewhere (a CPU gets there sooner, and slower)."""
+    return requested or (8192 if device.type == "cuda" else 2048)
 
 
 def measure_peak(device: torch.device, dtype: torch.dtype, size: int, trials: int = 3, trial_s: float = 0.2) -> float:
@@ -207,7 +236,7 @@ def main(argv=None) -> int:
 
     count = count_run(cfg)
     dtype = speedrun.compute_dtype(cfg, device)
-    size = args.peak_size or (8192 if device.type == "cuda" else 2048)
+    size = peak_matrix_size(args.peak_size, device)
     peak = measure_peak(device, dtype, size)
 
     unit, scale = ("TFLOP", 1e12) if count["timed_total"] >= 1e13 else ("GFLOP", 1e9)

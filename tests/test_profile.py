@@ -165,6 +165,21 @@ def test_flop_count_of_the_resnet9_matches_the_hand_calculation():
     assert count["timed_total"] == sum(count["parts"].values())
 
 
+def test_flop_count_follows_the_whitening_kernel_the_evaluations_and_the_ema_schedule():
+    flops = load_script("flops")
+    cfg = tiny_config(subset=256, test_subset=128, epochs=3, batch_size=64, whiten_kernel=2, eval_every=2)
+    count = flops.count_run(cfg)
+    assert count["parts"]["whitening init"] == 2 * 64 * 31 * 31 * 12 * 12  # 2x2 patches: 31 x 31 places, 12 values
+    # 3 epochs of 4 steps, evaluated after epochs 2 and 3 (the last): 2 EMA+TTA passes and 2 raw ones, 1 pass timed
+    views, per_image = count["tta_views"], count["forward_per_image"]
+    assert count["untimed_evaluation"] == 2 * 128 * (views + 1) * per_image - 128 * views * per_image
+    elements = sum(v.numel() for v in speedrun.build_model(cfg, "meta").state_dict().values() if v.is_floating_point())
+    # average: after batch 0 of each epoch (ema_every 5 > 4 batches); lookahead: after steps 5 and 10 of the run
+    assert count["parts"]["EMA (estimate)"] == 3 * elements * flops.EMA_FLOPS_PER_ELEMENT
+    lookahead = flops.count_run(dataclasses.replace(cfg, ema_mode="lookahead"))
+    assert lookahead["parts"]["EMA (estimate)"] == 2 * elements * flops.EMA_FLOPS_PER_ELEMENT
+
+
 def test_flops_reports_achieved_rate_of_a_run_trained_here(real_data_dir, tmp_path):
     out = run_script("flops", *TINY, "--data-dir", str(real_data_dir), "--train", "--quiet", "--peak-size", "128",
                      "--json", str(tmp_path / "flops.json"), cwd=tmp_path)
