@@ -395,21 +395,16 @@ def diverged(row: dict) -> bool:
 
 
 def variant_stats(rows: list[dict], ref_rows: list[dict] | None, target: float) -> dict:
-    """A variant's statistics. Diverged runs count in `runs`, in `diverged` and as runs below the
-    target; the accuracy, time and difference statistics are over the runs that finished."""
+    """A variant's statistics: speedrun.summarize's (diverged runs count in `runs`, in `diverged` and
+    as runs below the target; the accuracy and time statistics are over the runs that finished),
+    with the intervals of the times, the timed seconds, and the paired differences from the reference."""
     finished = [r for r in rows if not diverged(r)]
-    accs = [r["final_acc"] for r in finished]
     times = [r["time_to_target_s"] for r in finished if r["time_to_target_s"] is not None]
     epochs = [r["epochs_to_target"] for r in finished if r["epochs_to_target"] is not None]
     timed = [r["timed_s"] for r in finished]
-    acc_mean, acc_std = speedrun.mean_std(accs)
-    t_mean, t_std = speedrun.mean_std(times)
     timed_mean, timed_std = speedrun.mean_std(timed)
-    stats = dict(runs=len(rows), seeds=sorted(r["seed"] for r in rows), target_acc=target,
-                 diverged=len(rows) - len(finished), diverged_seeds=sorted(r["seed"] for r in rows if diverged(r)),
-                 acc_mean=acc_mean, acc_std=acc_std, acc_ci95=_interval(accs, 0.0, 1.0),
-                 frac_at_target=sum(a >= target for a in accs) / len(rows) if rows else None,
-                 runs_reaching_target=len(times), time_to_target_mean_s=t_mean, time_to_target_std_s=t_std,
+    runs = sorted((dict(r, diverged=diverged(r)) for r in rows), key=lambda r: r["seed"])
+    stats = dict(speedrun.summarize(runs, target), seeds=[r["seed"] for r in runs],
                  time_to_target_ci95=_interval(times, 0.0), epochs_to_target_mean=speedrun.mean_std(epochs)[0],
                  timed_mean_s=timed_mean, timed_std_s=timed_std, timed_ci95=_interval(timed, 0.0))
     if ref_rows is not None:

@@ -266,16 +266,11 @@ def describe(values) -> dict:
 
 
 def trainer_summary(records: list[dict]) -> dict:
-    accs = [r["acc"] for r in records]
-    t, p = speedrun.one_sided_t_test(accs, TARGET_ACC)
-    out = dict(runs=len(records), acc=describe(accs), acc_ci95=list(speedrun.confidence_interval(accs)),
-               frac_at_94=sum(a >= TARGET_ACC for a in accs) / len(accs) if accs else None,
-               t_stat=t, p_value_mean_acc_above_94=p, time_s=describe([r["time_s"] for r in records]),
-               wall_s=describe([r["wall_s"] for r in records]))
-    if any("time_to_target_s" in r for r in records):
-        reached = [r["time_to_target_s"] for r in records if r.get("time_to_target_s") is not None]
-        out["time_to_target_s"] = describe(reached)
-    return out
+    """speedrun.summarize's statistics of a trainer's runs (accuracy: mean, spread, interval, the
+    fraction at the target, the t-test of a mean above it), with its timer's and the wall clock's."""
+    runs = [dict(seed=r["seed"], final_acc=r["acc"], time_to_target_s=r.get("time_to_target_s")) for r in records]
+    return dict(speedrun.summarize(runs, TARGET_ACC), time_s=describe([r["time_s"] for r in records]),
+                wall_s=describe([r["wall_s"] for r in records]))
 
 
 def ratio_stats(pairs: list[tuple[float, float]]) -> dict:
@@ -307,7 +302,7 @@ def check_targets(summary: dict, ratios: dict) -> dict:
     for preset, (min_acc, max_ratio, inclusive) in TARGETS.items():
         if preset not in ratios:
             continue
-        acc = summary[preset]["acc"]["mean"]
+        acc = summary[preset]["acc_mean"]
         full = ratios[preset]["full_budget"]
         below = (lambda x: x <= max_ratio) if inclusive else (lambda x: x < max_ratio)
         out[preset] = dict(
@@ -394,10 +389,11 @@ def report_lines(result: dict) -> list[str]:
     lines = ["", f"{'trainer':<12} {'runs':>4} {'acc mean':>9} {'std':>6} {'min':>6} {'max':>6} {'>=94%':>6} "
                  f"{'p(>94%)':>8} {'time mean':>10} {'std':>7}"]
     for name, s in result["summary"].items():
-        a, t = s["acc"], s["time_s"]
-        p = "-" if s["p_value_mean_acc_above_94"] is None else f"{s['p_value_mean_acc_above_94']:.3g}"
-        lines.append(f"{name:<12} {s['runs']:>4} {100 * a['mean']:8.2f}% {100 * a['std']:6.2f} {100 * a['min']:6.2f} "
-                     f"{100 * a['max']:6.2f} {100 * s['frac_at_94']:5.0f}% {p:>8} {t['mean']:9.3f}s {t['std']:6.3f}s")
+        t = s["time_s"]
+        p = "-" if s["p_value"] is None else f"{s['p_value']:.3g}"
+        lines.append(f"{name:<12} {s['runs']:>4} {100 * s['acc_mean']:8.2f}% {100 * (s['acc_std'] or 0):6.2f} "
+                     f"{100 * s['acc_min']:6.2f} {100 * s['acc_max']:6.2f} {100 * s['frac_at_target']:5.0f}% {p:>8} "
+                     f"{t['mean']:9.3f}s {t['std']:6.3f}s")
     lines.append(f"time: ours = full-budget timed seconds, {PEER} = its own timer (both defined under 'timers' "
                  f"in the JSON)")
     for preset, r in result["ratios"].items():
