@@ -1803,6 +1803,19 @@ def pyplot():
     return plt
 
 
+def no_chart(what: str, how: str = "rerun") -> str:
+    """The line a tool prints where matplotlib is missing: no chart, and how to get `what`."""
+    return f"no chart: matplotlib is not installed (pip install matplotlib, then {how} to get {what})"
+
+
+def save_chart(fig, path: Path) -> Path:
+    """The figure, laid out, as a PNG at `path` (written atomically); the figure is then closed."""
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    pyplot().close(fig)
+    return path
+
+
 def fallback_path(path: Path) -> Path:
     """Where a result that cannot be written at `path` goes instead: a new file in the temp folder."""
     fd, name = tempfile.mkstemp(prefix=f"speedrun-{timestamp()}-", suffix=f"-{Path(path).name}")
@@ -1996,6 +2009,13 @@ def environment(device: torch.device) -> dict:
         f"CPU {cpu_model()} ({os.cpu_count()} cores, {threads} torch thread{'s' if threads != 1 else ''})")
     return dict(device=str(device), device_name=name, torch=torch.__version__, python=sys.version.split()[0],
                 cuda=torch.version.cuda, time=datetime.datetime.now().isoformat(timespec="seconds"))
+
+
+def machine_line(env: dict) -> str:
+    """One line for a report, from environment(): e.g. 'GPU NVIDIA H100 80GB HBM3 (CUDA 13.0), torch
+    2.11.0+cu130, Python 3.11.7' or 'CPU AMD EPYC (2 cores, 2 torch threads), torch 2.13.0+cpu, ...'."""
+    where = f"GPU {env['device_name']} (CUDA {env['cuda']})" if env["device"].startswith("cuda") else env["device_name"]
+    return f"{where}, torch {env['torch']}, Python {env['python']}"
 
 
 def synchronize(device: torch.device) -> None:

@@ -89,7 +89,7 @@ def heatmaps(folder: Path, summary: dict, plt) -> list[Path]:
                 ax.text(j, i, "—" if g is None else f"{g:.2f}", ha="center", va="center", color="w", fontsize=8)
         fig.colorbar(im, ax=ax)
         ax.set_title(title, fontsize=9)
-        paths.append(study.save_chart(fig, folder / name, plt))
+        paths.append(speedrun.save_chart(fig, folder / name))
     return paths
 
 

@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:
 import speedrun  # noqa: E402
 
 MODES = ("strong", "weak")
-CHART_NOTICE = "no chart: matplotlib is not installed (pip install matplotlib, then rerun to get scaling.png)"
+CHART_NOTICE = speedrun.no_chart("scaling.png")
 CPU_NOTICE = ("CPU processes use 1 thread each and share this machine's cores: the numbers show the "
               "machinery (gloo, DDP), not how GPUs scale")
 COLUMNS = ("mode", "P", "global batch", "per-rank batch", "step ms", "images/s", "epoch s", "speed-up",
@@ -298,10 +298,8 @@ def markdown_report(report: dict) -> str:
 
 
 def hardware_line(env: dict, settings: dict) -> str:
-    where = env["device_name"]
-    if settings["device_type"] == "cuda":
-        where = f"{settings['visible_gpus']} visible GPU(s), {where} (CUDA {env['cuda']})"
-    return f"{where}, torch {env['torch']}, Python {env['python']}"
+    gpus = f"{settings['visible_gpus']} visible GPU(s), " if settings["device_type"] == "cuda" else ""
+    return gpus + speedrun.machine_line(env)
 
 
 def draw_chart(path: Path, rows: list[dict], plt) -> Path:
@@ -332,10 +330,7 @@ def draw_chart(path: Path, rows: list[dict], plt) -> Path:
     ax_split.tick_params(axis="x", labelsize=8)
     ax_split.legend(fontsize=8)
     fig.suptitle("time per training step against processes")
-    fig.tight_layout()
-    speedrun.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-    return path
+    return speedrun.save_chart(fig, path)
 
 
 def write_reports(folder: Path, report: dict, log=print) -> list[Path]:

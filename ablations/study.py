@@ -42,7 +42,7 @@ OLD_CSV_COLUMNS = CSV_COLUMNS[:-1]
 # Config fields that say where or how often to run, not what a variant is.
 UNSTORED_FIELDS = ("data_dir", "device", "seed", "runs", "workers")
 DEFAULT_RUNS = 5
-PLOT_NOTICE = "plots skipped: matplotlib is not installed (pip install matplotlib, then rerun or run merge.py to draw them)"
+PLOT_NOTICE = speedrun.no_chart("the plots", how="rerun, or run merge.py on the folder,")
 
 
 class StudyError(ValueError):
@@ -537,13 +537,6 @@ def write_reports(folder: Path, definition: dict, rows: list[dict], sessions: li
     return summary
 
 
-def save_chart(fig, path: Path, plt) -> Path:
-    fig.tight_layout()
-    speedrun.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-    return path
-
-
 def _half_width(ci, mean):
     return 0.0 if ci is None else ci[1] - mean
 
@@ -566,7 +559,7 @@ def draw_charts(folder: Path, summary: dict, plt, report: Report = Report()) -> 
     ax.invert_yaxis()
     ax.set_xlabel("final EMA+TTA test accuracy, % (95% CI)")
     ax.set_title(summary["title"])
-    paths.append(save_chart(fig, folder / "accuracy.png", plt))
+    paths.append(speedrun.save_chart(fig, folder / "accuracy.png"))
 
     # time bars: time-to-target (runs that reached it) and the whole budget's timed seconds
     fig, (ax_target, ax_budget) = plt.subplots(1, 2, sharey=True, figsize=(10, 0.45 * len(ran) + 1.5))
@@ -581,7 +574,7 @@ def draw_charts(folder: Path, summary: dict, plt, report: Report = Report()) -> 
     ax_budget.set_xlabel("timed s for the whole budget (95% CI)")
     ax_target.invert_yaxis()
     fig.suptitle(summary["title"])
-    paths.append(save_chart(fig, folder / "time.png", plt))
+    paths.append(speedrun.save_chart(fig, folder / "time.png"))
 
     # accuracy curves against epoch and against timed seconds
     curves = report.curves(summary) if report.curves else ran
@@ -594,7 +587,7 @@ def draw_charts(folder: Path, summary: dict, plt, report: Report = Report()) -> 
         ax.set_ylabel("EMA+TTA test accuracy, % (mean over seeds)")
         ax.set_title(summary["title"])
         ax.legend(fontsize=7)
-        paths.append(save_chart(fig, folder / name, plt))
+        paths.append(speedrun.save_chart(fig, folder / name))
 
     if report.charts:
         paths += report.charts(folder, summary, plt)

@@ -8,7 +8,6 @@ puts the repository root on sys.path to import speedrun.
 """
 from __future__ import annotations
 
-import platform
 import sys
 from pathlib import Path
 
@@ -19,9 +18,6 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import speedrun  # noqa: E402
-
-CHART_HINT = "pip install matplotlib"
-
 
 def parse_args(description: str, add_flags, argv=None, uses=("out", "save")):
     """speedrun's parser plus the script's own flags (add_flags(parser)); returns
@@ -51,10 +47,7 @@ def load_data(parser, cfg, device, args):
 
 
 def describe_machine(device: torch.device) -> str:
-    """e.g. 'CPU AMD EPYC (2 cores, 2 torch threads), torch 2.13.0+cpu, Python 3.11.7'."""
-    env = speedrun.environment(device)
-    where = f"GPU {env['device_name']} (CUDA {env['cuda']})" if device.type == "cuda" else env["device_name"]
-    return f"{where}, torch {env['torch']}, Python {platform.python_version()}"
+    return speedrun.machine_line(speedrun.environment(device))
 
 
 def write_text(path: Path, text: str) -> None:
@@ -66,7 +59,7 @@ def bar_chart(path: Path, labels, values, title: str, xlabel: str) -> str:
     where the chart went, or how to get one when matplotlib (optional) is missing."""
     plt = speedrun.pyplot()
     if plt is None:
-        return f"no chart: matplotlib is not installed ({CHART_HINT} to get {path.name})"
+        return speedrun.no_chart(path.name)
     pairs = sorted(zip(values, labels))
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(pairs) + 1.5))
     bars = ax.barh([p[1] for p in pairs], [p[0] for p in pairs], color="tab:blue")
@@ -76,7 +69,4 @@ def bar_chart(path: Path, labels, values, title: str, xlabel: str) -> str:
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
     ax.set_xlim(0, max(values, default=1.0) * 1.15 or 1.0)
-    fig.tight_layout()
-    speedrun.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-    return f"chart written to {path}"
+    return f"chart written to {speedrun.save_chart(fig, path)}"
