@@ -37,6 +37,7 @@ synchronisation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -219,6 +220,8 @@ def make_config(preset: str = "davidnet", **overrides) -> Config:
 
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_SIZES = (50000, 10000)  # training and test images
+IMAGE_SIDE = 32  # pixels
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
@@ -318,7 +321,7 @@ class EpochAugmenter:
             dy, dx = (torch.randint(0, 2 * cfg.crop_pad + 1, (n,), device=device, generator=gen) for _ in range(2))
         flips = FLIPS[cfg.flip](self, n, epoch, device)
         if cfg.cutout:
-            cy, cx = (torch.randint(0, 32 - cfg.cutout + 1, (n,), device=device, generator=gen) for _ in range(2))
+            cy, cx = (torch.randint(0, IMAGE_SIDE - cfg.cutout + 1, (n,), device=device, generator=gen) for _ in range(2))
         shift = scale = None
         if cfg.brightness or cfg.contrast:
             shift, scale = (torch.rand(n, device=device, generator=gen) * 2 - 1 for _ in range(2))
@@ -1159,23 +1162,21 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     ctx, cfg, partial = Distributed(), None, PartialResult()
-    previous_sigterm = _stop_on_sigterm()
-    try:
-        cfg = config_from_args(args)
-        out = check_outputs(args)
-        check_world(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-        ctx = init_distributed(cfg)
-        log = print if ctx.rank == 0 and not args.quiet else _quiet
-        ctx.describe(cfg, log)
-        result = run_many(cfg, log=log, url=args.data_url, preset=args.preset,
-                          on_progress=partial.writer(out) if cfg.runs > 1 else None)
-        ctx.barrier()  # no process leaves, and tears down its connections, while another still uses them
-    except BaseException as e:
-        return stop_early(e, parser, ctx, cfg, partial)
-    finally:
-        leave_distributed()
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+    with sigterm_as_interrupt():
+        try:
+            cfg = config_from_args(args)
+            out = check_outputs(args)
+            check_world(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+            ctx = init_distributed(cfg)
+            log = print if ctx.rank == 0 and not args.quiet else _quiet
+            ctx.describe(cfg, log)
+            result = run_many(cfg, log=log, url=args.data_url, preset=args.preset,
+                              on_progress=partial.writer(out) if cfg.runs > 1 else None)
+            ctx.barrier()  # no process leaves, and tears down its connections, while another still uses them
+        except BaseException as e:
+            return stop_early(e, parser, ctx, cfg, partial)
+        finally:
+            leave_distributed()
     return write_outputs(result, args, cfg, partial.path or out) if ctx.rank == 0 else 0
 
 
@@ -1217,7 +1218,7 @@ def default_data_dir() -> Path:
 
 
 def load_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL, quiet: bool = False,
-                 archive_md5: dict | None = None, bin_md5: dict | None = None, expect_sizes=(50000, 10000),
+                 archive_md5: dict | None = None, bin_md5: dict | None = None, expect_sizes=CIFAR10_SIZES,
                  py_md5: dict | None = None):
     """(train_x, train_y, test_x, test_y) as uint8 NHWC images and int64 labels.
 
@@ -1300,9 +1301,9 @@ def _read_cache(cache: Path, expect_sizes) -> tuple:
     digest = arrays_digest(arrays)
     if stored is not None and stored != digest:
         raise DataError("its arrays do not match the digest stored with them: the file is damaged")
-    if tuple(expect_sizes) == (50000, 10000) and digest != OFFICIAL_ARRAYS_SHA256:
+    if tuple(expect_sizes) == CIFAR10_SIZES and digest != OFFICIAL_ARRAYS_SHA256:
         raise DataError("its arrays are not the official CIFAR-10")
-    if stored is None and tuple(expect_sizes) != (50000, 10000):
+    if stored is None and tuple(expect_sizes) != CIFAR10_SIZES:
         raise DataError("it holds no digest of its arrays (written by an older version)")
     return arrays
 
@@ -1513,6 +1514,11 @@ def write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def image_counts(cfg: Config) -> tuple[int, int]:
+    """The training and test images a run of `cfg` uses on the full CIFAR-10 (subsets() of its sizes)."""
+    return tuple(min(n, cut) if cut else n for n, cut in zip(CIFAR10_SIZES, (cfg.subset, cfg.test_subset)))
+
+
 def subsets(arrays, cfg: Config) -> tuple:
     """(train_x, train_y, test_x, test_y) cut to the config's first `subset` and `test_subset` images."""
     train_x, train_y, test_x, test_y = arrays
@@ -1574,10 +1580,10 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"width must be positive, got {cfg.width}")
     if cfg.batch_size % cfg.ghost_bn_splits:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by ghost_bn_splits {cfg.ghost_bn_splits}")
-    if cfg.cutout > 32:
-        raise ValueError(f"cutout {cfg.cutout} is larger than the 32-pixel image")
-    if cfg.crop_pad > 31:
-        raise ValueError(f"crop_pad {cfg.crop_pad} must be below 32 (reflect padding needs it)")
+    if cfg.cutout > IMAGE_SIDE:
+        raise ValueError(f"cutout {cfg.cutout} is larger than the {IMAGE_SIDE}-pixel image")
+    if cfg.crop_pad >= IMAGE_SIDE:
+        raise ValueError(f"crop_pad {cfg.crop_pad} must be below {IMAGE_SIDE} (reflect padding needs it)")
     if not 0 <= cfg.tta_unsure_frac <= 1:
         raise ValueError(f"tta_unsure_frac is a fraction in [0, 1], got {cfg.tta_unsure_frac}")
     if cfg.whiten_bias_epochs < 0:
@@ -1836,15 +1842,22 @@ def write_with_fallback(path: Path, write, what: str, warn=print) -> Path:
         return other
 
 
-def _stop_on_sigterm():
-    """Make SIGTERM (kill, a job scheduler) raise KeyboardInterrupt like Ctrl-C; returns the old handler."""
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Inside, SIGTERM (kill, a job scheduler) raises KeyboardInterrupt as Ctrl-C does, so that
+    the same code keeps the finished runs; the old handler is back afterwards."""
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
     try:
-        return signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread
-        return None
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread, where only the main thread may set handlers
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class PartialResult:
@@ -2066,7 +2079,7 @@ def warm_up(cfg: Config, data: DeviceData, device: torch.device) -> float:
         if frozen:
             setup.freeze_whitening_bias()
         setup.model.train()
-        for _ in range(3):
+        for _ in range(3):  # the first step compiles and picks kernels; CUDA graphs (reduce-overhead) record later
             setup.step_fn(x[:b], y[:b])
         setup.model.eval()
         test_x = data.test_x[:cfg.eval_batch_size]

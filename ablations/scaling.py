@@ -380,10 +380,6 @@ def check_request(args, cfg: speedrun.Config, procs: list[int]) -> None:
     speedrun.refuse_existing(args.out, "--out", folder=True)
 
 
-def count_training_images(cfg: speedrun.Config) -> int:
-    return min(cfg.subset, 50000) if cfg.subset else 50000
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -399,7 +395,7 @@ def main(argv=None) -> int:
         procs = parse_procs(args.procs, args.max_procs if args.max_procs is not None else default_max)
         check_request(args, cfg, procs)
         modes = list(MODES) if args.mode == "both" else [args.mode]
-        n_train = count_training_images(cfg)
+        n_train = speedrun.image_counts(cfg)[0]
         plan, skipped = plan_cases(cfg, procs, modes, n_train)
         if not plan:
             raise ValueError("nothing to measure: " + "; ".join(f"{s['mode']} P={s['procs']}: {s['reason']}" for s in skipped))

@@ -30,10 +30,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-import speedrun  # noqa: E402
+import speedrun  # the scripts that import this module put the repository root on sys.path
 
 CSV_COLUMNS = ("variant", "seed", "final_acc", "time_to_target_s", "epochs_to_target", "timed_s",
                "acc_by_epoch", "seconds_by_epoch", "device_name", "finished", "diverged_epoch")
@@ -254,12 +251,6 @@ def shard_jobs(jobs: list, shard: tuple[int, int]) -> list:
     return [job for k, job in enumerate(jobs) if k % n == i - 1]
 
 
-def worker_devices(cfg: speedrun.Config, jobs: int) -> list[str]:
-    """One device per worker process, as speedrun chooses them for `jobs` runs: --workers 0 means
-    one per visible CUDA GPU (one on other devices); a single entry means no worker processes."""
-    return speedrun.worker_devices(cfg, speedrun.pick_device(cfg.device), jobs)
-
-
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -318,7 +309,7 @@ def run_study(study: Study, folder: Path, seeds: list[int], base: speedrun.Confi
     todo = [(v, s) for v, s in jobs if (v.name, s) not in done]
     if max_runs is not None:
         todo = todo[:max_runs]
-    devices = worker_devices(base, len(todo))
+    devices = speedrun.worker_devices(base, speedrun.pick_device(base.device), len(todo))
 
     folder.mkdir(parents=True, exist_ok=True)
     session = dict(argv=argv if argv is not None else sys.argv, shard=f"{shard[0]}/{shard[1]}", seeds=seeds,
@@ -637,37 +628,33 @@ def main(parser, make_study, name, script: str, argv=None) -> int:
     args = parser.parse_args(argv)
     log = speedrun.log_lines(args.quiet)
     folder = argv_used = None
-    previous_sigterm = speedrun._stop_on_sigterm()
-    try:
-        if args.out is not None or args.save is not None:
-            raise StudyError("--out and --save belong to speedrun.py; a study writes into its --study folder")
-        if args.max_runs is not None and args.max_runs < 0:
-            raise StudyError(f"--max-runs must be 0 or more, got {args.max_runs}")
-        if args.threads is not None and args.threads < 1:
-            raise StudyError(f"--threads must be at least 1, got {args.threads}")
-        cfg = base_config(args)
-        shard = parse_shard(args.shard)
-        study = make_study(args, cfg)
-        if speedrun.pick_device(cfg.device).type == "cpu" and cfg.subset == 0:
-            log("warning: a full CPU run takes hours, and a study is many runs; try e.g. "
-                "--subset 5000 --test-subset 1000 --width 0.25 --epochs 2")
-        folder = args.study or default_study_folder(name(args) if callable(name) else name)
-        seeds = list(range(cfg.seed, cfg.seed + cfg.runs))
-        argv_used = [script, *(sys.argv[1:] if argv is None else argv)]
-        run_study(study, folder, seeds, cfg, shard=shard, max_runs=args.max_runs, threads=args.threads,
-                  argv=argv_used, url=args.data_url, log=log)
-    except (ValueError, RuntimeError, speedrun.DataError) as e:
-        failed_run = isinstance(e, RuntimeError) and folder is not None and (folder / "results.csv").exists()
-        resume = f"; finished runs are saved in {folder}; after fixing this, resume with: {resume_command(argv_used, folder)}" \
-            if failed_run else ""
-        parser.exit(2, f"error: {e}{resume}\n")
-    except KeyboardInterrupt:
-        if folder is None or not (folder / "study.json").exists():
-            parser.exit(130, "interrupted before the study started; nothing was written\n")
-        parser.exit(130, f"interrupted: finished runs are saved in {folder}; resume with: "
-                         f"{resume_command(argv_used, folder)}\n")
-    finally:
-        if previous_sigterm is not None:
-            import signal
-            signal.signal(signal.SIGTERM, previous_sigterm)
+    with speedrun.sigterm_as_interrupt():
+        try:
+            if args.out is not None or args.save is not None:
+                raise StudyError("--out and --save belong to speedrun.py; a study writes into its --study folder")
+            if args.max_runs is not None and args.max_runs < 0:
+                raise StudyError(f"--max-runs must be 0 or more, got {args.max_runs}")
+            if args.threads is not None and args.threads < 1:
+                raise StudyError(f"--threads must be at least 1, got {args.threads}")
+            cfg = base_config(args)
+            shard = parse_shard(args.shard)
+            study = make_study(args, cfg)
+            if speedrun.pick_device(cfg.device).type == "cpu" and cfg.subset == 0:
+                log("warning: a full CPU run takes hours, and a study is many runs; try e.g. "
+                    "--subset 5000 --test-subset 1000 --width 0.25 --epochs 2")
+            folder = args.study or default_study_folder(name(args) if callable(name) else name)
+            seeds = list(range(cfg.seed, cfg.seed + cfg.runs))
+            argv_used = [script, *(sys.argv[1:] if argv is None else argv)]
+            run_study(study, folder, seeds, cfg, shard=shard, max_runs=args.max_runs, threads=args.threads,
+                      argv=argv_used, url=args.data_url, log=log)
+        except (ValueError, RuntimeError, speedrun.DataError) as e:
+            failed_run = isinstance(e, RuntimeError) and folder is not None and (folder / "results.csv").exists()
+            resume = f"; finished runs are saved in {folder}; after fixing this, resume with: {resume_command(argv_used, folder)}" \
+                if failed_run else ""
+            parser.exit(2, f"error: {e}{resume}\n")
+        except KeyboardInterrupt:
+            if folder is None or not (folder / "study.json").exists():
+                parser.exit(130, "interrupted before the study started; nothing was written\n")
+            parser.exit(130, f"interrupted: finished runs are saved in {folder}; resume with: "
+                             f"{resume_command(argv_used, folder)}\n")
     return 0

@@ -297,7 +297,7 @@ def compare(runs: list[dict], preset: str, peer: str = PEER) -> dict:
 
 
 def check_targets(summary: dict, ratios: dict) -> dict:
-    """The issue's targets for the presets that have one, judged on the full-budget ratio."""
+    """TARGETS for the presets that have one, judged on the full-budget ratio."""
     out = {}
     for preset, (min_acc, max_ratio, inclusive) in TARGETS.items():
         if preset not in ratios:

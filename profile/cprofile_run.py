@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             speedrun.refuse_existing(path, flag)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
-    if getattr(cfg, "workers", 1) != 1:  # cProfile sees this process only: keep every run in it
+    if cfg.workers != 1:  # cProfile sees this process only: keep every run in it
         if cfg.workers > 1:
             print(f"note: --workers {cfg.workers} ignored; under cProfile all runs stay in this process")
         cfg = dataclasses.replace(cfg, workers=1)

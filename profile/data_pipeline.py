@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 import _common
 from _common import speedrun
 
-FULL_EPOCH = 50000
+FULL_EPOCH = speedrun.CIFAR10_SIZES[0]
 
 
 def add_flags(group) -> None:

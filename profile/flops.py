@@ -39,7 +39,6 @@ from _common import speedrun
 OPTIMIZER_FLOPS_PER_PARAM = {"sgd": 6, "nesterov": 8, "muon": 8, "adam": 14, "adamw": 14, "rmsprop": 13, "adagrad": 9,
                              "adadelta": 15}
 EMA_FLOPS_PER_ELEMENT = 3  # lerp: e + w * (m - e)
-FULL_SIZES = (50000, 10000)
 PATCH_SAMPLE = 16  # images whose whitening FLOPs are counted, then scaled to whiten_samples
 
 
@@ -77,7 +76,7 @@ def whitening_flops(cfg) -> int:
     sample = torch.zeros(PATCH_SAMPLE, 3, 32, 32)
     with FlopCounterMode(display=False) as counter:
         speedrun.whitening_filters(sample, cfg.whiten_kernel, cfg.whiten_eps)
-    n = min(cfg.whiten_samples, cfg.subset or FULL_SIZES[0])
+    n = min(cfg.whiten_samples, speedrun.image_counts(cfg)[0])
     return counter.get_total_flops() * n // PATCH_SAMPLE
 
 
@@ -117,8 +116,7 @@ def ema_updates(cfg, steps: int, n_batches: int) -> int:
 def count_run(cfg, epochs: int | None = None) -> dict:
     """FLOPs of one training run of cfg (the first `epochs` epochs, default all), by part."""
     epochs = cfg.epochs if epochs is None else epochs
-    n_train = min(cfg.subset or FULL_SIZES[0], FULL_SIZES[0])
-    n_test = min(cfg.test_subset or FULL_SIZES[1], FULL_SIZES[1])
+    n_train, n_test = speedrun.image_counts(cfg)
     n_batches = n_train // cfg.batch_size
     steps = min(speedrun.total_steps(cfg, n_batches), speedrun.epochs_to_steps(epochs, n_batches))  # the run's steps
     meta = torch.device("meta")
