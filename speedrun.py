@@ -397,8 +397,12 @@ ACTIVATIONS = {"celu": lambda cfg: nn.CELU(cfg.celu_alpha), "relu": lambda cfg: 
                "gelu": lambda cfg: nn.GELU(), "silu": lambda cfg: nn.SiLU()}
 
 
-def make_activation(cfg: Config, name: str | None = None) -> nn.Module:
-    return ACTIVATIONS[name or cfg.activation](cfg)
+def make_activation(cfg: Config) -> nn.Module:
+    return ACTIVATIONS[cfg.activation](cfg)
+
+
+# Config.whiten_activation -> the airbench network's activation after the whitening: the run's own, or another
+WHITEN_ACTIVATIONS = {"same": make_activation, **ACTIVATIONS}
 
 
 def conv_bn(c_in: int, c_out: int, cfg: Config, pool: bool = False, kernel: int = 3) -> nn.Sequential:
@@ -492,8 +496,7 @@ class AirbenchNet(Network):
 
     def body(self, cfg: Config, c_in: int) -> int:
         c1, c2, c3 = channels(cfg, 64, 256, 256)
-        after_whitening = None if cfg.whiten_activation == "same" else cfg.whiten_activation
-        self.prep = make_activation(cfg, after_whitening) if cfg.whiten else nn.Identity()
+        self.prep = WHITEN_ACTIVATIONS[cfg.whiten_activation](cfg) if cfg.whiten else nn.Identity()
 
         def group(c_in, c_out):
             return nn.Sequential(conv_bn(c_in, c_out, cfg, pool=True), conv_bn(c_out, c_out, cfg))
@@ -685,11 +688,21 @@ class Muon(torch.optim.Optimizer):
                     p.mul_(1 - g["lr"] * g["decoupled_wd"])
 
 
+def muon_groups(groups: list[dict], cfg: Config) -> list[dict]:
+    """Muon's parameter groups: the conv filter banks (the 4-D parameters) leave their groups for one
+    of their own, orthogonalised, at muon_lr with muon_momentum and decoupled decay; the rest stay."""
+    filters = [p for g in groups for p in g["params"] if p.ndim == 4]
+    rest = [dict(g, params=[p for p in g["params"] if p.ndim != 4]) for g in groups]
+    bank = dict(params=filters, peak_lr=cfg.muon_lr, lr=0.0, weight_decay=0.0, orthogonalize=True,
+                momentum=cfg.muon_momentum, decoupled_wd=cfg.muon_weight_decay)
+    return [g for g in [*rest, bank] if g["params"]]
+
+
 # Config.optimizer -> make(parameter groups, cfg, total steps); set_lr() sets every group's LR before each step.
 OPTIMIZERS = {
     "nesterov": lambda groups, cfg, total: torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=True),
     "sgd": lambda groups, cfg, total: torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum),
-    "muon": lambda groups, cfg, total: Muon(groups, momentum=cfg.momentum, ns_steps=cfg.muon_ns_steps,
+    "muon": lambda groups, cfg, total: Muon(muon_groups(groups, cfg), momentum=cfg.momentum, ns_steps=cfg.muon_ns_steps,
                                             coeffs=NS_COEFFICIENTS[cfg.muon_ns_coeffs], renorm=MUON_RENORMS[cfg.muon_renorm],
                                             total_steps=total, ns_dtype=NS_PRECISIONS[cfg.muon_ns_precision]),
     "adam": lambda groups, cfg, total: torch.optim.Adam(groups, lr=0.0),
@@ -707,19 +720,16 @@ def build_optimizer(model: nn.Module, cfg: Config, total_steps: int = 0, bias_st
     """Parameter groups: weights at lr/batch_size; BN parameters at bias_lr_scale x that with
     1/bias_lr_scale the decay; the whitening bias with the weights (whiten_bias_schedule
     'shared', as in airbench94) or like the BN parameters but decaying to 0 over its `bias_steps`
-    ('own'); with optimizer 'muon', every trained conv filter bank in a Muon group at muon_lr. set_lr()
-    scales each group's 'peak_lr'; total_steps paces Muon's 'growing' renormalisation."""
+    ('own'). The optimizer's maker may regroup them (Muon's takes the conv filter banks apart: see
+    muon_groups). set_lr() scales each group's 'peak_lr'; total_steps paces Muon's 'growing' renormalisation."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     base, wd = cfg.lr / cfg.batch_size, cfg.weight_decay * cfg.batch_size
     whiten_bias = getattr(model.whiten, "bias", None) if cfg.whiten_bias_schedule == "own" else None
-    filters = [p for n, p in params if cfg.optimizer == "muon" and p.ndim == 4]
     biases = [p for n, p in params if is_bn_param(n, model)]
-    claimed = {id(p) for p in filters + biases + [whiten_bias]}
+    claimed = {id(p) for p in biases + [whiten_bias]}
     weights = [p for n, p in params if id(p) not in claimed]
     groups = [dict(params=weights, peak_lr=base, weight_decay=wd),
               dict(params=biases, peak_lr=base * cfg.bias_lr_scale, weight_decay=wd / cfg.bias_lr_scale),
-              dict(params=filters, peak_lr=cfg.muon_lr, weight_decay=0.0, orthogonalize=True, momentum=cfg.muon_momentum,
-                   decoupled_wd=cfg.muon_weight_decay),
               dict(params=[whiten_bias] if whiten_bias is not None else [], peak_lr=base * cfg.bias_lr_scale,
                    weight_decay=wd / cfg.bias_lr_scale, decay_over=max(1, bias_steps))]
     groups = [g for g in groups if g["params"]]
@@ -1103,7 +1113,7 @@ def predict(forward, x: torch.Tensor, cfg: Config, device, dtype, tta: str | Non
             out.append(torch.einsum("v,vnc->nc", torch.tensor(weights, device=logits.device), logits))
         return torch.cat(out)
 
-    if tta == "none" or cfg.tta_unsure_frac >= 1:
+    if len(TTA_MODES[tta]) == 1 or cfg.tta_unsure_frac >= 1:  # one view: nothing to add to the unsure images
         return logits_of(x, tta)
     logits = logits_of(x, "none")
     unsure = logits.softmax(1).amax(1).topk(math.ceil(cfg.tta_unsure_frac * x.shape[0]), largest=False).indices
@@ -1551,7 +1561,7 @@ def load_data(cfg: Config, device: torch.device | None = None, quiet: bool = Fal
 
 
 # Each Config field that names a choice, and the table its choices come from (by the code it switches).
-SWITCHES = dict(flip=FLIPS, arch=NETWORKS, activation=ACTIVATIONS, whiten_activation=("same", *ACTIVATIONS),
+SWITCHES = dict(flip=FLIPS, arch=NETWORKS, activation=ACTIVATIONS, whiten_activation=WHITEN_ACTIVATIONS,
                 whiten_kernel=WHITEN_KERNELS, whiten_bias_init=WHITEN_BIAS_INITS,
                 whiten_bias_schedule=WHITEN_BIAS_SCHEDULES, conv_init=CONV_INITS, head_init=HEAD_INITS,
                 optimizer=OPTIMIZERS, muon_ns_coeffs=NS_COEFFICIENTS, muon_ns_precision=NS_PRECISIONS,
