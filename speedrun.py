@@ -1590,6 +1590,9 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"width must be positive, got {cfg.width}")
     if cfg.batch_size % cfg.ghost_bn_splits:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by ghost_bn_splits {cfg.ghost_bn_splits}")
+    if image_counts(cfg)[0] < cfg.batch_size:
+        raise ValueError(f"subset {cfg.subset} is smaller than one batch of {cfg.batch_size}; "
+                         f"lower --batch-size or raise --subset")
     if cfg.cutout > IMAGE_SIDE:
         raise ValueError(f"cutout {cfg.cutout} is larger than the {IMAGE_SIDE}-pixel image")
     if cfg.crop_pad >= IMAGE_SIDE:

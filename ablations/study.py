@@ -100,8 +100,6 @@ def make_variant(base: speedrun.Config, name: str, change: str, reference: str |
     try:
         cfg = dataclasses.replace(base, **fields)
         speedrun.check_config(cfg)
-        if cfg.subset and cfg.subset < cfg.batch_size:
-            raise ValueError(f"--subset {cfg.subset} is smaller than one batch of {cfg.batch_size}")
     except (TypeError, ValueError) as e:
         raise StudyError(f"variant {name!r}: {e}") from None
     return Variant(name, change, cfg, reference, tags or {})
