@@ -713,28 +713,36 @@ OPTIMIZERS = {
     "adagrad": lambda groups, cfg, total: torch.optim.Adagrad(groups, lr=0.0),
     "adadelta": lambda groups, cfg, total: torch.optim.Adadelta(groups, lr=0.0),
 }
-WHITEN_BIAS_SCHEDULES = ("shared", "own")  # see build_optimizer
+def whiten_bias_apart(groups: list[dict], model: Network, cfg: Config, bias_steps: int) -> list[dict]:
+    """hiverge's whitening bias: it leaves the weights' group for one of its own, at the BN
+    parameters' LR and decay, its LR decaying linearly to 0 over its `bias_steps` ('decay_over')."""
+    bias = getattr(model.whiten, "bias", None)
+    if bias is None or not bias.requires_grad:
+        return groups
+    base, wd = cfg.lr / cfg.batch_size, cfg.weight_decay * cfg.batch_size
+    rest = [dict(g, params=[p for p in g["params"] if p is not bias]) for g in groups]
+    return [*rest, dict(params=[bias], peak_lr=base * cfg.bias_lr_scale, weight_decay=wd / cfg.bias_lr_scale,
+                        decay_over=max(1, bias_steps))]
+
+
+# Config.whiten_bias_schedule -> the parameter groups with the whitening bias placed: with the weights, on
+# the run's schedule (shared: airbench94), or apart on its own (hiverge)
+WHITEN_BIAS_SCHEDULES = {"shared": lambda groups, model, cfg, bias_steps: groups, "own": whiten_bias_apart}
 
 
 def build_optimizer(model: nn.Module, cfg: Config, total_steps: int = 0, bias_steps: int = 0) -> torch.optim.Optimizer:
-    """Parameter groups: weights at lr/batch_size; BN parameters at bias_lr_scale x that with
-    1/bias_lr_scale the decay; the whitening bias with the weights (whiten_bias_schedule
-    'shared', as in airbench94) or like the BN parameters but decaying to 0 over its `bias_steps`
-    ('own'). The optimizer's maker may regroup them (Muon's takes the conv filter banks apart: see
-    muon_groups). set_lr() scales each group's 'peak_lr'; total_steps paces Muon's 'growing' renormalisation."""
+    """Parameter groups: BN parameters at bias_lr_scale x lr/batch_size with 1/bias_lr_scale the
+    decay, the other weights at lr/batch_size; the whitening bias placed by whiten_bias_schedule;
+    the optimizer's maker may regroup them (Muon's takes the conv filter banks apart). set_lr()
+    scales each group's 'peak_lr'; total_steps paces Muon's 'growing' renormalisation."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     base, wd = cfg.lr / cfg.batch_size, cfg.weight_decay * cfg.batch_size
-    whiten_bias = getattr(model.whiten, "bias", None) if cfg.whiten_bias_schedule == "own" else None
     biases = [p for n, p in params if is_bn_param(n, model)]
-    claimed = {id(p) for p in biases + [whiten_bias]}
-    weights = [p for n, p in params if id(p) not in claimed]
+    weights = [p for n, p in params if not is_bn_param(n, model)]
     groups = [dict(params=weights, peak_lr=base, weight_decay=wd),
-              dict(params=biases, peak_lr=base * cfg.bias_lr_scale, weight_decay=wd / cfg.bias_lr_scale),
-              dict(params=[whiten_bias] if whiten_bias is not None else [], peak_lr=base * cfg.bias_lr_scale,
-                   weight_decay=wd / cfg.bias_lr_scale, decay_over=max(1, bias_steps))]
-    groups = [g for g in groups if g["params"]]
-    for g in groups:
-        g["lr"] = 0.0
+              dict(params=biases, peak_lr=base * cfg.bias_lr_scale, weight_decay=wd / cfg.bias_lr_scale)]
+    groups = WHITEN_BIAS_SCHEDULES[cfg.whiten_bias_schedule](groups, model, cfg, bias_steps)
+    groups = [dict(g, lr=0.0) for g in groups if g["params"]]
     return OPTIMIZERS[cfg.optimizer](groups, cfg, total_steps)
 
 
