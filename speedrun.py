@@ -572,6 +572,12 @@ def epochs_to_steps(epochs: float, n_batches: int) -> int:
     return math.ceil(round(epochs * n_batches, 9))  # round: 9.8 x 195 is 1911.0000000000002, not 1912 steps
 
 
+def epoch_steps(total: int, n_batches: int) -> list[int]:
+    """The steps of each epoch of a run of `total` steps: whole epochs of n_batches, the last one cut short."""
+    whole, rest = divmod(total, n_batches)
+    return [n_batches] * whole + ([rest] if rest else [])
+
+
 def total_steps(cfg: Config, n_batches: int) -> int:
     """Optimizer steps of a run."""
     return epochs_to_steps(cfg.epochs, n_batches)
@@ -713,6 +719,8 @@ OPTIMIZERS = {
     "adagrad": lambda groups, cfg, total: torch.optim.Adagrad(groups, lr=0.0),
     "adadelta": lambda groups, cfg, total: torch.optim.Adadelta(groups, lr=0.0),
 }
+
+
 def whiten_bias_apart(groups: list[dict], model: Network, cfg: Config, bias_steps: int) -> list[dict]:
     """hiverge's whitening bias: it leaves the weights' group for one of its own, at the BN
     parameters' LR and decay, its LR decaying linearly to 0 over its `bias_steps` ('decay_over')."""
@@ -939,9 +947,7 @@ class TrainingSetup:
     sync_bn: object               # averages BN statistics over the processes; None when alone
 
     def steps_per_epoch(self) -> list[int]:
-        """The steps of each epoch: whole epochs of n_batches, the last one cut at total_steps."""
-        whole, rest = divmod(self.total_steps, self.n_batches)
-        return [self.n_batches] * whole + ([rest] if rest else [])
+        return epoch_steps(self.total_steps, self.n_batches)
 
     def make_ema(self) -> EMA | None:
         """The moving average, made once the model is initialised (after the whitening)."""
@@ -953,10 +959,12 @@ class TrainingSetup:
         with record_function("speedrun: augmentation"):
             draw = self.augment.draw(n, epoch, self.device)
             idx = torch.randperm(n, device=self.device, generator=self.gen)[self.positions]
-            x = self.augment.apply(data.train_x, draw, idx)
-            if uses_channels_last(self.cfg, self.device):
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self.in_layout(self.augment.apply(data.train_x, draw, idx))
         return x, data.train_y[idx]
+
+    def in_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in the memory layout the network trains in (see uses_channels_last)."""
+        return x.contiguous(memory_format=torch.channels_last) if uses_channels_last(self.cfg, self.device) else x
 
     @property
     def raw_forward(self) -> nn.Module:
@@ -989,7 +997,7 @@ def prepare_training(cfg: Config, data: DeviceData, device: torch.device, seed: 
     ctx = process_group()
     n_train = data.train_x.shape[0]
     n_batches = n_train // cfg.batch_size
-    if n_batches == 0:
+    if n_batches == 0:  # check_config knows CIFAR-10's sizes; data given to train() may be smaller
         raise ValueError(f"{n_train} training images are fewer than one batch of {cfg.batch_size}; "
                          f"lower --batch-size or raise --subset")
     check_world(cfg, ctx.world)
@@ -1599,7 +1607,7 @@ def check_config(cfg: Config) -> None:
     if cfg.batch_size % cfg.ghost_bn_splits:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by ghost_bn_splits {cfg.ghost_bn_splits}")
     if image_counts(cfg)[0] < cfg.batch_size:
-        raise ValueError(f"subset {cfg.subset} is smaller than one batch of {cfg.batch_size}; "
+        raise ValueError(f"{image_counts(cfg)[0]} training images are fewer than one batch of {cfg.batch_size}; "
                          f"lower --batch-size or raise --subset")
     if cfg.cutout > IMAGE_SIDE:
         raise ValueError(f"cutout {cfg.cutout} is larger than the {IMAGE_SIDE}-pixel image")
@@ -1667,7 +1675,7 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line that points to --help, not the whole usage."""
 
     def error(self, message):
-        if "--set" in message:  # --set FIELD=VALUE, removed: one way to set a field is enough
+        if "unrecognized arguments: --set" in message:  # --set FIELD=VALUE, removed: one way to set a field is enough
             message += "; every config field has its own flag: --ghost-bn-splits 1, not --set ghost_bn_splits=1"
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -1706,8 +1714,8 @@ output: one row per epoch, a verdict, and a JSON result (--out, default a new fi
 
 
 def build_parser(description: str | None = None, outputs: bool = True) -> argparse.ArgumentParser:
-    """The trainer's flags: --preset, one flag per Config field, and (with outputs) --out and --save. The profile/, ablations/ and bench/ scripts start from this
-    parser and add their own flags."""
+    """The trainer's flags: --preset, one flag per Config field, and (with outputs) --out and
+    --save. The profile/, ablations/ and bench/ scripts start from this parser and add their own."""
     p = _Parser(description=description or __doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog(),
                 usage="%(prog)s [--preset NAME] [--runs N] [--device DEVICE] [FLAG ...]  (--help lists every flag)")
@@ -1755,7 +1763,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def check_world(cfg: Config, world: int) -> None:
     """The checks of a distributed run that need its process count, before anything is printed."""
-    check_process_devices(cfg.device, world)
     if world > 1 and cfg.ghost_bn_splits % world:
         raise ValueError(f"ghost_bn_splits {cfg.ghost_bn_splits} is not a multiple of the {world} processes: "
                          f"each process normalises whole groups of the batch; set --ghost-bn-splits to a multiple of {world}")
@@ -2422,8 +2429,8 @@ def process_group() -> Distributed:
 
 
 def check_process_devices(device_name: str, world: int, fewer: str = "start fewer processes") -> None:
-    """ValueError, saying what to do, unless each of `world` processes can have its own device of
-    the kind `device_name` names (one GPU each on CUDA; any number on the CPU; none on MPS)."""
+    """ValueError, saying what to do, unless each of `world` processes on this machine can have its
+    own device of the kind `device_name` names (one GPU each on CUDA; any number on the CPU; none on MPS)."""
     if world <= 1:
         return
     kind = pick_device(device_name).type
@@ -2441,7 +2448,7 @@ def init_distributed(cfg: Config) -> Distributed:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Distributed()
-    check_process_devices(cfg.device, world)
+    check_process_devices(cfg.device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))  # this machine's processes
     device = pick_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)

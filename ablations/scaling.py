@@ -140,9 +140,7 @@ def measure_case(cfg: speedrun.Config, data: speedrun.DeviceData, ctx: speedrun.
     def batches(k: int):
         """This process's share of k consecutive batches of the epoch, from its start again if k > n_batches."""
         order = torch.arange(k, device=device) % n_batches
-        xs = x.view(n_batches, local, *x.shape[1:])[order].flatten(0, 1)
-        if speedrun.uses_channels_last(cfg, device):
-            xs = xs.contiguous(memory_format=torch.channels_last)
+        xs = setup.in_layout(x.view(n_batches, local, *x.shape[1:])[order].flatten(0, 1))
         return xs, y.view(n_batches, local)[order].flatten()
 
     watch = speedrun.Stopwatch(device)

@@ -98,8 +98,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     env = speedrun.environment(torch.device("cpu"))
-    print(f"{env['device_name']}, torch {env['torch']}, batch {args.batch_size}, {args.steps} steps x {args.repeats} "
-          f"repeats per cell\n")
+    print(f"{speedrun.machine_line(env)}; batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats per cell\n")
     print("\n".join(table(measure(presets, args.batch_size, args.steps, args.repeats, precisions), args.batch_size)))
     return 0
 

@@ -40,7 +40,7 @@ STUDIES_START, STUDIES_END = "<!-- studies:start (bench/ledger.py writes these t
 # fields a run may change without changing the recipe it measures
 FREE = {"seed", "runs", "device", "precision", "channels_last", "eval_every", "workers", "data_dir", "compile",
         "compile_mode", "deterministic", "eval_batch_size"}
-# fields that act only on CUDA (orthogonalize() runs Newton-Schulz in fp32 elsewhere): free off a GPU
+# fields that act only on CUDA (orthogonalize() runs Newton-Schulz in fp32 elsewhere): free off CUDA
 CUDA_ONLY = {"muon_ns_precision"}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 

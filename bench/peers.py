@@ -269,8 +269,12 @@ def trainer_summary(records: list[dict]) -> dict:
     """speedrun.summarize's statistics of a trainer's runs (accuracy: mean, spread, interval, the
     fraction at the target, the t-test of a mean above it), with its timer's and the wall clock's."""
     runs = [dict(seed=r["seed"], final_acc=r["acc"], time_to_target_s=r.get("time_to_target_s")) for r in records]
-    return dict(speedrun.summarize(runs, TARGET_ACC), time_s=describe([r["time_s"] for r in records]),
-                wall_s=describe([r["wall_s"] for r in records]))
+    summary = dict(speedrun.summarize(runs, TARGET_ACC), time_s=describe([r["time_s"] for r in records]),
+                   wall_s=describe([r["wall_s"] for r in records]))
+    if not any("time_to_target_s" in r for r in records):  # a trainer without an early stop (the peer's)
+        for key in ("time_to_target_mean_s", "time_to_target_std_s", "runs_reaching_target"):
+            del summary[key]
+    return summary
 
 
 def ratio_stats(pairs: list[tuple[float, float]]) -> dict:

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 import speedrun  # noqa: E402
 
+
 def parse_args(description: str, add_flags, argv=None, uses=("out", "save")):
     """speedrun's parser plus the script's own flags (add_flags(parser)); returns
     (parser, args, cfg, device). Bad input exits with status 2 and a one-line message.

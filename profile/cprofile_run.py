@@ -120,7 +120,7 @@ def main(argv=None) -> int:
 
     run = result["runs"][-1]
     print(f"\n{_common.describe_machine(device)}")
-    print(f"command: {speedrun.command_line(__file__)}")
+    print(f"command: {speedrun.command_line(__file__, argv)}")
     print(f"data loading (not profiled) {data.load_s:.2f} s; speedrun.run_many under cProfile {wall_s:.2f} s "
           f"(the trainer's own timer: whitening + training {run['whitening_s'] + run['train_s']:.2f} s in the last run; "
           f"cProfile slows Python-heavy code)")

@@ -93,12 +93,6 @@ def orthogonalization_flops(model: nn.Module, cfg) -> int:
     return counter.get_total_flops()
 
 
-def epoch_steps(steps: int, n_batches: int) -> list[int]:
-    """The steps of each epoch of a run of `steps` steps, the last epoch cut short, as train() runs them."""
-    whole, rest = divmod(steps, n_batches)
-    return [n_batches] * whole + ([rest] if rest else [])
-
-
 def ema_updates(cfg, steps: int, n_batches: int) -> int:
     """How often the run's EMA blends in `steps` steps, asked of speedrun's own EMA class (its due())."""
     if not cfg.ema:
@@ -106,7 +100,7 @@ def ema_updates(cfg, steps: int, n_batches: int) -> int:
     due = speedrun.EMA_KINDS[cfg.ema_mode].due
     every = SimpleNamespace(every=cfg.ema_every)  # all that due() reads of the EMA
     done, updates = 0, 0
-    for n in epoch_steps(steps, n_batches):
+    for n in speedrun.epoch_steps(steps, n_batches):
         for batch in range(n):
             done += 1
             updates += due(every, done, batch)
@@ -140,7 +134,7 @@ def count_run(cfg, epochs: int | None = None) -> dict:
     }
     # train() evaluates after every eval_every-th epoch and the last (EMA+TTA, then the raw model
     # without TTA); one EMA+TTA pass is timed, the rest is not
-    run_epochs = len(epoch_steps(steps, n_batches))
+    run_epochs = len(speedrun.epoch_steps(steps, n_batches))
     evaluated = sum(1 for e in range(run_epochs) if e == run_epochs - 1 or (e + 1) % cfg.eval_every == 0)
     untimed_eval = evaluated * n_test * (views + 1) * per_image - timed_eval
     return dict(parts=parts, timed_total=sum(parts.values()), untimed_evaluation=untimed_eval,
@@ -238,7 +232,7 @@ def main(argv=None) -> int:
     peak = measure_peak(device, dtype, size)
 
     unit, scale = ("TFLOP", 1e12) if count["timed_total"] >= 1e13 else ("GFLOP", 1e9)
-    lines = [_common.describe_machine(device), f"command: {speedrun.command_line(__file__)}",
+    lines = [_common.describe_machine(device), f"command: {speedrun.command_line(__file__, argv)}",
              f"one training run: {count['n_train']} training images, {speedrun.plural(count['epochs'], 'epoch')} = "
              f"{speedrun.plural(count['steps'], 'step')} "
              f"of {cfg.batch_size}, width {cfg.width:g}, {count['n_test']} test images x {count['tta_views']} TTA view(s); "

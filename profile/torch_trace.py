@@ -130,10 +130,9 @@ def profile_window(cfg, data, device, steps: int, warmup: int, eval_images: int)
     b = setup.local_batch
 
     model.train()
-    x, y = setup.epoch_batches(data, 0)  # batches as the window's: the same memory layout, so nothing recompiles
+    warm_x = setup.in_layout(data.train_x[:b])  # the window's memory layout, so that nothing recompiles there
     for i in range(warmup):  # first-call allocations, cuDNN autotuning, compilation
-        k = i % setup.n_batches
-        step_fn(x[k * b:(k + 1) * b], y[k * b:(k + 1) * b])
+        step_fn(warm_x, data.train_y[:b])
     speedrun.predict(eval_forward, test_x[:cfg.eval_batch_size], cfg, device, dtype)
     speedrun.synchronize(device)
 
@@ -211,7 +210,7 @@ def main(argv=None) -> int:
     chrome, board = write_traces(prof, trace_dir)
 
     tta = f"{cfg.tta} TTA" if cfg.tta != "none" else "no TTA"
-    lines = [_common.describe_machine(device), f"command: {speedrun.command_line(__file__)}",
+    lines = [_common.describe_machine(device), f"command: {speedrun.command_line(__file__, argv)}",
              f"profiled window: whitening init ({min(cfg.whiten_samples, n_train) if cfg.whiten else 0} images), "
              f"augmentation of one epoch ({n_train} images), {args.trace_steps} training steps of {cfg.batch_size}, "
              f"evaluation of {eval_images} test images ({tta}); 'run est.' = one timed run of {speedrun.plural(cfg.epochs, 'epoch')} "
@@ -220,7 +219,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     _common.write_text(trace_dir / "breakdown.txt", text + "\n")
-    record = dict(device=str(device), machine=_common.describe_machine(device), command=speedrun.command_line(__file__),
+    record = dict(device=str(device), machine=_common.describe_machine(device), command=speedrun.command_line(__file__, argv),
                   window_wall_s=wall_s, window_us=times_us, run_factors=factors,
                   add_up_tolerance=ADD_UP_TOLERANCE, labels=CATEGORIES)
     speedrun.save_json(record, trace_dir / "breakdown.json")

@@ -87,6 +87,20 @@ def test_processes_need_a_device_each_and_are_told_what_to_do(monkeypatch):
         speedrun.check_process_devices("cuda:1", 2)
     with pytest.raises(ValueError, match="3 processes need 3 GPUs .* 2 are visible; lower --procs, or use --device cpu"):
         speedrun.check_process_devices("auto", 3, fewer="lower --procs")
+    # inside a job, each process's device is already its own GPU: a run's own checks must accept it
+    speedrun.check_world(speedrun.make_config(device="cuda:1", ghost_bn_splits=16), 2)
+    # the check counts this machine's processes: 2 nodes x 2 GPUs is a job of 4 on 2 GPUs each
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    monkeypatch.setattr(speedrun.dist, "init_process_group", lambda *a, **k: pytest.fail("joined a job it cannot run"))
+    with pytest.raises(ValueError, match="3 processes need 3 GPUs"):
+        speedrun.init_distributed(speedrun.make_config(device="cuda"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    joined = []
+    monkeypatch.setattr(speedrun.dist, "init_process_group", lambda backend, **k: joined.append(backend))
+    monkeypatch.setattr(speedrun, "process_group", lambda: speedrun.Distributed(0, 4))
+    assert speedrun.init_distributed(speedrun.make_config(device="cuda")).world == 4 and joined == ["nccl"]
 
 
 def test_runs_spread_over_worker_processes(real_data_dir, tmp_path):

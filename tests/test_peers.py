@@ -264,6 +264,8 @@ def test_benchmark_end_to_end_with_a_fake_peer(real_data_dir, tmp_path, one_thre
 
     s = result["summary"][peers.PEER]
     assert s["acc_mean"] == pytest.approx(0.94055) and s["frac_at_target"] == 1.0
+    assert "runs_reaching_target" not in s, "the peer has no early stop: no time-to-target figures for it"
+    assert result["summary"][presets[0]]["runs_reaching_target"] is not None
     assert s["time_s"]["min"] == 3.25 and s["time_s"]["max"] == 3.5
     t, p = speedrun.one_sided_t_test([0.9405, 0.9406], 0.94)
     assert s["p_value"] == pytest.approx(p)

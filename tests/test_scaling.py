@@ -174,7 +174,7 @@ def test_a_failing_job_exits_non_zero_with_the_rank_s_error(tmp_path):
     (["--save", "w.pt"], "unrecognized arguments: --save"),
     (["--runs", "3"], "error: --runs and --workers do not apply"),
     (["--batch-size", "62"], "error: batch_size 62 is not divisible by ghost_bn_splits 4"),
-    (["--subset", "32"], "error: subset 32 is smaller than one batch of 64; lower --batch-size or raise --subset"),
+    (["--subset", "32"], "error: 32 training images are fewer than one batch of 64; lower --batch-size or raise --subset"),
 ])
 def test_bad_flags_exit_2_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
