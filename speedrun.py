@@ -480,7 +480,7 @@ class ResNet9(Network):
 
     def body(self, cfg: Config, c_in: int) -> int:
         c0, c1, c2, c3 = channels(cfg, 64, 128, 256, 512)
-        self.prep = conv_bn(c_in, c0, cfg, kernel=1) if cfg.whiten else conv_bn(c_in, c0, cfg)
+        self.prep = conv_bn(c_in, c0, cfg, kernel=1 if cfg.whiten else 3)  # whitened patches need only mixing
 
         def res(c):
             return [Residual(conv_bn(c, c, cfg), conv_bn(c, c, cfg))] if cfg.residual else []
@@ -498,8 +498,8 @@ class AirbenchNet(Network):
         c1, c2, c3 = channels(cfg, 64, 256, 256)
         self.prep = WHITEN_ACTIVATIONS[cfg.whiten_activation](cfg) if cfg.whiten else nn.Identity()
 
-        def group(c_in, c_out):
-            return nn.Sequential(conv_bn(c_in, c_out, cfg, pool=True), conv_bn(c_out, c_out, cfg))
+        def group(c_from, c_to):
+            return nn.Sequential(conv_bn(c_from, c_to, cfg, pool=True), conv_bn(c_to, c_to, cfg))
         self.layer1, self.layer2, self.layer3 = group(c_in, c1), group(c1, c2), group(c2, c3)
         return c3
 
@@ -1214,7 +1214,7 @@ def main(argv=None) -> int:
 
 
 # =============================================================================================
-# A. CIFAR-10 files: cache, folders, archives, download, checksums, safe unpickler, atomic writes; onto the device
+# A. CIFAR-10 files: cache, folders, archives, download, checksums, unpickler, atomic writes, onto the device
 # =============================================================================================
 
 
@@ -1572,7 +1572,7 @@ def load_data(cfg: Config, device: torch.device | None = None, quiet: bool = Fal
 
 
 # =============================================================================================
-# B. Config checks, argument parsing, paths, results and weights, how the command line ends, devices, metrics, reports
+# B. Config checks, arguments, paths, results and weights, how a command ends, devices, metrics, reports
 # =============================================================================================
 
 
@@ -1818,12 +1818,13 @@ def default_out_path(root: Path = Path("runs"), prefix: str = "") -> Path:
 def refuse_existing(path: Path | None, flag: str, folder: bool = False) -> None:
     """ValueError when the output path given with `flag` exists (for an output folder: exists and is
     not an empty folder): results are never overwritten."""
-    path = None if path is None else Path(path)
-    if folder and path is not None and path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path is None or not Path(path).exists():
+        return
+    if not folder:
+        raise ValueError(f"{flag} {path} already exists; choose another path (results are never overwritten)")
+    if not Path(path).is_dir() or any(Path(path).iterdir()):
         raise ValueError(f"{flag} {path} already exists and is not an empty folder; "
                          f"choose another (results are never overwritten)")
-    if not folder and path is not None and path.exists():
-        raise ValueError(f"{flag} {path} already exists; choose another path (results are never overwritten)")
 
 
 def pyplot():
