@@ -21,9 +21,10 @@ Appendices, what the method needs but a reader need not: A. CIFAR-10 files (cach
 archives, download, checksums, safe unpickler, atomic writes) and onto the device; B. config
 checks, argument parsing, paths, results and weights, how the command line ends (errors,
 interrupts, partial results), devices (choice, synchronisation, autocast, seeds, determinism,
-warm-up, memory layout), result metrics and printed reports; C. statistics (mean, spread,
-Student-t interval and test, the summary of many runs); D. several processes (torchrun
-helpers, worker pool). A reader can stop at the Appendices banner.
+warm-up, memory layout), result metrics and printed reports, and the helpers the tools share
+(output paths, charts, logs, tables); C. statistics (mean, spread, Student-t interval and
+test); D. several processes (torchrun helpers, worker pool). A reader can stop at the
+Appendices banner.
 Each switch's choices are one table beside the code it switches (NETWORKS, OPTIMIZERS,
 LR_SCHEDULES, EMA_KINDS, TTA_MODES, ...); SWITCHES names them all for checks, --help and tools.
 
@@ -46,18 +47,24 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import pickle
+import platform
+import queue
 import shlex
 import shutil
 import signal
 import sys
 import tarfile
+import textwrap
 import tempfile
 import time
+import traceback
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,8 +81,8 @@ from torch.profiler import record_function
 # =============================================================================================
 
 
-def _f(default, help):
-    return field(default=default, metadata={"help": help})
+def _f(default, help_text):
+    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass
@@ -896,13 +903,11 @@ def make_step_fn(model, opt, cfg, device, dtype, ctx: Distributed):
     return step_fn, forward, module
 
 
-def train_epoch(setup, cfg: Config, ema, x, y, step: int, communicate: bool = True, progress=None):
+def train_epoch(setup, cfg: Config, ema, x, y, step: int, progress=None):
     """Training steps over this process's augmented images `x`, already in batch order, one local
     batch at a time; `step` steps were done before. Stays on the device (no host sync). Returns
-    (summed loss, correct count, steps done), the sums as tensors. communicate=False skips the
-    BN-statistics averaging of a distributed run (ablations/scaling.py times it apart)."""
+    (summed loss, correct count, steps done), the sums as tensors."""
     b = setup.local_batch
-    sync_bn = setup.sync_bn if communicate else None
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     for i in range(x.shape[0] // b):
@@ -914,8 +919,8 @@ def train_epoch(setup, cfg: Config, ema, x, y, step: int, communicate: bool = Tr
         step += 1
         if ema is not None and ema.due(step, i):
             with record_function("speedrun: ema"):
-                if sync_bn:
-                    sync_bn()
+                if setup.sync_bn:
+                    setup.sync_bn()
                 ema.update(step)
         loss_sum += loss.detach()
         correct += (logits.detach().argmax(1) == yb).sum()
@@ -935,7 +940,7 @@ class TrainingSetup:
     gen: torch.Generator          # the augmentation and shuffle generator
     model: nn.Module              # this process's network (ghost_bn_splits / world BN groups)
     opt: torch.optim.Optimizer
-    step_fn: object               # step_fn(images, labels) -> (summed loss, logits)
+    step_fn: Callable             # step_fn(images, labels) -> (summed loss, logits)
     forward: nn.Module            # module, compiled if asked
     module: nn.Module             # model, or its DistributedDataParallel wrapper
     augment: EpochAugmenter
@@ -944,7 +949,7 @@ class TrainingSetup:
     total_steps: int              # optimizer steps of the whole run
     whiten_bias_steps: int        # the whitening bias trains for the steps before this one
     local_batch: int              # images per step in this process
-    sync_bn: object               # averages BN statistics over the processes; None when alone
+    sync_bn: Callable | None      # averages BN statistics over the processes; None when alone
 
     def steps_per_epoch(self) -> list[int]:
         return epoch_steps(self.total_steps, self.n_batches)
@@ -1143,7 +1148,23 @@ def predict(forward, x: torch.Tensor, cfg: Config, device, dtype, tta: str | Non
 # =============================================================================================
 
 
-# summarize() (Appendix C) gives the runs' mean, spread, Student-t interval and one-sided t-test.
+def summarize(runs: list[dict], target: float) -> dict:
+    """The multi-run summary. A diverged run (run['diverged']) counts in `runs` and `diverged` and
+    as a run below the target, but has no accuracy: the accuracy statistics are over the others.
+    With fewer than two accuracies there is no spread, interval or t-test (None)."""
+    finished = [r for r in runs if not r.get("diverged")]
+    accs = [r["final_acc"] for r in finished]
+    times = [r["time_to_target_s"] for r in finished if r["time_to_target_s"] is not None]
+    acc_mean, acc_std = mean_std(accs)
+    t_mean, t_std = mean_std(times)
+    t, p = one_sided_t_test(accs, target)
+    ci = [min(1.0, max(0.0, b)) for b in confidence_interval(accs)] if len(accs) >= 2 else None  # accuracy is in [0, 1]
+    return dict(runs=len(runs), target_acc=target, acc_mean=acc_mean, acc_std=acc_std if len(accs) >= 2 else None,
+                acc_min=min(accs, default=None), acc_max=max(accs, default=None), acc_ci95=ci,
+                frac_at_target=sum(a >= target for a in accs) / len(runs) if runs else None,
+                time_to_target_mean_s=t_mean, time_to_target_std_s=t_std if len(times) >= 2 else None,
+                runs_reaching_target=len(times), t_stat=t, p_value=p,
+                diverged=len(runs) - len(finished), diverged_seeds=[r["seed"] for r in runs if r.get("diverged")])
 
 
 def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = CIFAR10_URL,
@@ -1682,7 +1703,6 @@ class _Parser(argparse.ArgumentParser):
 
 def presets_text(width: int = 100) -> str:
     """What each preset sets, from PRESETS itself (so it stays true)."""
-    import textwrap
     lines = []
     for name, fields in PRESETS.items():
         sets = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
@@ -2038,7 +2058,6 @@ def cpu_model() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
     return platform.processor() or platform.machine()
 
 
@@ -2262,7 +2281,7 @@ def summary_lines(s: dict) -> list[str]:
 
 
 # =============================================================================================
-# C. Statistics: mean and spread, Student-t interval and test, the summary of many runs
+# C. Statistics: mean and spread, Student-t interval and test (the numerics summarize() uses)
 # =============================================================================================
 
 
@@ -2296,25 +2315,6 @@ def confidence_interval(values, level: float = 0.95) -> tuple[float | None, floa
         return m, m
     half = student_t_ppf(0.5 + level / 2, n - 1) * s / math.sqrt(n)
     return m - half, m + half
-
-
-def summarize(runs: list[dict], target: float) -> dict:
-    """The multi-run summary. A diverged run (run['diverged']) counts in `runs` and `diverged` and
-    as a run below the target, but has no accuracy: the accuracy statistics are over the others.
-    With fewer than two accuracies there is no spread, interval or t-test (None)."""
-    finished = [r for r in runs if not r.get("diverged")]
-    accs = [r["final_acc"] for r in finished]
-    times = [r["time_to_target_s"] for r in finished if r["time_to_target_s"] is not None]
-    acc_mean, acc_std = mean_std(accs)
-    t_mean, t_std = mean_std(times)
-    t, p = one_sided_t_test(accs, target)
-    ci = [min(1.0, max(0.0, b)) for b in confidence_interval(accs)] if len(accs) >= 2 else None  # accuracy is in [0, 1]
-    return dict(runs=len(runs), target_acc=target, acc_mean=acc_mean, acc_std=acc_std if len(accs) >= 2 else None,
-                acc_min=min(accs, default=None), acc_max=max(accs, default=None), acc_ci95=ci,
-                frac_at_target=sum(a >= target for a in accs) / len(runs) if runs else None,
-                time_to_target_mean_s=t_mean, time_to_target_std_s=t_std if len(times) >= 2 else None,
-                runs_reaching_target=len(times), t_stat=t, p_value=p,
-                diverged=len(runs) - len(finished), diverged_seeds=[r["seed"] for r in runs if r.get("diverged")])
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -2548,7 +2548,6 @@ def _pool_worker(device: str, threads: int | None, url: str, jobs, results) -> N
             result["weights"] = _state_bytes(model) if keep else None
             results.put(("run", index, result, device))
         except BaseException as e:  # reported to the parent, which stops the others
-            import traceback
             trace = None if isinstance(e, (DataError, ValueError)) else traceback.format_exc()  # ours explain themselves
             results.put(("error", index, (f"{type(e).__name__}: {e}", trace), device))
             return
@@ -2620,8 +2619,6 @@ def run_jobs(jobs: list, devices: list[str], on_result, url: str = CIFAR10_URL, 
             torch.set_num_threads(previous)
         return dict(data_load_s=cache.load_s, warmup_s=cache.warmup_s)
 
-    import multiprocessing
-    import queue
     if threads is None and all(d == "cpu" for d in devices):
         threads = max(1, torch.get_num_threads() // len(devices))
     ctx = multiprocessing.get_context("spawn")

@@ -145,13 +145,18 @@ def measure_case(cfg: speedrun.Config, data: speedrun.DeviceData, ctx: speedrun.
 
     watch = speedrun.Stopwatch(device)
 
+    sync_bn = setup.sync_bn  # averages the BN statistics over the processes; None alone
+
     def timed(k: int, communicate: bool) -> float:
+        """Seconds of k steps; without communication, no gradient all-reduce (no_sync) and no
+        BN-statistics averaging."""
         xs, ys = batches(k)
         model.train()
+        setup.sync_bn = sync_bn if communicate else None
         ctx.barrier()
         watch.start()
         with contextlib.nullcontext() if communicate or not ctx.active else setup.module.no_sync():
-            speedrun.train_epoch(setup, cfg, ema, xs, ys, step=0, communicate=communicate)
+            speedrun.train_epoch(setup, cfg, ema, xs, ys, step=0)
         return slowest(watch.stop(), ctx, device)
 
     timed(warmup, True)
