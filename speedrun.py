@@ -1041,7 +1041,7 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
     whitening_s = watch.stop()
     ema = setup.make_ema()
     eval_model, eval_forward = setup.evaluated(ema)
-    progress = Progress(log, setup.total_steps, cfg.batch_size) if log is not _quiet else None
+    progress = Progress(log, setup.total_steps, cfg.batch_size) if log is not silent else None
 
     epochs, train_s, step, time_to_target, epochs_to_target, logits = [], 0.0, 0, None, None, None
     for epoch, n_steps in enumerate(setup.steps_per_epoch()):
@@ -1182,7 +1182,7 @@ def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = 
     progress = RunsProgress(cfg, seeds, preset, device, devices, log, on_progress)
     progress.start()
     totals = run_jobs([(cfg, s) for s in seeds], devices, progress.on_result, url=url, keep={cfg.runs - 1},
-                      log=log if len(devices) == 1 else _quiet, data=data)
+                      log=log if len(devices) == 1 else silent, data=data)
     runs = progress.runs
     model = runs[-1].pop("model", None)
     for r in runs:
@@ -1215,7 +1215,7 @@ def main(argv=None) -> int:
             out = check_outputs(args)
             check_world(cfg, int(os.environ.get("WORLD_SIZE", 1)))
             ctx = init_distributed(cfg)
-            log = print if ctx.rank == 0 and not args.quiet else _quiet
+            log = print if ctx.rank == 0 and not args.quiet else silent
             ctx.describe(cfg, log)
             result = run_many(cfg, log=log, url=args.data_url, preset=args.preset,
                               on_progress=partial.writer(out) if cfg.runs > 1 else None)
@@ -2160,13 +2160,13 @@ def classification_metrics(pred: torch.Tensor, target: torch.Tensor, classes: in
                 macro_recall=recall.mean().item(), macro_f1=f1.mean().item())
 
 
-def _quiet(*args, **kwargs):
-    pass
+def silent(*args, **kwargs):
+    """The log of a run that prints nothing (train() then keeps no progress line either)."""
 
 
 def log_lines(quiet: bool = False):
     """The log of a tool: print, each line flushed at once (also through a pipe), or nothing when quiet."""
-    return _quiet if quiet else (lambda *args, **kwargs: print(*args, **kwargs, flush=True))
+    return silent if quiet else (lambda *args, **kwargs: print(*args, **kwargs, flush=True))
 
 
 def markdown_table(columns, rows) -> list[str]:
@@ -2517,7 +2517,7 @@ class RunCache:
             self.load_s += self._data[key].load_s
         return self._data[key]
 
-    def run(self, cfg: Config, seed: int, log=_quiet) -> dict:
+    def run(self, cfg: Config, seed: int, log=silent) -> dict:
         cfg = dataclasses.replace(cfg, device=str(self.device))
         data = self.data(cfg)
         kind = repr(dataclasses.replace(cfg, seed=0, runs=1))
@@ -2598,7 +2598,7 @@ class RunsProgress:
 
 
 def run_jobs(jobs: list, devices: list[str], on_result, url: str = CIFAR10_URL, threads: int | None = None,
-             keep=(), log=_quiet, data: DeviceData | None = None) -> dict:
+             keep=(), log=silent, data: DeviceData | None = None) -> dict:
     """Run each (config, seed) of `jobs`: in this process when `devices` has one entry, else in
     one worker process per entry, each taking the next job from a shared queue. Calls
     on_result(index, result, device) here as each run ends, in finishing order. result['model']
@@ -2610,7 +2610,7 @@ def run_jobs(jobs: list, devices: list[str], on_result, url: str = CIFAR10_URL, 
         if threads:
             torch.set_num_threads(threads)
         try:
-            cache = RunCache(torch.device(devices[0]), url, quiet=log is _quiet)
+            cache = RunCache(torch.device(devices[0]), url, quiet=log is silent)
             if data is not None and jobs:
                 cache.data(jobs[0][0], data)
             for index, (cfg, seed) in enumerate(jobs):

@@ -81,7 +81,7 @@ def test_saved_weights_evaluate_to_the_runs_own_plain_and_tta_accuracy(real_data
     import evaluate
     cfg = preset_config("airbench94", subset=512, test_subset=500, epochs=1, batch_size=64, eval_batch_size=500,
                         data_dir=str(real_data_dir))
-    run = speedrun.train(cfg, log=speedrun._quiet)  # lookahead: the evaluated model is the trained one
+    run = speedrun.train(cfg, log=speedrun.silent)  # lookahead: the evaluated model is the trained one
     weights, out = tmp_path / "w.pt", tmp_path / "eval.json"
     speedrun.save_weights(run["model"], cfg, weights)
     assert evaluate.main([str(weights), "--device", "cpu", "--data-dir", str(real_data_dir), "--test-subset", "500",
