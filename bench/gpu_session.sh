@@ -7,9 +7,10 @@
 #          compile     airbench94 and record compiled (max-autotune), 10 runs each: the compiled times
 #          profile     per-kernel breakdown and FLOPs of each preset
 #          peers       ours against the airbench package
-#          tta-check   airbench94 seeds 0-4 trained with --save, each evaluated here in fp16 and fp32; evaluate
-#                      the same weight files on the CPU afterwards (bench/evaluate.py --device cpu) to see
-#                      whether the CPU's smaller TTA gain comes from evaluation or from training
+#          tta-check   airbench94 seeds 0-4 trained with --save, each evaluated here in fp16 and fp32, with
+#                      the CPU-trained results/weights/*.pt; evaluate the GPU's weight files on the CPU
+#                      afterwards (bench/evaluate.py --device cpu) to see whether the CPU's smaller TTA
+#                      gain comes from evaluation or from training
 # Each command runs under its own time limit (seconds, below; SIGTERM keeps every finished run),
 # so a phase ends inside its call. Extra speedrun flags for every command go in $EXTRA
 # (e.g. EXTRA="--compile"). Study folders live in runs/studies/ (ignored, so they stay on a warm
@@ -72,9 +73,10 @@ case "$phase" in
       limited 60 "airbench94-seed$seed" python3 speedrun.py --preset airbench94 --data-dir "$data" --seed "$seed" \
         --out "$out/airbench94-seed$seed.json" --save "$out/airbench94-seed$seed.pt"
     done
+    # with them, a network trained on the CPU (results/weights/): the reverse direction
     for precision in fp16 fp32; do
-      python3 bench/evaluate.py "$out"/airbench94-seed*.pt --data-dir "$data" --precision "$precision" \
-        --out "$out/evaluate-gpu-$precision.json"
+      python3 bench/evaluate.py "$out"/airbench94-seed*.pt results/weights/*.pt --data-dir "$data" \
+        --precision "$precision" --out "$out/evaluate-gpu-$precision.json"
     done ;;
   *) echo "unknown phase $phase: accuracy | ablations | ablations-davidnet | compile | profile | peers | tta-check" >&2; exit 2 ;;
 esac
