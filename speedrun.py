@@ -1627,8 +1627,9 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"width must be positive, got {cfg.width}")
     if cfg.batch_size % cfg.ghost_bn_splits:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by ghost_bn_splits {cfg.ghost_bn_splits}")
-    if image_counts(cfg)[0] < cfg.batch_size:
-        raise ValueError(f"{image_counts(cfg)[0]} training images are fewer than one batch of {cfg.batch_size}; "
+    n_train = image_counts(cfg)[0]
+    if n_train < cfg.batch_size:
+        raise ValueError(f"{n_train} training images are fewer than one batch of {cfg.batch_size}; "
                          f"lower --batch-size or raise --subset")
     if cfg.cutout > IMAGE_SIDE:
         raise ValueError(f"cutout {cfg.cutout} is larger than the {IMAGE_SIDE}-pixel image")
