@@ -22,9 +22,10 @@ archives, download, checksums, safe unpickler, atomic writes) and onto the devic
 checks, argument parsing, paths, results and weights, how the command line ends (errors,
 interrupts, partial results), devices (choice, synchronisation, autocast, seeds, determinism,
 warm-up, memory layout), result metrics and printed reports, and the helpers the tools share
-(output paths, charts, logs, tables); C. statistics (mean, spread, Student-t interval and
-test); D. several processes (torchrun helpers, worker pool). A reader can stop at the
-Appendices banner.
+(output paths, charts, logs, tables); C. numerics (Part I's arithmetic in faster kernels:
+ghost BN in channels_last, batched Newton-Schulz; the summary of many runs: mean, spread,
+Student-t interval and test); D. several processes (torchrun helpers, worker pool). A reader
+can stop at the Appendices banner.
 Each switch's choices are one table beside the code it switches (NETWORKS, OPTIMIZERS,
 LR_SCHEDULES, EMA_KINDS, TTA_MODES, ...); SWITCHES names them all for checks, --help and tools.
 
@@ -208,19 +209,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def make_config(preset: str = "davidnet", **overrides) -> Config:
-    """The preset's Config with some fields replaced; raises ValueError for unknown names."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    names = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ValueError(f"unknown config field(s) {', '.join(unknown)}; see --help for the list")
-    cfg = dataclasses.replace(Config(), **{**PRESETS[preset], **overrides})
-    check_config(cfg)
-    return cfg
-
-
 # =============================================================================================
 # 2. Data on the device: normalised once, resident for the whole run
 # =============================================================================================
@@ -382,22 +370,7 @@ class GhostBatchNorm(nn.BatchNorm2d):
             y = F.batch_norm(x.reshape(n // s, s * c, h, w), self.running_mean, self.running_var,
                              self.weight.repeat(s), self.bias.repeat(s), True, self.momentum, self.eps)
             return y.reshape(n, c, h, w)
-        return self._grouped_channels_last(x)
-
-    def _grouped_channels_last(self, x: torch.Tensor) -> torch.Tensor:
-        """The same normalisation for a channels_last batch, where the reshape above would copy
-        it to NCHW and back: statistics over a (n/s, s, c, h, w) view, which keeps the layout."""
-        n, c, h, w = x.shape
-        s = self.splits
-        xg = x.unflatten(0, (n // s, s)).float()
-        var, mean = torch.var_mean(xg, dim=(0, 3, 4), correction=0)  # (s, c), biased as BN normalises
-        scale = torch.rsqrt(var + self.eps) * self.weight
-        y = (xg - mean[:, :, None, None]) * scale[:, :, None, None] + self.bias[:, None, None]
-        with torch.no_grad():
-            count = n // s * h * w
-            self.running_mean.view(s, c).lerp_(mean, self.momentum)
-            self.running_var.view(s, c).lerp_(var * count / max(count - 1, 1), self.momentum)
-        return y.flatten(0, 1).to(x.dtype)
+        return ghost_bn_channels_last(self, x)  # the same, without leaving the layout (Appendix C)
 
 
 ACTIVATIONS = {"celu": lambda cfg: nn.CELU(cfg.celu_alpha), "relu": lambda cfg: nn.ReLU(),
@@ -639,18 +612,6 @@ def orthogonalize(g: torch.Tensor, steps: int, coeffs=NS_COEFFICIENTS["keller"],
     return (x.mT if tall else x).to(g.dtype)
 
 
-def orthogonalize_all(mats: list[torch.Tensor], steps: int, coeffs, dtype=torch.bfloat16) -> list[torch.Tensor]:
-    """orthogonalize() of matrices of several shapes in one batched call: each is laid wide and
-    zero-padded to the largest shape, which changes nothing (zero rows and columns stay zero and
-    add nothing to the norms or products), so one set of kernels serves every filter bank."""
-    wide = [m.mT if m.shape[0] > m.shape[1] else m for m in mats]
-    rows, cols = max(m.shape[0] for m in wide), max(m.shape[1] for m in wide)
-    batch = torch.stack([F.pad(m, (0, cols - m.shape[1], 0, rows - m.shape[0])) for m in wide])
-    out = orthogonalize(batch, steps, coeffs, dtype)
-    return [o[:w.shape[0], :w.shape[1]].mT if m is not w else o[:w.shape[0], :w.shape[1]]
-            for o, w, m in zip(out, wide, mats)]
-
-
 # Config.muon_renorm -> whether step k (from 1) of `total`, `since` steps after the last rescale, rescales the banks
 MUON_RENORMS = {"none": lambda k, since, total: False, "every_step": lambda k, since, total: True,
                 "growing": lambda k, since, total: since >= 2 + int(15 * k / total)}  # hiverge's
@@ -659,10 +620,9 @@ MUON_RENORMS = {"none": lambda k, since, total: False, "every_step": lambda k, s
 class Muon(torch.optim.Optimizer):
     """Nesterov SGD in which the groups marked 'orthogonalize' (the conv filter banks) step along
     the orthogonalised momentum of each bank, seen as a (filters, fan-in) matrix and scaled by
-    sqrt(max(1, filters / fan-in)): every direction of the bank moves at the same rate. All banks
-    are orthogonalised in one batched call. Optionally, before the update, a bank is rescaled to
-    Frobenius norm sqrt(filters) (renorm: every step, or every 2 + int(15 x step/total) steps),
-    and after it, decays by its LR x decoupled_wd."""
+    sqrt(max(1, filters / fan-in)): every direction of the bank moves at the same rate (all banks
+    in one batched call, orthogonalize_all in Appendix C). A renorm rule may first rescale a bank
+    to Frobenius norm sqrt(filters); decoupled_wd then decays it by its LR x decoupled_wd."""
 
     def __init__(self, groups, momentum: float, ns_steps: int, coeffs=NS_COEFFICIENTS["keller"],
                  renorm=MUON_RENORMS["none"], total_steps: int = 0, ns_dtype=torch.bfloat16):
@@ -840,14 +800,7 @@ class Lookahead(EMA):
         return self.trained
 
 
-EMA_KINDS = {"average": EMA, "lookahead": Lookahead}
-
-
-def make_ema(model: nn.Module, cfg: Config, total_steps: int) -> EMA | None:
-    """The run's moving average (after the whitening init, which it must copy), or None."""
-    if not cfg.ema:
-        return None
-    return EMA_KINDS[cfg.ema_mode](model, cfg, total_steps)
+EMA_KINDS = {"average": EMA, "lookahead": Lookahead}  # Config.ema_mode -> its class (Config.ema: whether to keep one)
 
 
 # =============================================================================================
@@ -878,9 +831,6 @@ class Stopwatch:
             return self._t0.elapsed_time(t1) / 1000
         synchronize(self.device)
         return time.perf_counter() - self._t0
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 def make_step_fn(model, opt, cfg, device, dtype, ctx: Distributed):
@@ -955,8 +905,9 @@ class TrainingSetup:
         return epoch_steps(self.total_steps, self.n_batches)
 
     def make_ema(self) -> EMA | None:
-        """The moving average, made once the model is initialised (after the whitening)."""
-        return make_ema(self.model, self.cfg, self.total_steps)
+        """The run's moving average of cfg.ema_mode, or None; made once the model is initialised
+        (after the whitening), which it copies."""
+        return EMA_KINDS[self.cfg.ema_mode](self.model, self.cfg, self.total_steps) if self.cfg.ema else None
 
     def epoch_batches(self, data: DeviceData, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's augmented images and labels of one epoch, shuffled, in batch order."""
@@ -1000,11 +951,8 @@ def prepare_training(cfg: Config, data: DeviceData, device: torch.device, seed: 
     optimizer, step function and augmenter of one run."""
     check_config(cfg)
     ctx = process_group()
-    n_train = data.train_x.shape[0]
-    n_batches = n_train // cfg.batch_size
-    if n_batches == 0:  # check_config knows CIFAR-10's sizes; data given to train() may be smaller
-        raise ValueError(f"{n_train} training images are fewer than one batch of {cfg.batch_size}; "
-                         f"lower --batch-size or raise --subset")
+    check_batch_fits(data.train_x.shape[0], cfg)  # data handed to train() may hold fewer images than the config names
+    n_batches = data.train_x.shape[0] // cfg.batch_size
     check_world(cfg, ctx.world)
     set_determinism(cfg, device)
     if device.type == "cuda":
@@ -1148,33 +1096,15 @@ def predict(forward, x: torch.Tensor, cfg: Config, device, dtype, tta: str | Non
 # =============================================================================================
 
 
-def summarize(runs: list[dict], target: float) -> dict:
-    """The multi-run summary. A diverged run (run['diverged']) counts in `runs` and `diverged` and
-    as a run below the target, but has no accuracy: the accuracy statistics are over the others.
-    With fewer than two accuracies there is no spread, interval or t-test (None)."""
-    finished = [r for r in runs if not r.get("diverged")]
-    accs = [r["final_acc"] for r in finished]
-    times = [r["time_to_target_s"] for r in finished if r["time_to_target_s"] is not None]
-    acc_mean, acc_std = mean_std(accs)
-    t_mean, t_std = mean_std(times)
-    t, p = one_sided_t_test(accs, target)
-    ci = [min(1.0, max(0.0, b)) for b in confidence_interval(accs)] if len(accs) >= 2 else None  # accuracy is in [0, 1]
-    return dict(runs=len(runs), target_acc=target, acc_mean=acc_mean, acc_std=acc_std if len(accs) >= 2 else None,
-                acc_min=min(accs, default=None), acc_max=max(accs, default=None), acc_ci95=ci,
-                frac_at_target=sum(a >= target for a in accs) / len(runs) if runs else None,
-                time_to_target_mean_s=t_mean, time_to_target_std_s=t_std if len(times) >= 2 else None,
-                runs_reaching_target=len(times), t_stat=t, p_value=p,
-                diverged=len(runs) - len(finished), diverged_seeds=[r["seed"] for r in runs if r.get("diverged")])
-
-
 def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = CIFAR10_URL,
              on_progress=None, preset: str | None = None) -> dict:
     """cfg.runs runs with seeds cfg.seed, cfg.seed+1, ..., in this process or spread over worker
-    processes (cfg.workers); returns the JSON-ready result with the last seed's evaluated model
-    under the key 'model' (dropped before saving). Under torchrun, ranks other than 0 get {}.
-    on_progress(partial), if given, is called on rank 0 after each finished run with the result
-    so far (the finished runs, 'complete': False), so that an interrupted job keeps them.
-    `preset`, the name the config started from, is recorded in the result."""
+    processes (cfg.workers), and their summary (summarize, Appendix C): mean, spread and 95%
+    interval of the final accuracy, the fraction of runs at the target, and a one-sided t-test
+    that the mean exceeds it. Returns the JSON-ready result, the last seed's evaluated model under
+    'model' (dropped before saving); under torchrun, ranks other than 0 get {}. on_progress(partial),
+    if given, gets the result so far ('complete': False) after each finished run, so that an
+    interrupted job keeps them. `preset`, the name the config started from, is recorded."""
     check_config(cfg)
     device = pick_device(cfg.device)
     devices = worker_devices(cfg, device)
@@ -1597,6 +1527,9 @@ def load_data(cfg: Config, device: torch.device | None = None, quiet: bool = Fal
 # =============================================================================================
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
 # Each Config field that names a choice, and the table its choices come from (by the code it switches).
 SWITCHES = dict(flip=FLIPS, arch=NETWORKS, activation=ACTIVATIONS, whiten_activation=WHITEN_ACTIVATIONS,
                 whiten_kernel=WHITEN_KERNELS, whiten_bias_init=WHITEN_BIAS_INITS,
@@ -1627,10 +1560,7 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"width must be positive, got {cfg.width}")
     if cfg.batch_size % cfg.ghost_bn_splits:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by ghost_bn_splits {cfg.ghost_bn_splits}")
-    n_train = image_counts(cfg)[0]
-    if n_train < cfg.batch_size:
-        raise ValueError(f"{n_train} training images are fewer than one batch of {cfg.batch_size}; "
-                         f"lower --batch-size or raise --subset")
+    check_batch_fits(image_counts(cfg)[0], cfg)
     if cfg.cutout > IMAGE_SIDE:
         raise ValueError(f"cutout {cfg.cutout} is larger than the {IMAGE_SIDE}-pixel image")
     if cfg.crop_pad >= IMAGE_SIDE:
@@ -1660,6 +1590,25 @@ def check_config(cfg: Config) -> None:
             raise ValueError(f"{name} must be in [0, 1), got {getattr(cfg, name):g}")
     if not 0 <= cfg.bn_momentum <= 1:
         raise ValueError(f"bn_momentum must be in [0, 1], got {cfg.bn_momentum:g}")
+
+
+def check_batch_fits(n_train: int, cfg: Config) -> None:
+    if n_train < cfg.batch_size:
+        raise ValueError(f"{n_train} training images are fewer than one batch of {cfg.batch_size}; "
+                         f"lower --batch-size or raise --subset")
+
+
+def make_config(preset: str = "davidnet", **overrides) -> Config:
+    """The preset's Config with some fields replaced; raises ValueError for unknown names."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {', '.join(unknown)}; see --help for the list")
+    cfg = dataclasses.replace(Config(), **{**PRESETS[preset], **overrides})
+    check_config(cfg)
+    return cfg
 
 
 # -- argument parsing ------------------------------------------------------------------------
@@ -2282,8 +2231,62 @@ def summary_lines(s: dict) -> list[str]:
 
 
 # =============================================================================================
-# C. Statistics: mean and spread, Student-t interval and test (the numerics summarize() uses)
+# C. Numerics: Part I's arithmetic in faster kernels; mean, spread and Student-t statistics
 # =============================================================================================
+
+
+# -- the same arithmetic as Part I, laid out for speed ---------------------------------------
+
+
+def ghost_bn_channels_last(bn: GhostBatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """GhostBatchNorm's training normalisation of a channels_last batch, where its reshape of the
+    groups into channels would copy the batch to NCHW and back: the statistics are taken over a
+    (n/s, s, c, h, w) view instead, which keeps the layout. Same numbers, up to rounding."""
+    n, c, h, w = x.shape
+    s = bn.splits
+    xg = x.unflatten(0, (n // s, s)).float()
+    var, mean = torch.var_mean(xg, dim=(0, 3, 4), correction=0)  # (s, c), biased as BN normalises
+    scale = torch.rsqrt(var + bn.eps) * bn.weight
+    y = (xg - mean[:, :, None, None]) * scale[:, :, None, None] + bn.bias[:, None, None]
+    with torch.no_grad():
+        count = n // s * h * w
+        bn.running_mean.view(s, c).lerp_(mean, bn.momentum)
+        bn.running_var.view(s, c).lerp_(var * count / max(count - 1, 1), bn.momentum)
+    return y.flatten(0, 1).to(x.dtype)
+
+
+def orthogonalize_all(mats: list[torch.Tensor], steps: int, coeffs, dtype=torch.bfloat16) -> list[torch.Tensor]:
+    """orthogonalize() of matrices of several shapes in one batched call: each is laid wide and
+    zero-padded to the largest shape, which changes nothing (zero rows and columns stay zero and
+    add nothing to the norms or products), so one set of kernels serves every filter bank."""
+    wide = [m.mT if m.shape[0] > m.shape[1] else m for m in mats]
+    rows, cols = max(m.shape[0] for m in wide), max(m.shape[1] for m in wide)
+    batch = torch.stack([F.pad(m, (0, cols - m.shape[1], 0, rows - m.shape[0])) for m in wide])
+    out = orthogonalize(batch, steps, coeffs, dtype)
+    return [o[:w.shape[0], :w.shape[1]].mT if m is not w else o[:w.shape[0], :w.shape[1]]
+            for o, w, m in zip(out, wide, mats)]
+
+
+# -- statistics: mean and spread, Student-t interval and test (what summarize() reports) -----
+
+
+def summarize(runs: list[dict], target: float) -> dict:
+    """The multi-run summary. A diverged run (run['diverged']) counts in `runs` and `diverged` and
+    as a run below the target, but has no accuracy: the accuracy statistics are over the others.
+    With fewer than two accuracies there is no spread, interval or t-test (None)."""
+    finished = [r for r in runs if not r.get("diverged")]
+    accs = [r["final_acc"] for r in finished]
+    times = [r["time_to_target_s"] for r in finished if r["time_to_target_s"] is not None]
+    acc_mean, acc_std = mean_std(accs)
+    t_mean, t_std = mean_std(times)
+    t, p = one_sided_t_test(accs, target)
+    ci = [min(1.0, max(0.0, b)) for b in confidence_interval(accs)] if len(accs) >= 2 else None  # accuracy is in [0, 1]
+    return dict(runs=len(runs), target_acc=target, acc_mean=acc_mean, acc_std=acc_std if len(accs) >= 2 else None,
+                acc_min=min(accs, default=None), acc_max=max(accs, default=None), acc_ci95=ci,
+                frac_at_target=sum(a >= target for a in accs) / len(runs) if runs else None,
+                time_to_target_mean_s=t_mean, time_to_target_std_s=t_std if len(times) >= 2 else None,
+                runs_reaching_target=len(times), t_stat=t, p_value=p,
+                diverged=len(runs) - len(finished), diverged_seeds=[r["seed"] for r in runs if r.get("diverged")])
 
 
 def mean_std(values) -> tuple[float | None, float | None]:
