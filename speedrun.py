@@ -215,9 +215,9 @@ PRESETS: dict[str, dict] = {
 
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_SIZES = (50000, 10000)  # training and test images
 IMAGE_SIDE = 32  # pixels
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # of the training images, per channel (RGB)
 
 
 @dataclass
@@ -230,21 +230,14 @@ class DeviceData:
     load_s: float          # disk (or cache) to normalised device tensors
 
 
-PRECISIONS = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # auto: by device
-
-
-def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    name = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
-    return PRECISIONS[name]
-
-
 def to_device(images: np.ndarray, device, dtype) -> torch.Tensor:
     """uint8 NHWC -> normalised NCHW tensor of `dtype` on `device`."""
     x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255)
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
     return ((x - mean) / std).to(dtype).contiguous()
-# load_data() reads the files (Appendix A) and hands each array to to_device(), cut to the config's subsets.
+# load_data() (Appendix A) reads the files and hands each array, cut to the config's subsets, to to_device()
+# in compute_dtype()'s precision (Appendix B): fp16 on CUDA, fp32 elsewhere, unless --precision says otherwise.
 
 
 # =============================================================================================
@@ -374,15 +367,9 @@ class GhostBatchNorm(nn.BatchNorm2d):
 
 
 ACTIVATIONS = {"celu": lambda cfg: nn.CELU(cfg.celu_alpha), "relu": lambda cfg: nn.ReLU(),
-               "gelu": lambda cfg: nn.GELU(), "silu": lambda cfg: nn.SiLU()}
-
-
-def make_activation(cfg: Config) -> nn.Module:
-    return ACTIVATIONS[cfg.activation](cfg)
-
-
+               "gelu": lambda cfg: nn.GELU(), "silu": lambda cfg: nn.SiLU()}  # Config.activation -> its maker
 # Config.whiten_activation -> the airbench network's activation after the whitening: the run's own, or another
-WHITEN_ACTIVATIONS = {"same": make_activation, **ACTIVATIONS}
+WHITEN_ACTIVATIONS = {"same": lambda cfg: ACTIVATIONS[cfg.activation](cfg), **ACTIVATIONS}
 
 
 def conv_bn(c_in: int, c_out: int, cfg: Config, pool: bool = False, kernel: int = 3) -> nn.Sequential:
@@ -391,7 +378,7 @@ def conv_bn(c_in: int, c_out: int, cfg: Config, pool: bool = False, kernel: int 
     if pool:
         layers.append(nn.MaxPool2d(2))
     layers += [GhostBatchNorm(c_out, cfg.ghost_bn_splits, cfg.bn_scale_frozen, cfg.bn_momentum, cfg.bn_eps),
-               make_activation(cfg)]
+               ACTIVATIONS[cfg.activation](cfg)]
     return nn.Sequential(*layers)
 
 
@@ -418,12 +405,12 @@ def whitening_layer(cfg: Config) -> tuple[nn.Module, int]:
     if not cfg.whiten:
         return nn.Identity(), 3
     k = cfg.whiten_kernel
-    channels = 3 * k * k * (2 if cfg.whiten_negatives else 1)
-    conv = nn.Conv2d(3, channels, k, padding=(k - 1) // 2, bias=cfg.whiten_bias_epochs > 0)
+    c_out = 3 * k * k * (2 if cfg.whiten_negatives else 1)
+    conv = nn.Conv2d(3, c_out, k, padding=(k - 1) // 2, bias=cfg.whiten_bias_epochs > 0)
     conv.weight.requires_grad_(False)
     if conv.bias is not None:
         WHITEN_BIAS_INITS[cfg.whiten_bias_init](conv.bias)
-    return conv, channels
+    return conv, c_out
 
 
 class Network(nn.Module):
@@ -434,7 +421,7 @@ class Network(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.whiten, c_white = whitening_layer(cfg)
-        self.head = nn.Linear(self.body(cfg, c_white), 10, bias=False)
+        self.head = nn.Linear(self.body(cfg, c_white), len(CLASSES), bias=False)
         self.head_scale = cfg.head_scale
 
     def body(self, cfg: Config, c_in: int) -> int:
@@ -558,11 +545,6 @@ def epoch_steps(total: int, n_batches: int) -> list[int]:
     return [n_batches] * whole + ([rest] if rest else [])
 
 
-def total_steps(cfg: Config, n_batches: int) -> int:
-    """Optimizer steps of a run."""
-    return epochs_to_steps(cfg.epochs, n_batches)
-
-
 def one_cycle(cfg: Config, t: int, total: int) -> float:
     """lr_start -> 1 -> lr_final, piecewise linear, its knots at whole steps int(fraction x total)."""
     knots = [0, int(round(cfg.lr_peak_frac * total, 9)), int(round(cfg.lr_final_frac * total, 9)), total]
@@ -575,20 +557,10 @@ LR_SCHEDULES = {"onecycle": one_cycle, "linear": lambda cfg, t, total: max(0.0, 
 LR_SCHEDULE_AT = {"end": 1, "start": 0}
 
 
-def lr_factor(cfg: Config, step: int, total: int) -> float:
-    """The schedule's multiplier of the peak LR for the step that has `step` steps done before it
-    (0 .. total-1), read at step + LR_SCHEDULE_AT[cfg.lr_schedule_at] of `total`."""
-    return LR_SCHEDULES[cfg.lr_schedule](cfg, step + LR_SCHEDULE_AT[cfg.lr_schedule_at], total)
-
-
-def whiten_bias_steps(cfg: Config, n_batches: int) -> int:
-    """Steps during which the whitening bias trains (the first whiten_bias_epochs epochs)."""
-    return epochs_to_steps(cfg.whiten_bias_epochs, n_batches)
-
-
-def is_bn_param(name: str, model: nn.Module) -> bool:
-    module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-    return isinstance(module, nn.BatchNorm2d)
+def lr_factor(cfg: Config, step: int, total: int, schedule: str | None = None) -> float:
+    """The multiplier of the peak LR, by cfg.lr_schedule (or `schedule`) over `total` steps, for the
+    step that has `step` steps done before it, read at step + LR_SCHEDULE_AT[cfg.lr_schedule_at]."""
+    return LR_SCHEDULES[schedule or cfg.lr_schedule](cfg, step + LR_SCHEDULE_AT[cfg.lr_schedule_at], total)
 
 
 # Newton-Schulz quintic coefficients (a, b, c): Keller Jordan's, and hiverge's retuned ones.
@@ -688,16 +660,21 @@ OPTIMIZERS = {
 }
 
 
+def lr_group(params: list, cfg: Config, scale: float = 1.0, **extra) -> dict:
+    """A parameter group at scale x lr/batch_size with 1/scale of the decay weight_decay x batch_size
+    (the loss is summed over the batch); set_lr() scales its 'peak_lr' by the schedule each step."""
+    return dict(params=params, peak_lr=cfg.lr / cfg.batch_size * scale,
+                weight_decay=cfg.weight_decay * cfg.batch_size / scale, **extra)
+
+
 def whiten_bias_apart(groups: list[dict], model: Network, cfg: Config, bias_steps: int) -> list[dict]:
     """hiverge's whitening bias: it leaves the weights' group for one of its own, at the BN
     parameters' LR and decay, its LR decaying linearly to 0 over its `bias_steps` ('decay_over')."""
     bias = getattr(model.whiten, "bias", None)
     if bias is None or not bias.requires_grad:
         return groups
-    base, wd = cfg.lr / cfg.batch_size, cfg.weight_decay * cfg.batch_size
     rest = [dict(g, params=[p for p in g["params"] if p is not bias]) for g in groups]
-    return [*rest, dict(params=[bias], peak_lr=base * cfg.bias_lr_scale, weight_decay=wd / cfg.bias_lr_scale,
-                        decay_over=max(1, bias_steps))]
+    return [*rest, lr_group([bias], cfg, cfg.bias_lr_scale, decay_over=max(1, bias_steps))]
 
 
 # Config.whiten_bias_schedule -> the parameter groups with the whitening bias placed: with the weights, on
@@ -706,16 +683,13 @@ WHITEN_BIAS_SCHEDULES = {"shared": lambda groups, model, cfg, bias_steps: groups
 
 
 def build_optimizer(model: nn.Module, cfg: Config, total_steps: int = 0, bias_steps: int = 0) -> torch.optim.Optimizer:
-    """Parameter groups: BN parameters at bias_lr_scale x lr/batch_size with 1/bias_lr_scale the
-    decay, the other weights at lr/batch_size; the whitening bias placed by whiten_bias_schedule;
-    the optimizer's maker may regroup them (Muon's takes the conv filter banks apart). set_lr()
-    scales each group's 'peak_lr'; total_steps paces Muon's 'growing' renormalisation."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    base, wd = cfg.lr / cfg.batch_size, cfg.weight_decay * cfg.batch_size
-    biases = [p for n, p in params if is_bn_param(n, model)]
-    weights = [p for n, p in params if not is_bn_param(n, model)]
-    groups = [dict(params=weights, peak_lr=base, weight_decay=wd),
-              dict(params=biases, peak_lr=base * cfg.bias_lr_scale, weight_decay=wd / cfg.bias_lr_scale)]
+    """The weights' group, the BN parameters' at bias_lr_scale (lr_group), the whitening bias placed
+    by whiten_bias_schedule, then the optimizer of cfg.optimizer, whose maker may regroup them
+    (Muon's takes the conv filter banks apart); total_steps paces Muon's 'growing' renormalisation."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    bn = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    groups = [lr_group([p for p in trainable if id(p) not in bn], cfg),
+              lr_group([p for p in trainable if id(p) in bn], cfg, cfg.bias_lr_scale)]
     groups = WHITEN_BIAS_SCHEDULES[cfg.whiten_bias_schedule](groups, model, cfg, bias_steps)
     groups = [dict(g, lr=0.0) for g in groups if g["params"]]
     return OPTIMIZERS[cfg.optimizer](groups, cfg, total_steps)
@@ -725,9 +699,8 @@ def set_lr(opt: torch.optim.Optimizer, cfg: Config, step: int, total: int) -> No
     """Every group's LR for the step with `step` steps done before it, of `total`; a group with
     'decay_over' (the whitening bias's own schedule) decays linearly to 0 over that many steps."""
     factor = lr_factor(cfg, step, total)
-    t = step + LR_SCHEDULE_AT[cfg.lr_schedule_at]
     for g in opt.param_groups:
-        g["lr"] = g["peak_lr"] * (max(0.0, 1 - t / g["decay_over"]) if "decay_over" in g else factor)
+        g["lr"] = g["peak_lr"] * (lr_factor(cfg, step, g["decay_over"], "linear") if "decay_over" in g else factor)
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -853,7 +826,7 @@ def make_step_fn(model, opt, cfg, device, dtype, ctx: Distributed):
     return step_fn, forward, module
 
 
-def train_epoch(setup, cfg: Config, ema, x, y, step: int, progress=None):
+def train_epoch(setup: TrainingSetup, ema: EMA | None, x, y, step: int, progress=None):
     """Training steps over this process's augmented images `x`, already in batch order, one local
     batch at a time; `step` steps were done before. Stays on the device (no host sync). Returns
     (summed loss, correct count, steps done), the sums as tensors."""
@@ -864,7 +837,7 @@ def train_epoch(setup, cfg: Config, ema, x, y, step: int, progress=None):
         xb, yb = x[i * b:(i + 1) * b], y[i * b:(i + 1) * b]
         if step == setup.whiten_bias_steps:
             setup.freeze_whitening_bias()
-        set_lr(setup.opt, cfg, step, setup.total_steps)
+        set_lr(setup.opt, setup.cfg, step, setup.total_steps)
         loss, logits = setup.step_fn(xb, yb)
         step += 1
         if ema is not None and ema.due(step, i):
@@ -922,12 +895,6 @@ class TrainingSetup:
         """Images in the memory layout the network trains in (see uses_channels_last)."""
         return x.contiguous(memory_format=torch.channels_last) if uses_channels_last(self.cfg, self.device) else x
 
-    @property
-    def raw_forward(self) -> nn.Module:
-        """The trained network's own forward, for its accuracy without EMA and TTA: the compiled one,
-        but in a job the bare model, as only rank 0 evaluates and DDP's forward is a collective call."""
-        return self.model if self.ctx.active else self.forward
-
     def evaluated(self, ema: EMA | None) -> tuple[nn.Module, nn.Module]:
         """(the evaluated network: the EMA's, else the model; its forward, compiled if asked)."""
         model = ema.eval_model if ema else self.model
@@ -949,19 +916,14 @@ class TrainingSetup:
 def prepare_training(cfg: Config, data: DeviceData, device: torch.device, seed: int) -> TrainingSetup:
     """Check the config against the data and the processes, seed, and build the network,
     optimizer, step function and augmenter of one run."""
-    check_config(cfg)
     ctx = process_group()
-    check_batch_fits(data.train_x.shape[0], cfg)  # data handed to train() may hold fewer images than the config names
-    n_batches = data.train_x.shape[0] // cfg.batch_size
-    check_world(cfg, ctx.world)
-    set_determinism(cfg, device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dtype = compute_dtype(cfg, device)
+    check_run(cfg, data.train_x.shape[0], ctx.world)
+    dtype = prepare_device(cfg, device)
     gen = seed_everything(seed, device)
+    n_batches = data.train_x.shape[0] // cfg.batch_size
     # each process normalises its share of the batch in ghost_bn_splits / world groups
     model = build_model(dataclasses.replace(cfg, ghost_bn_splits=cfg.ghost_bn_splits // ctx.world), device)
-    steps, bias_steps = total_steps(cfg, n_batches), whiten_bias_steps(cfg, n_batches)
+    steps, bias_steps = epochs_to_steps(cfg.epochs, n_batches), epochs_to_steps(cfg.whiten_bias_epochs, n_batches)
     opt = build_optimizer(model, cfg, steps, bias_steps)
     step_fn, forward, module = make_step_fn(model, opt, cfg, device, dtype, ctx)
     sync_bn = (lambda: average_bn_statistics(model, ctx.world)) if ctx.active else None
@@ -999,7 +961,7 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
         watch.start()
         x, y = setup.epoch_batches(data, epoch)
         local = n_steps * setup.local_batch  # the last epoch may be partial
-        loss_sum, correct, step = train_epoch(setup, cfg, ema, x[:local], y[:local], step, progress=progress)
+        loss_sum, correct, step = train_epoch(setup, ema, x[:local], y[:local], step, progress=progress)
         if setup.sync_bn:
             setup.sync_bn()
         last = step == setup.total_steps
@@ -1022,10 +984,8 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
             with record_function("speedrun: evaluation"):
                 logits = predict(eval_forward, data.test_x, cfg, device, dtype)
             row["eval_s"] = watch.stop()
-            row["tta_acc"] = (logits.argmax(1) == data.test_y).float().mean().item()
-            # the trained weights without TTA, and without EMA (lookahead has pulled them to its average)
-            raw = predict(setup.raw_forward, data.test_x, cfg, device, dtype, tta="none")
-            row["test_acc"] = (raw.argmax(1) == data.test_y).float().mean().item()
+            row["tta_acc"] = accuracy(logits, data.test_y)
+            row["test_acc"] = raw_accuracy(setup, data.test_x, data.test_y)  # a diagnostic, outside the timer
             if time_to_target is None and row["tta_acc"] >= cfg.target_acc:
                 time_to_target, epochs_to_target = whitening_s + train_s + row["eval_s"], epoch + 1
         epochs.append(row)
@@ -1056,8 +1016,13 @@ TTA_VIEWS = {"image": lambda x: x, "mirror": lambda x: x.flip(3),
              "up_left_mirror": lambda x: shifted(x, 0).flip(3), "down_right_mirror": lambda x: shifted(x, 2).flip(3)}
 # Config.tta -> the views whose logits it averages, with their weights
 TTA_MODES = {"none": {"image": 1.0}, "flip": {"image": 0.5, "mirror": 0.5},
-             "flip_translate": {"image": 0.25, "mirror": 0.25, **dict.fromkeys(list(TTA_VIEWS)[2:], 0.125)},
+             "flip_translate": {"image": 0.25, "mirror": 0.25, **dict.fromkeys(
+                 ("up_left", "down_right", "up_left_mirror", "down_right_mirror"), 0.125)},
              "flip_translate_equal": dict.fromkeys(TTA_VIEWS, 1 / 6)}
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(1) == labels).float().mean().item()
 
 
 def tta_views(x: torch.Tensor, mode: str):
@@ -1169,6 +1134,7 @@ def main(argv=None) -> int:
 # =============================================================================================
 
 
+CIFAR10_SIZES = (50000, 10000)  # training and test images
 PYTHON_ARCHIVE = "cifar-10-python.tar.gz"  # what a download is saved as, whatever the URL
 ARCHIVE_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
                "cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"}
@@ -1528,6 +1494,7 @@ def load_data(cfg: Config, device: torch.device | None = None, quiet: bool = Fal
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+PRECISIONS = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # auto: compute_dtype
 
 
 # Each Config field that names a choice, and the table its choices come from (by the code it switches).
@@ -1729,6 +1696,14 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 def config_from_args(args: argparse.Namespace) -> Config:
     """The preset, its fields replaced by the flags given; raises ValueError on bad input."""
     return make_config(args.preset, **overrides_from_args(args))
+
+
+def check_run(cfg: Config, n_train: int, world: int) -> None:
+    """check_config, and the checks that need the run's data (which may hold fewer images than the
+    config names) and its process count."""
+    check_config(cfg)
+    check_batch_fits(n_train, cfg)
+    check_world(cfg, world)
 
 
 def check_world(cfg: Config, world: int) -> None:
@@ -2036,6 +2011,13 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The dtype of the images on the device and of autocast: cfg.precision, where 'auto' is fp16
+    on CUDA (its tensor cores) and fp32 elsewhere."""
+    name = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    return PRECISIONS[name]
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return torch.autocast(device.type, enabled=False)
@@ -2050,13 +2032,17 @@ def seed_everything(seed: int, device: torch.device) -> torch.Generator:
     return gen
 
 
-def set_determinism(cfg: Config, device: torch.device) -> None:
+def prepare_device(cfg: Config, device: torch.device) -> torch.dtype:
+    """On CUDA: make `device` the current one and set cuDNN's kernel choice (benchmarked, or
+    deterministic on request). Returns the compute dtype."""
     if device.type == "cuda":
+        torch.cuda.set_device(device)
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cudnn.deterministic = cfg.deterministic
         torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    return compute_dtype(cfg, device)
 
 
 def needs_warm_up(cfg: Config, device: torch.device) -> bool:
@@ -2082,7 +2068,7 @@ def warm_up(cfg: Config, data: DeviceData, device: torch.device) -> float:
         setup.model.eval()
         test_x = data.test_x[:cfg.eval_batch_size]
         predict(eval_forward, test_x, cfg, device, setup.dtype)  # as train() evaluates: EMA + TTA, and the raw model
-        predict(setup.raw_forward, test_x, cfg, device, setup.dtype, tta="none")
+        raw_accuracy(setup, test_x, data.test_y[:cfg.eval_batch_size])
     synchronize(device)
     return time.perf_counter() - t0
 
@@ -2095,10 +2081,15 @@ def uses_channels_last(cfg: Config, device: torch.device) -> bool:
 # -- result metrics and printed reports ------------------------------------------------------
 
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+def raw_accuracy(setup: TrainingSetup, test_x: torch.Tensor, test_y: torch.Tensor) -> float:
+    """The test accuracy of the trained weights themselves, without TTA and without EMA (lookahead
+    has pulled them to its average), beside the evaluated one. Through the compiled forward, but in
+    a job through the bare model, as only rank 0 evaluates and DDP's forward is a collective call."""
+    forward = setup.model if setup.ctx.active else setup.forward
+    return accuracy(predict(forward, test_x, setup.cfg, setup.device, setup.dtype, tta="none"), test_y)
 
 
-def classification_metrics(pred: torch.Tensor, target: torch.Tensor, classes: int = 10) -> dict:
+def classification_metrics(pred: torch.Tensor, target: torch.Tensor, classes: int = len(CLASSES)) -> dict:
     """Per-class accuracy (= recall), confusion matrix (rows true, columns predicted), macro P/R/F1."""
     cm = torch.bincount(target * classes + pred, minlength=classes * classes).view(classes, classes).cpu().double()
     tp = cm.diag()

@@ -156,7 +156,7 @@ def measure_case(cfg: speedrun.Config, data: speedrun.DeviceData, ctx: speedrun.
         ctx.barrier()
         watch.start()
         with contextlib.nullcontext() if communicate or not ctx.active else setup.module.no_sync():
-            speedrun.train_epoch(setup, cfg, ema, xs, ys, step=0)
+            speedrun.train_epoch(setup, ema, xs, ys, step=0)
         return slowest(watch.stop(), ctx, device)
 
     timed(warmup, True)

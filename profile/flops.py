@@ -112,7 +112,7 @@ def count_run(cfg, epochs: int | None = None) -> dict:
     epochs = cfg.epochs if epochs is None else epochs
     n_train, n_test = speedrun.image_counts(cfg)
     n_batches = n_train // cfg.batch_size
-    steps = min(speedrun.total_steps(cfg, n_batches), speedrun.epochs_to_steps(epochs, n_batches))  # the run's steps
+    steps = min(speedrun.epochs_to_steps(cfg.epochs, n_batches), speedrun.epochs_to_steps(epochs, n_batches))  # the run's steps
     meta = torch.device("meta")
     model = speedrun.build_model(cfg, meta)
     x = torch.empty(cfg.batch_size, 3, 32, 32, device=meta)

@@ -143,7 +143,7 @@ def profile_window(cfg, data, device, steps: int, warmup: int, eval_images: int)
             with record_function("speedrun: whitening"):
                 speedrun.init_whitening(model, data.train_x, cfg)
             x, y = setup.epoch_batches(data, 0)  # labelled "speedrun: augmentation" inside
-            speedrun.train_epoch(setup, cfg, ema, x[:steps * b], y[:steps * b], warmup)
+            speedrun.train_epoch(setup, ema, x[:steps * b], y[:steps * b], warmup)
             with record_function("speedrun: evaluation"):
                 speedrun.predict(eval_forward, test_x, cfg, device, dtype)
             speedrun.synchronize(device)
@@ -154,7 +154,7 @@ def profile_window(cfg, data, device, steps: int, warmup: int, eval_images: int)
 def full_run_factors(cfg, data, steps: int, eval_images: int) -> dict:
     """How many times each category's window work happens in one timed run."""
     n_batches = data.train_x.shape[0] // cfg.batch_size
-    run_steps = speedrun.total_steps(cfg, n_batches)
+    run_steps = speedrun.epochs_to_steps(cfg.epochs, n_batches)
     factors = {c: run_steps / steps for c in PER_STEP}
     factors.update(augment=math.ceil(run_steps / n_batches), eval=data.test_x.shape[0] / eval_images, whitening=1.0)
     return factors

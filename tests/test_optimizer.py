@@ -44,10 +44,10 @@ def test_whitening_bias_trains_with_the_weights_then_stops_taking_a_gradient():
         return real_step(x, y)
     real_step, setup.step_fn = setup.step_fn, recording_step
     x, y = setup.epoch_batches(data, 0)
-    speedrun.train_epoch(setup, cfg, None, x, y, step=0)
+    speedrun.train_epoch(setup, None, x, y, step=0)
     after_first_epoch = bias.detach().clone()
     assert not torch.equal(after_first_epoch, torch.zeros(24)), "trained in its first epoch"
-    speedrun.train_epoch(setup, cfg, None, x, y, step=2)
+    speedrun.train_epoch(setup, None, x, y, step=2)
     assert seen == [True, True, False, False]
     assert torch.equal(bias, after_first_epoch) and bias.grad is None, "no gradient, no update, no decay"
 
@@ -147,9 +147,9 @@ def test_one_cycle_can_start_above_zero():
 
 
 def test_fractional_epochs_round_the_step_count_up():
-    assert speedrun.total_steps(speedrun.make_config(epochs=9.9), 48) == 476
-    assert speedrun.total_steps(speedrun.make_config(epochs=9.8), 195) == 1911  # 9.8 x 195 = 1911.0000000000002 in floats
-    assert speedrun.total_steps(speedrun.make_config(epochs=0.5), 3) == 2
+    assert speedrun.epochs_to_steps(9.9, 48) == 476
+    assert speedrun.epochs_to_steps(9.8, 195) == 1911  # 9.8 x 195 = 1911.0000000000002 in floats
+    assert speedrun.epochs_to_steps(0.5, 3) == 2
     with pytest.raises(ValueError, match="epochs must be positive"):
         speedrun.make_config(epochs=0)
 

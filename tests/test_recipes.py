@@ -25,8 +25,8 @@ def drive_full_run(preset: str, n_train: int = 50000):
     setup = speedrun.prepare_training(cfg, tiny, torch.device("cpu"), seed=0)
     n_batches = n_train // cfg.batch_size  # the reference drops the last partial batch
     setup.n_batches = n_batches
-    setup.total_steps = speedrun.total_steps(cfg, n_batches)
-    setup.whiten_bias_steps = speedrun.whiten_bias_steps(cfg, n_batches)
+    setup.total_steps = speedrun.epochs_to_steps(cfg.epochs, n_batches)
+    setup.whiten_bias_steps = speedrun.epochs_to_steps(cfg.whiten_bias_epochs, n_batches)
     setup.opt = speedrun.build_optimizer(setup.model, cfg, setup.total_steps, setup.whiten_bias_steps)  # for the full size
     names = {id(p): n for n, p in setup.model.named_parameters()}
     steps, blends = [], []
@@ -53,7 +53,7 @@ def drive_full_run(preset: str, n_train: int = 50000):
         b = setup.local_batch
         x = torch.zeros(1).expand(n_steps * b)  # the stand-in never looks at the images
         y = torch.zeros(n_steps * b, dtype=torch.long)
-        _, _, step = speedrun.train_epoch(setup, cfg, ema, x, y, step)
+        _, _, step = speedrun.train_epoch(setup, ema, x, y, step)
     return cfg, setup, steps, blends
 
 
