@@ -902,8 +902,8 @@ class TrainingSetup:
 
     def freeze_whitening_bias(self) -> None:
         """Stop training the whitening bias: with nothing trainable in the first conv, the backward
-        pass stops at the layer after it and the optimizer skips the bias. Under torch.compile this changes the graph; the
-        warm-up compiles both versions before the timer. DDP must be rebuilt to know it."""
+        pass stops at the layer after it and the optimizer skips the bias. It changes the graph:
+        the warm-up compiles both versions before the timer, and DDP is rebuilt to know it."""
         bias = getattr(self.model.whiten, "bias", None)
         if bias is None or not bias.requires_grad:
             return
