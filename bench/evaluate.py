@@ -28,17 +28,14 @@ def evaluate(path: Path, arrays, device: torch.device, precision: str, test_subs
     """Plain and TTA accuracy of the weights at `path` on the test arrays (the first test_subset
     images, 0 = all), on `device` in `precision`."""
     model, cfg = speedrun.load_checkpoint(path, device)
-    cfg = dataclasses.replace(cfg, precision=precision)
+    cfg = dataclasses.replace(cfg, precision=precision, test_subset=test_subset)
     dtype = speedrun.compute_dtype(cfg, device)
     if speedrun.uses_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
-    n = test_subset or len(arrays[3])
-    test_x = speedrun.to_device(arrays[2][:n], device, dtype)
-    test_y = torch.from_numpy(arrays[3][:n]).to(device)
-    accuracy = {}
-    for name, tta in (("plain", "none"), ("tta", cfg.tta)):
-        logits = speedrun.predict(model, test_x, cfg, device, dtype, tta=tta)
-        accuracy[name] = (logits.argmax(1) == test_y).float().mean().item()
+    _, _, test_x, test_y = speedrun.subsets(arrays, cfg)
+    test_x, test_y = speedrun.to_device(test_x, device, dtype), torch.from_numpy(test_y).to(device)
+    accuracy = {name: speedrun.accuracy(speedrun.predict(model, test_x, cfg, device, dtype, tta=tta), test_y)
+                for name, tta in (("plain", "none"), ("tta", cfg.tta))}
     return dict(weights=str(path), device=str(device), precision=str(dtype).replace("torch.", ""), tta=cfg.tta,
                 tta_unsure_frac=cfg.tta_unsure_frac, test_images=len(test_y), plain_acc=accuracy["plain"],
                 tta_acc=accuracy["tta"], tta_gain=accuracy["tta"] - accuracy["plain"])
