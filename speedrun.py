@@ -2125,7 +2125,7 @@ def cpu_lead_in(cfg: Config) -> list[str]:
     """What a CPU user who started a full-size run should read first: what it costs, what to run instead."""
     return [f"note: training on the CPU (no GPU found{', or --device cpu' if cfg.device == 'cpu' else ''}). "
             f"This run ({plural(cfg.epochs, 'epoch')} on all 50,000 images{f', {cfg.runs} runs' if cfg.runs > 1 else ''}) "
-            f"takes hours here; a GPU does it in seconds.",
+            f"takes from tens of minutes to hours here, by preset and cores; a GPU does it in seconds.",
             "  to see it work in a few minutes:  python speedrun.py --preset cpu",
             "  a one-minute smoke test:          python speedrun.py --preset cpu --subset 2000 --epochs 1",
             "  going on with this run now; Ctrl-C stops it (finished runs are kept)."]
