@@ -385,6 +385,9 @@ def split_overrides(args) -> tuple[dict, int, int, str, str]:
     overrides = speedrun.overrides_from_args(args)
     if "workers" in overrides:
         raise ValueError("--workers: this script runs every trainer in its one process")
+    if overrides.get("target_acc", TARGET_ACC) != TARGET_ACC:
+        raise ValueError(f"--target-acc: the comparison is at {PEER}'s own target, {TARGET_ACC:g}, which its "
+                         f"package fixes; leave the flag out")
     runs, seed = overrides.pop("runs", 10), overrides.pop("seed", 0)
     return overrides, runs, seed, overrides.pop("device", "auto"), overrides.pop("data_dir", "")
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -93,18 +93,27 @@ def orthogonalization_flops(model: nn.Module, cfg) -> int:
     return counter.get_total_flops()
 
 
-def ema_updates(cfg, steps: int, n_batches: int) -> int:
-    """How often the run's EMA blends in `steps` steps, asked of speedrun's own EMA class (its due())."""
+def ema_updates(cfg, model: nn.Module, steps: int, n_batches: int) -> int:
+    """How often the run's EMA blends in `steps` steps, asked of speedrun's own EMA (its due())."""
     if not cfg.ema:
         return 0
-    due = speedrun.EMA_KINDS[cfg.ema_mode].due
-    every = SimpleNamespace(every=cfg.ema_every)  # all that due() reads of the EMA
+    ema = speedrun.EMA_KINDS[cfg.ema_mode](model, cfg, steps)  # on the meta device: a copy of nothing
     done, updates = 0, 0
     for n in speedrun.epoch_steps(steps, n_batches):
         for batch in range(n):
             done += 1
-            updates += due(every, done, batch)
+            updates += ema.due(done, batch)
     return updates
+
+
+def evaluated_images(cfg, n_test: int) -> int:
+    """Images one EMA+TTA evaluation sends through the network, as speedrun.predict does: every TTA
+    view of every test image, or, with tta_unsure_frac below 1, the plain view of every image and
+    every view of the least sure fraction (rounded up)."""
+    views = len(speedrun.TTA_MODES[cfg.tta])
+    if views == 1 or cfg.tta_unsure_frac >= 1:
+        return n_test * views
+    return n_test + math.ceil(cfg.tta_unsure_frac * n_test) * views
 
 
 def count_run(cfg, epochs: int | None = None) -> dict:
@@ -119,16 +128,16 @@ def count_run(cfg, epochs: int | None = None) -> dict:
     y = torch.zeros(cfg.batch_size, dtype=torch.long, device=meta)
     step = training_step_flops(model, x, y, lambda out, t: speedrun.smoothed_cross_entropy(out, t, cfg.label_smoothing))
     per_image = forward_flops(model, torch.empty(cfg.ghost_bn_splits, 3, 32, 32, device=meta)) / cfg.ghost_bn_splits
-    views = len(speedrun.tta_views(torch.empty(1, 3, 32, 32, device=meta), cfg.tta)[0])
+    views = len(speedrun.TTA_MODES[cfg.tta])
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     ema_elements = sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
-    timed_eval = n_test * views * per_image
+    timed_eval = evaluated_images(cfg, n_test) * per_image
     parts = {
         "forward (training)": steps * step["forward"],
         "backward (training)": steps * step["backward"],
         "optimizer step (estimate)": steps * params * OPTIMIZER_FLOPS_PER_PARAM[cfg.optimizer],
         "optimizer orthogonalization (Muon)": steps * orthogonalization_flops(model, cfg),
-        "EMA (estimate)": ema_updates(cfg, steps, n_batches) * ema_elements * EMA_FLOPS_PER_ELEMENT,
+        "EMA (estimate)": ema_updates(cfg, model, steps, n_batches) * ema_elements * EMA_FLOPS_PER_ELEMENT,
         "whitening init": whitening_flops(cfg),
         "evaluation, timed (one EMA+TTA pass)": timed_eval,
     }
@@ -136,7 +145,7 @@ def count_run(cfg, epochs: int | None = None) -> dict:
     # without TTA); one EMA+TTA pass is timed, the rest is not
     run_epochs = len(speedrun.epoch_steps(steps, n_batches))
     evaluated = sum(1 for e in range(run_epochs) if e == run_epochs - 1 or (e + 1) % cfg.eval_every == 0)
-    untimed_eval = evaluated * n_test * (views + 1) * per_image - timed_eval
+    untimed_eval = evaluated * (evaluated_images(cfg, n_test) + n_test) * per_image - timed_eval
     return dict(parts=parts, timed_total=sum(parts.values()), untimed_evaluation=untimed_eval,
                 all_total=sum(parts.values()) + untimed_eval, epochs=epochs, steps=steps, n_train=n_train,
                 n_test=n_test, tta_views=views, forward_per_image=per_image, trainable_params=params)

@@ -271,7 +271,7 @@ def test_benchmark_end_to_end_with_a_fake_peer(real_data_dir, tmp_path, one_thre
     assert s["p_value"] == pytest.approx(p)
 
 
-def test_speedruns_flags_apply_to_every_preset_and_a_single_preset_is_refused():
+def test_speedruns_flags_apply_to_every_preset_and_a_single_preset_or_another_target_is_refused():
     args = peers.build_parser().parse_args(["--epochs", "3", "--width", "0.25", "--runs", "4", "--device", "cpu"])
     overrides, runs, seed, device, data_dir = peers.split_overrides(args)
     assert overrides == {"epochs": 3.0, "width": 0.25} and (runs, seed, device, data_dir) == (4, 0, "cpu", "")
@@ -280,6 +280,9 @@ def test_speedruns_flags_apply_to_every_preset_and_a_single_preset_is_refused():
     assert peers.split_overrides(peers.build_parser().parse_args([]))[1:] == (10, 0, "auto", "")
     with pytest.raises(ValueError, match="--presets"):
         peers.split_overrides(peers.build_parser().parse_args(["--preset", "cpu"]))
+    with pytest.raises(ValueError, match="--target-acc: the comparison is at airbench94's own target, 0.94"):
+        peers.split_overrides(peers.build_parser().parse_args(["--target-acc", "0.93"]))
+    assert peers.split_overrides(peers.build_parser().parse_args(["--target-acc", "0.94"]))[0] == {"target_acc": 0.94}
 
 
 def test_quiet_prints_only_where_the_results_went(real_data_dir, tmp_path, one_thread, capsys):

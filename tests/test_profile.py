@@ -180,6 +180,17 @@ def test_flop_count_follows_the_whitening_kernel_the_evaluations_and_the_ema_sch
     assert lookahead["parts"]["EMA (estimate)"] == 2 * elements * flops.EMA_FLOPS_PER_ELEMENT
 
 
+def test_flop_count_of_the_evaluation_gives_every_view_only_to_the_unsure_fraction():
+    flops = load_script("flops")
+    cfg = tiny_config(subset=256, test_subset=128, epochs=2, batch_size=64, tta="flip_translate_equal")
+    per_image = flops.count_run(cfg)["forward_per_image"]
+    assert flops.count_run(cfg)["parts"]["evaluation, timed (one EMA+TTA pass)"] == 128 * 6 * per_image
+    unsure = flops.count_run(dataclasses.replace(cfg, tta_unsure_frac=0.25))  # as the record: a quarter get the 6 views
+    assert unsure["parts"]["evaluation, timed (one EMA+TTA pass)"] == (128 + 32 * 6) * per_image
+    # the last epoch's evaluation is timed; the first's, and both raw (no-TTA) passes, are not
+    assert unsure["untimed_evaluation"] == (2 * (128 + 32 * 6 + 128) - (128 + 32 * 6)) * per_image
+
+
 def test_flops_reports_achieved_rate_of_a_run_trained_here(real_data_dir, tmp_path):
     out = run_script("flops", *TINY, "--data-dir", str(real_data_dir), "--train", "--quiet", "--peak-size", "128",
                      "--json", str(tmp_path / "flops.json"), cwd=tmp_path)
