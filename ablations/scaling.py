@@ -129,10 +129,13 @@ def slowest(seconds: float, ctx: speedrun.Distributed, device: torch.device) -> 
 def measure_case(cfg: speedrun.Config, data: speedrun.DeviceData, ctx: speedrun.Distributed, device: torch.device,
                  steps: int, warmup: int, repeats: int) -> dict:
     """Seconds for `steps` training steps of `cfg` (its batch_size is the global batch), each
-    repeat once with communication and, with several processes, once without."""
+    repeat once with communication and, with several processes, once without. The steps are the
+    run's usual ones, with the whitening bias (if any) frozen: frozen inside a timed window, it
+    would add DDP's rebuild (and a recompilation) to that one window."""
     setup = speedrun.prepare_training(cfg, data, device, cfg.seed)
     model, local, n_batches = setup.model, setup.local_batch, setup.n_batches
     speedrun.init_whitening(model, data.train_x, cfg)  # the filters' values do not change the speed
+    setup.freeze_whitening_bias()
     ema = setup.make_ema()
     n_train = data.train_x.shape[0]
     x, y = setup.epoch_batches(data, 0)

@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from conftest import ROOT
+from conftest import ROOT, random_device_data, tiny_config
 import speedrun
 from ablations import scaling
 
@@ -190,3 +191,18 @@ def test_a_non_empty_out_folder_is_refused(tmp_path, capsys):
     assert exit_.value.code == 2
     assert f"error: --out {tmp_path} already exists and is not an empty folder" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["old.txt"]
+
+
+def test_timed_steps_are_the_runs_usual_ones_with_the_whitening_bias_already_frozen(monkeypatch):
+    cfg = tiny_config(arch="airbench", whiten_kernel=2, whiten_bias_epochs=1.0, batch_size=32, ghost_bn_splits=1)
+    bias_trains = []
+    real_train_epoch = speedrun.train_epoch
+
+    def recording(setup, ema, x, y, step, progress=None):
+        bias_trains.append(setup.model.whiten.bias.requires_grad)
+        return real_train_epoch(setup, ema, x, y, step, progress)
+    monkeypatch.setattr(speedrun, "train_epoch", recording)
+    ctx = speedrun.Distributed()
+    case = scaling.measure_case(cfg, random_device_data(n_train=128), ctx, torch.device("cpu"),
+                                steps=5, warmup=1, repeats=2)  # 5 steps > the bias's 4: it would freeze inside
+    assert bias_trains == [False] * 3 and len(case["synced_s"]) == 2
