@@ -596,8 +596,8 @@ class Muon(torch.optim.Optimizer):
     in one batched call, orthogonalize_all in Appendix C). A renorm rule may first rescale a bank
     to Frobenius norm sqrt(filters); decoupled_wd then decays it by its LR x decoupled_wd."""
 
-    def __init__(self, groups, momentum: float, ns_steps: int, coeffs=NS_COEFFICIENTS["keller"],
-                 renorm=MUON_RENORMS["none"], total_steps: int = 0, ns_dtype=torch.bfloat16):
+    def __init__(self, groups, momentum: float, ns_steps: int, total_steps: int, coeffs=NS_COEFFICIENTS["keller"],
+                 renorm=MUON_RENORMS["none"], ns_dtype=torch.bfloat16):
         super().__init__(groups, dict(lr=0.0, momentum=momentum, weight_decay=0.0, orthogonalize=False,
                                       ns_steps=ns_steps, decoupled_wd=0.0))
         self.coeffs, self.renorm, self.total_steps, self.ns_dtype = coeffs, renorm, total_steps, ns_dtype
@@ -682,10 +682,11 @@ def whiten_bias_apart(groups: list[dict], model: Network, cfg: Config, bias_step
 WHITEN_BIAS_SCHEDULES = {"shared": lambda groups, model, cfg, bias_steps: groups, "own": whiten_bias_apart}
 
 
-def build_optimizer(model: nn.Module, cfg: Config, total_steps: int = 0, bias_steps: int = 0) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: Config, total_steps: int, bias_steps: int) -> torch.optim.Optimizer:
     """The weights' group, the BN parameters' at bias_lr_scale (lr_group), the whitening bias placed
     by whiten_bias_schedule, then the optimizer of cfg.optimizer, whose maker may regroup them
-    (Muon's takes the conv filter banks apart); total_steps paces Muon's 'growing' renormalisation."""
+    (Muon's takes the conv filter banks apart). total_steps, the run's, paces Muon's 'growing'
+    renormalisation; bias_steps, the whitening bias's, paces its own schedule."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     bn = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
     groups = [lr_group([p for p in trainable if id(p) not in bn], cfg),

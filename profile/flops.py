@@ -80,11 +80,11 @@ def whitening_flops(cfg) -> int:
     return counter.get_total_flops() * n // PATCH_SAMPLE
 
 
-def orthogonalization_flops(model: nn.Module, cfg) -> int:
+def orthogonalization_flops(model: nn.Module, cfg, steps: int) -> int:
     """Matrix-product FLOPs of one step's Newton-Schulz iterations: those of the optimizer's
     groups marked 'orthogonalize' (Muon's filter banks), counted on the meta device; 0 for
     optimizers that have none."""
-    opt = speedrun.build_optimizer(model, cfg)
+    opt = speedrun.build_optimizer(model, cfg, steps, bias_steps=0)  # the whitening bias is never orthogonalised
     mats = [p.reshape(p.shape[0], -1) for g in opt.param_groups if g.get("orthogonalize") for p in g["params"]]
     if not mats:
         return 0
@@ -136,7 +136,7 @@ def count_run(cfg, epochs: int | None = None) -> dict:
         "forward (training)": steps * step["forward"],
         "backward (training)": steps * step["backward"],
         "optimizer step (estimate)": steps * params * OPTIMIZER_FLOPS_PER_PARAM[cfg.optimizer],
-        "optimizer orthogonalization (Muon)": steps * orthogonalization_flops(model, cfg),
+        "optimizer orthogonalization (Muon)": steps * orthogonalization_flops(model, cfg, steps),
         "EMA (estimate)": ema_updates(cfg, model, steps, n_batches) * ema_elements * EMA_FLOPS_PER_ELEMENT,
         "whitening init": whitening_flops(cfg),
         "evaluation, timed (one EMA+TTA pass)": timed_eval,

@@ -14,7 +14,7 @@ import speedrun
 def test_frozen_bn_scales_leave_bn_biases_training_at_their_own_lr_and_decay():
     cfg = tiny_config(bn_scale_frozen=True, bias_lr_scale=64.0)
     model = speedrun.build_model(cfg)
-    opt = speedrun.build_optimizer(model, cfg)
+    opt = speedrun.build_optimizer(model, cfg, total_steps=100, bias_steps=0)
     bns = [m for m in model.modules() if isinstance(m, speedrun.GhostBatchNorm)]
     assert bns and all(not m.weight.requires_grad for m in bns)
     weights, bn_group = opt.param_groups
@@ -84,7 +84,7 @@ def test_batched_orthogonalization_equals_one_matrix_at_a_time():
 def test_muon_steps_filters_along_orthogonal_directions_and_the_rest_by_sgd():
     cfg = preset_config("airbench94", optimizer="muon", lr_schedule="constant", muon_lr=0.1, whiten_bias_epochs=0.0)
     model = speedrun.build_model(cfg)
-    opt = speedrun.build_optimizer(model, cfg)
+    opt = speedrun.build_optimizer(model, cfg, total_steps=100, bias_steps=0)
     assert isinstance(opt, speedrun.Muon)
     muon = next(g for g in opt.param_groups if g.get("orthogonalize"))
     convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m is not model.whiten]
@@ -116,7 +116,7 @@ def test_muon_renormalises_then_decays_its_filters():
     opt.step()
     assert conv.weight.norm().item() == pytest.approx(6 ** 0.5 * (1 - 0.5 * 0.1), rel=1e-5)
     plain = speedrun.Muon([dict(params=[nn.Parameter(conv.weight.detach() * 3)], lr=0.5, orthogonalize=True)],
-                          momentum=0.9, ns_steps=3)
+                          momentum=0.9, ns_steps=3, total_steps=10)
     p = plain.param_groups[0]["params"][0]
     p.grad = torch.zeros_like(p)
     before = p.detach().clone()
