@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""speedrun.py: train a ResNet-9 ("DavidNet") on CIFAR-10 to 94% test accuracy, and time it.
+"""speedrun.py: train a network on CIFAR-10 to 94% test accuracy, and time it: Page's ResNet-9
+("DavidNet", the default), Keller Jordan's airbench94, or the record line (airbench94_muon + hiverge).
 
     python speedrun.py                 # one run of the default preset, `davidnet`
     python speedrun.py --runs 20       # seeds 0..19, with mean, spread and a t-test
@@ -1026,11 +1027,6 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels).float().mean().item()
 
 
-def tta_views(x: torch.Tensor, mode: str):
-    """The views of a batch that TTA averages, with their weights."""
-    return [TTA_VIEWS[name](x) for name in TTA_MODES[mode]], list(TTA_MODES[mode].values())
-
-
 @torch.no_grad()
 def predict(forward, x: torch.Tensor, cfg: Config, device, dtype, tta: str | None = None) -> torch.Tensor:
     """Float32 logits for every image: the weighted mean of the logits of its TTA views. With
@@ -1039,13 +1035,13 @@ def predict(forward, x: torch.Tensor, cfg: Config, device, dtype, tta: str | Non
     tta = cfg.tta if tta is None else tta
 
     def logits_of(images, mode):
+        weights = torch.tensor(list(TTA_MODES[mode].values()), device=images.device)
         out = []
         for chunk in images.split(cfg.eval_batch_size):
-            views, weights = tta_views(chunk, mode)
+            views = [TTA_VIEWS[name](chunk) for name in TTA_MODES[mode]]
             with autocast(device, dtype):
                 logits = forward(torch.cat(views)).float()
-            logits = logits.view(len(views), chunk.shape[0], -1)
-            out.append(torch.einsum("v,vnc->nc", torch.tensor(weights, device=logits.device), logits))
+            out.append(torch.einsum("v,vnc->nc", weights, logits.view(len(views), chunk.shape[0], -1)))
         return torch.cat(out)
 
     if len(TTA_MODES[tta]) == 1 or cfg.tta_unsure_frac >= 1:  # one view: nothing to add to the unsure images
@@ -1558,6 +1554,9 @@ def check_config(cfg: Config) -> None:
             raise ValueError(f"{name} must be in [0, 1), got {getattr(cfg, name):g}")
     if not 0 <= cfg.bn_momentum <= 1:
         raise ValueError(f"bn_momentum must be in [0, 1], got {cfg.bn_momentum:g}")
+    if cfg.ema_warmup and cfg.ema_mode != "average":
+        raise ValueError(f"ema_warmup shapes the average's first blends; ema_mode {cfg.ema_mode} has its own "
+                         f"ramp: drop --ema-warmup or use --ema-mode average")
 
 
 def check_batch_fits(n_train: int, cfg: Config) -> None:

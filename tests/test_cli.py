@@ -50,6 +50,7 @@ def test_flags_override_the_preset():
     (["--flip", "sideways"], "flip='sideways' is not one of"),
     (["--batch-size", "500"], "not divisible by ghost_bn_splits"),
     (["--epochs", "0"], "epochs must be positive"),
+    (["--preset", "airbench94", "--ema-warmup"], "ema_warmup shapes the average's first blends; ema_mode lookahead"),
 ])
 def test_bad_input_is_a_clear_error(argv, message):
     with pytest.raises(ValueError, match=message):
