@@ -1947,9 +1947,9 @@ def load_checkpoint(path: str | Path, device="cpu") -> tuple[Network, Config]:
     """The network saved with --save (weights of the evaluated, EMA model), and its config."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     cfg = dataclasses.replace(Config(), **blob["config"])
-    model = NETWORKS[cfg.arch](cfg)
+    model = build_model(cfg, device)  # in the run's memory layout on that device
     model.load_state_dict(blob["state_dict"])
-    return model.to(device).eval(), cfg
+    return model.eval(), cfg
 
 
 def load_weights(path: str | Path, device="cpu") -> Network:
@@ -2649,7 +2649,7 @@ def run_jobs(jobs: list, devices: list[str], on_result, url: str = CIFAR10_URL, 
             weights = payload.pop("weights")
             model = None
             if weights is not None:
-                model = NETWORKS[jobs[index][0].arch](jobs[index][0])
+                model = build_model(jobs[index][0])
                 model.load_state_dict(torch.load(io.BytesIO(weights), weights_only=True))
             pending -= 1
             on_result(index, {**payload, "model": model}, where)

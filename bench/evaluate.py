@@ -30,8 +30,6 @@ def evaluate(path: Path, arrays, device: torch.device, precision: str, test_subs
     model, cfg = speedrun.load_checkpoint(path, device)
     cfg = dataclasses.replace(cfg, precision=precision, test_subset=test_subset)
     dtype = speedrun.compute_dtype(cfg, device)
-    if speedrun.uses_channels_last(cfg, device):
-        model = model.to(memory_format=torch.channels_last)
     _, _, test_x, test_y = speedrun.subsets(arrays, cfg)
     test_x, test_y = speedrun.to_device(test_x, device, dtype), torch.from_numpy(test_y).to(device)
     accuracy = {name: speedrun.accuracy(speedrun.predict(model, test_x, cfg, device, dtype, tta=tta), test_y)
