@@ -1172,7 +1172,7 @@ def load_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL, qui
     bin_md5 = BIN_MD5 if bin_md5 is None else bin_md5
     py_md5 = PY_MD5 if py_md5 is None else py_md5
     root = _data_root(data_dir)
-    remove_stale_temporaries(root, log=lambda m: print(m, file=sys.stderr))
+    remove_stale_temporaries(root, lambda m: print(m, file=sys.stderr))
     cache = root / CACHE_NAME
     if cache.is_file():
         try:
@@ -1258,7 +1258,7 @@ def arrays_digest(arrays) -> str:
     return h.hexdigest()
 
 
-def remove_stale_temporaries(root: Path, older_than_s: float = STALE_S, log=None) -> list[Path]:
+def remove_stale_temporaries(root: Path, log: Callable, older_than_s: float = STALE_S) -> list[Path]:
     """Delete the hidden temporary files (.NAME.XXXX.part) and extraction folders (.extract-XXXX)
     that a killed download, extraction or cache write left in `root`; files touched in the last
     `older_than_s` seconds may belong to a run still going and are kept. Returns what was removed."""
@@ -1278,8 +1278,7 @@ def remove_stale_temporaries(root: Path, older_than_s: float = STALE_S, log=None
         except OSError:
             continue
         removed.append(p)
-        if log:
-            log(f"note: removed {p}, left behind by an interrupted run" + (f" ({size / 1e6:.0f} MB)" if size else ""))
+        log(f"note: removed {p}, left behind by an interrupted run" + (f" ({size / 1e6:.0f} MB)" if size else ""))
     return removed
 
 

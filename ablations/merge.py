@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import speedrun  # noqa: E402
 from ablations import grid, optimizers, study  # noqa: E402
 
 # The reports that a kind of study adds to the shared one (tricks studies add none).
@@ -48,9 +49,8 @@ def merge(out: Path, sources: list[Path], log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     study.ResultsFile(out / "results.csv").write_all(rows)
     study.write_meta(out, definition, sessions)
-    if log:
-        log(f"merged {len(rows)} runs from {len(dict.fromkeys(folders))} folders into {out}"
-            + (f"; {repeats} repeated (variant, seed) rows counted once" if repeats else ""))
+    log(f"merged {len(rows)} runs from {len(dict.fromkeys(folders))} folders into {out}"
+        + (f"; {repeats} repeated (variant, seed) rows counted once" if repeats else ""))
     return study.write_reports(out, definition, rows, sessions, log=log, report=REPORTS.get(definition["kind"], study.Report()))
 
 
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     args = p.parse_args(argv)
     try:
-        merge(args.out, args.shards, log=None if args.quiet else print)
+        merge(args.out, args.shards, log=speedrun.log_lines(args.quiet))
     except ValueError as e:
         p.exit(2, f"error: {e}\n")
     return 0

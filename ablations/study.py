@@ -168,9 +168,8 @@ class ResultsFile:
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):
             cut = data.rfind(b"\n") + 1
-            if log:
-                log(f"note: {self.path}: ignoring a half-written last line (a run interrupted while saving); "
-                    f"that run will be done again")
+            log(f"note: {self.path}: ignoring a half-written last line (a run interrupted while saving); "
+                f"that run will be done again")
             if repair:
                 os.truncate(self.path, cut)
             data = data[:cut]
@@ -314,12 +313,11 @@ def run_study(study: Study, folder: Path, seeds: list[int], base: speedrun.Confi
                    environment=speedrun.environment(torch.device(devices[0])), workers=devices)
     write_meta(folder, definition, sessions + [session])
     where = f" (shard {shard[0]}/{shard[1]})" if shard != (1, 1) else ""
-    if log:
-        already = sum((v.name, s) in done for v, s in jobs)
-        log(f"study folder {folder}{where}: {len(jobs)} runs, {already} already done, {len(todo)} to run now "
-            f"on {', '.join(devices)}; resume with --study {folder}")
-        if len(devices) > 1 and all(d == "cpu" for d in devices):
-            log("note: several CPU workers share the cores, so their times are not comparable with single-worker times")
+    already = sum((v.name, s) in done for v, s in jobs)
+    log(f"study folder {folder}{where}: {len(jobs)} runs, {already} already done, {len(todo)} to run now "
+        f"on {', '.join(devices)}; resume with --study {folder}")
+    if len(devices) > 1 and all(d == "cpu" for d in devices):
+        log("note: several CPU workers share the cores, so their times are not comparable with single-worker times")
 
     started, count = time.perf_counter(), 0
 
@@ -328,14 +326,13 @@ def run_study(study: Study, folder: Path, seeds: list[int], base: speedrun.Confi
         results.append(row)
         rows.append(row)
         count += 1
-        if log:
-            target = next(v.config.target_acc for v in study.variants if v.name == row["variant"])
-            log(_run_line(count, len(todo), row, target, started))
+        target = next(v.config.target_acc for v in study.variants if v.name == row["variant"])
+        log(_run_line(count, len(todo), row, target, started))
 
     try:
         execute(todo, devices, on_row, threads=threads, url=url)
     except BaseException:
-        write_reports(folder, definition, rows, sessions + [session], log=None, report=study.report)  # quietly: the caller explains
+        write_reports(folder, definition, rows, sessions + [session], log=speedrun.silent, report=study.report)  # the caller explains
         raise
     return write_reports(folder, definition, rows, sessions + [session], log=log, report=study.report)
 
@@ -516,13 +513,12 @@ def write_reports(folder: Path, definition: dict, rows: list[dict], sessions: li
     if not rows:
         return summary
     plt = speedrun.pyplot()
-    if plt is None and log:
+    if plt is None:
         log(PLOT_NOTICE)
     charts = draw_charts(folder, summary, plt, report) if plt else []
-    if log:
-        log("\n" + text.rstrip())
-        log(f"written: {folder / 'results.csv'}, {folder / 'summary.md'}, {folder / 'summary.json'}"
-            + "".join(f", {p.name}" for p in charts))
+    log("\n" + text.rstrip())
+    log(f"written: {folder / 'results.csv'}, {folder / 'summary.md'}, {folder / 'summary.json'}"
+        + "".join(f", {p.name}" for p in charts))
     return summary
 
 

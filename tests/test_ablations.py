@@ -169,7 +169,7 @@ def test_half_written_last_line_is_ignored_then_cut(tmp_path):
     notes = []
     assert results.read(log=notes.append) == rows and results.path.read_bytes().endswith(b"0.4")
     assert "half-written last line" in notes[0]
-    assert results.read(repair=True, log=None) == rows and results.path.read_bytes() == whole
+    assert results.read(repair=True, log=speedrun.silent) == rows and results.path.read_bytes() == whole
     results.append(fake_row("full", 1, 0.25))
     assert [r["seed"] for r in results.read()] == [0, 0, 1]
 
@@ -338,9 +338,9 @@ def test_grid_and_optimizer_studies_add_their_own_tables_and_charts_and_merge_ke
     if HAVE_MATPLOTLIB:
         assert (tmp_path / "g" / "heatmap_accuracy.png").exists() and (tmp_path / "g" / "heatmap_time.png").exists()
         assert (tmp_path / "o" / "curves_seconds.png").exists()
-    merge.merge(tmp_path / "gm", [tmp_path / "g"], log=None)
+    merge.merge(tmp_path / "gm", [tmp_path / "g"], log=speedrun.silent)
     assert "| lr \\ batch_size | 32 | 64 |" in (tmp_path / "gm" / "summary.md").read_text()
-    merge.merge(tmp_path / "om", [tmp_path / "o"], log=None)
+    merge.merge(tmp_path / "om", [tmp_path / "o"], log=speedrun.silent)
     assert "| adam | 0.128 | 0.002 |" in (tmp_path / "om" / "summary.md").read_text()
 
 
@@ -363,7 +363,7 @@ def two_variant_definition():
 def test_a_diverged_variant_is_reported_as_diverged_not_as_low_accuracy(tmp_path):
     rows = [fake_row("full", 0, 0.5), fake_row("full", 1, 0.6), fake_row("high_lr", 0, 0.4), diverged_row("high_lr", 1),
             diverged_row("huge_lr", 0, 1), diverged_row("huge_lr", 1, 1)]
-    summary = study.write_reports(tmp_path, two_variant_definition(), rows, [], log=None)
+    summary = study.write_reports(tmp_path, two_variant_definition(), rows, [], log=speedrun.silent)
     high, huge = summary["variants"][1], summary["variants"][2]
     assert (high["runs"], high["diverged"], high["acc_mean"], high["frac_at_target"]) == (2, 1, 0.4, 0.0)
     assert high["delta_acc"]["pairs"] == 1, "the diverged seed is not paired"
