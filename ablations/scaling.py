@@ -278,7 +278,7 @@ def noise_notes(rows: list[dict]) -> list[str]:
             for r in rows if r["no_communication_ms"] > r["step_ms"]]
 
 
-def markdown_table(rows: list[dict]) -> str:
+def scaling_table(rows: list[dict]) -> str:
     return "\n".join(speedrun.markdown_table(COLUMNS, map(format_cells, rows))) + "\n"
 
 
@@ -290,7 +290,7 @@ def markdown_report(report: dict) -> str:
              f"- {speedrun.plural(s['steps'], 'timed step')} after {speedrun.plural(s['warmup_steps'], 'warm-up step')}, "
              f"{speedrun.plural(s['repeats'], 'repeat')} (step ms: mean ± sd over repeats), backend {s['backend']}, "
              f"epoch of {s['n_train']} training images",
-             "", markdown_table(report["rows"]).rstrip(), ""]
+             "", scaling_table(report["rows"]).rstrip(), ""]
     lines += [f"- {s['mode']} P={s['procs']} skipped: {s['reason']}" for s in report["skipped"]]
     lines += [f"- {note}" for note in noise_notes(report["rows"])]
     lines += ["- strong: fixed global batch; weak: fixed per-rank batch. Speed-up = images/s over P=1's "
@@ -437,7 +437,7 @@ def main(argv=None) -> int:
                   rows=make_rows(results, modes), skipped=skipped,
                   jobs={str(w): dict(backend=r["backend"], environment=r["environment"], cases=r["cases"])
                         for w, r in results.items()})
-    log("\n" + markdown_table(report["rows"]).rstrip())
+    log("\n" + scaling_table(report["rows"]).rstrip())
     for note in noise_notes(report["rows"]):
         log(f"note: {note}")
     paths = write_reports(out, report, log=log)

@@ -43,6 +43,7 @@ FREE = {"seed", "runs", "device", "precision", "channels_last", "eval_every", "w
 # fields that act only on CUDA (orthogonalize() runs Newton-Schulz in fp32 elsewhere): free off CUDA
 CUDA_ONLY = {"muon_ns_precision"}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+TARGET_ACC = 0.94  # the accuracy table's "at ≥ 94%" column
 
 
 def preset_of(result: dict, source) -> str:
@@ -86,11 +87,11 @@ def rows(folder: Path) -> list[dict]:
         groups.setdefault(key, []).extend(r for r in result["runs"] if not r.get("diverged"))
     out = []
     for (preset, precision, device, torch_version, epochs), runs in groups.items():
-        accs = [r["final_acc"] for r in runs]
-        mean, std = speedrun.mean_std(accs)
+        s = speedrun.summarize(runs, TARGET_ACC)
         reached = [r["time_to_target_s"] for r in runs if r["time_to_target_s"] is not None]
         out.append(dict(preset=preset, precision=precision, device=device, torch=torch_version, runs=len(runs),
-                        mean=mean, std=std, min=min(accs), max=max(accs), at_94=sum(a >= 0.94 for a in accs) / len(accs),
+                        mean=s["acc_mean"], std=s["acc_std"], min=s["acc_min"], max=s["acc_max"],
+                        at_94=s["frac_at_target"],
                         epochs=epochs, budget_s=[r["full_budget_s"] for r in runs], time_to_94_s=reached,
                         wall_s=sum(wall_s(r) for r in runs) / len(runs)))
     return sorted(out, key=lambda r: (r["preset"], r["device"], r["precision"], r["torch"]))
