@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 import speedrun
 from ablations import grid, merge, optimizers, study, tricks
 

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_config
+from helpers import tiny_config
 import speedrun
 
 

@@ -1,7 +1,7 @@
 """bench/cpu_speed.py measures every cell of its table, each with its ratio to fp32 NCHW."""
 import sys
 
-from conftest import ROOT
+from helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import cpu_speed  # noqa: E402

@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from conftest import SIZES, fake_arrays, make_archive, md5_sums, write_binary_folder, write_python_folder
+from helpers import SIZES, fake_arrays, make_archive, md5_sums, write_binary_folder, write_python_folder
 import speedrun
 
 

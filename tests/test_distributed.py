@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, random_device_data, tiny_config
+from helpers import ROOT, random_device_data, tiny_config
 import speedrun
 
 TINY = ["--subset", "512", "--test-subset", "200", "--width", "0.125", "--epochs", "2", "--batch-size", "64",

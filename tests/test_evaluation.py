@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import ROOT, preset_config, tiny_config
+from helpers import ROOT, preset_config, tiny_config
 import speedrun
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 import speedrun
 
 sys.path.insert(0, str(ROOT / "bench"))

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import correlated_images, preset_config
+from helpers import correlated_images, preset_config
 import speedrun
 
 

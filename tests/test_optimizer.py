@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import preset_config, random_device_data, tiny_config
+from helpers import preset_config, random_device_data, tiny_config
 import speedrun
 
 

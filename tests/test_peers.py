@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, fake_arrays
+from helpers import ROOT, fake_arrays
 import speedrun
 
 sys.path.insert(0, str(ROOT / "bench"))

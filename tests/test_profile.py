@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, tiny_config
+from helpers import ROOT, tiny_config
 import speedrun
 
 PROFILE_DIR = ROOT / "profile"

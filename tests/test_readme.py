@@ -3,7 +3,7 @@ layout and switch table match the tree and speedrun.py."""
 import re
 import shlex
 
-from conftest import ROOT
+from helpers import ROOT
 
 
 def readme_section(title):

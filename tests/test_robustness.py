@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, random_device_data
+from helpers import ROOT, random_device_data
 import speedrun
 
 TINY = ["--device", "cpu", "--subset", "128", "--test-subset", "64", "--width", "0.125", "--epochs", "2",

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, random_device_data, tiny_config
+from helpers import ROOT, random_device_data, tiny_config
 import speedrun
 from ablations import scaling
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import preset_config, random_device_data, tiny_config
+from helpers import preset_config, random_device_data, tiny_config
 import speedrun
 
 
