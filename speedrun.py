@@ -208,6 +208,7 @@ PRESETS: dict[str, dict] = {
     # A small copy for a laptop CPU: minutes, not hours; it shows the machinery, not 94%.
     "cpu": dict(width=0.5, subset=10000, test_subset=2000, epochs=4, batch_size=128, whiten_samples=5000),
 }
+# From Python, make_config(preset, **fields) (Appendix B) gives a preset's Config with fields replaced, checked.
 
 
 # =============================================================================================
@@ -254,8 +255,8 @@ class EpochDraw:
     flips: torch.Tensor | None
     cut_y: torch.Tensor | None
     cut_x: torch.Tensor | None
-    shift: torch.Tensor | None = None  # brightness: added to every pixel of an image
-    scale: torch.Tensor | None = None  # contrast: then multiplies them
+    shift: torch.Tensor | None  # brightness: added to every pixel of an image
+    scale: torch.Tensor | None  # contrast: then multiplies them
 
 
 def crop_at(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad: int) -> torch.Tensor:
