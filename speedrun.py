@@ -289,11 +289,8 @@ def alternating_flips(augmenter, n: int, epoch: int, device) -> torch.Tensor:
     return augmenter.first_flips ^ bool(epoch % 2)
 
 
-def no_flips(augmenter, n: int, epoch: int, device) -> None:
-    return None
-
-
-FLIPS = {"random": random_flips, "alternating": alternating_flips, "none": no_flips}  # Config.flip -> its draw
+# Config.flip -> its draw
+FLIPS = {"random": random_flips, "alternating": alternating_flips, "none": lambda augmenter, n, epoch, device: None}
 
 
 class EpochAugmenter:
@@ -719,6 +716,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, cfg: Config, total_steps: int):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.eval_model = self.model  # what evaluation uses
         self.decay, self.every, self.warmup, self.updates = cfg.ema_momentum ** cfg.ema_every, cfg.ema_every, cfg.ema_warmup, 0
         pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
         self._floats = [(e, m) for e, m in pairs if e.is_floating_point()]
@@ -742,10 +740,6 @@ class EMA:
     def finish(self) -> None:
         """Nothing to do at the end: the average is already what evaluation uses."""
 
-    @property
-    def eval_model(self) -> nn.Module:
-        return self.model
-
 
 class Lookahead(EMA):
     """airbench's lookahead: every `every` steps of the run, blend the average towards the weights
@@ -754,7 +748,7 @@ class Lookahead(EMA):
 
     def __init__(self, model: nn.Module, cfg: Config, total_steps: int):
         super().__init__(model, cfg, total_steps)
-        self.trained, self.total_steps = model, total_steps
+        self.eval_model, self.total_steps = model, total_steps  # the trained model, which ends as the average
 
     def due(self, step: int, batch: int) -> bool:
         return step % self.every == 0
@@ -770,10 +764,6 @@ class Lookahead(EMA):
     @torch.no_grad()
     def finish(self) -> None:
         torch._foreach_copy_([m for _, m in self._floats], [e for e, _ in self._floats])
-
-    @property
-    def eval_model(self) -> nn.Module:
-        return self.trained
 
 
 EMA_KINDS = {"average": EMA, "lookahead": Lookahead}  # Config.ema_mode -> its class (Config.ema: whether to keep one)
