@@ -1018,6 +1018,15 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels).float().mean().item()
 
 
+def tta_unsure_count(cfg: Config, tta: str, n: int) -> int | None:
+    """How many of n images, the least sure, get every view of `tta` while the rest get the plain
+    view only: ceil(tta_unsure_frac x n); None when every image gets every view (a fraction of 1, or
+    a single view, so nothing to add)."""
+    if len(TTA_MODES[tta]) == 1 or cfg.tta_unsure_frac >= 1:
+        return None
+    return math.ceil(cfg.tta_unsure_frac * n)
+
+
 @torch.no_grad()
 def predict(forward, x: torch.Tensor, cfg: Config, device, dtype, tta: str | None = None) -> torch.Tensor:
     """Float32 logits for every image: the weighted mean of the logits of its TTA views. With
@@ -1035,10 +1044,11 @@ def predict(forward, x: torch.Tensor, cfg: Config, device, dtype, tta: str | Non
             out.append(torch.einsum("v,vnc->nc", weights, logits.view(len(views), chunk.shape[0], -1)))
         return torch.cat(out)
 
-    if len(TTA_MODES[tta]) == 1 or cfg.tta_unsure_frac >= 1:  # one view: nothing to add to the unsure images
+    k = tta_unsure_count(cfg, tta, x.shape[0])
+    if k is None:
         return logits_of(x, tta)
     logits = logits_of(x, "none")
-    unsure = logits.softmax(1).amax(1).topk(math.ceil(cfg.tta_unsure_frac * x.shape[0]), largest=False).indices
+    unsure = logits.softmax(1).amax(1).topk(k, largest=False).indices
     if len(unsure):
         logits[unsure] = logits_of(x[unsure], tta)
     return logits

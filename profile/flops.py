@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -108,12 +107,11 @@ def ema_updates(cfg, model: nn.Module, steps: int, n_batches: int) -> int:
 
 def evaluated_images(cfg, n_test: int) -> int:
     """Images one EMA+TTA evaluation sends through the network, as speedrun.predict does: every TTA
-    view of every test image, or, with tta_unsure_frac below 1, the plain view of every image and
-    every view of the least sure fraction (rounded up)."""
+    view of every test image, or the plain view of every image and every view of the least sure
+    (speedrun.tta_unsure_count)."""
     views = len(speedrun.TTA_MODES[cfg.tta])
-    if views == 1 or cfg.tta_unsure_frac >= 1:
-        return n_test * views
-    return n_test + math.ceil(cfg.tta_unsure_frac * n_test) * views
+    unsure = speedrun.tta_unsure_count(cfg, cfg.tta, n_test)
+    return n_test * views if unsure is None else n_test + unsure * views
 
 
 def count_run(cfg, epochs: int | None = None) -> dict:
@@ -131,7 +129,8 @@ def count_run(cfg, epochs: int | None = None) -> dict:
     views = len(speedrun.TTA_MODES[cfg.tta])
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     ema_elements = sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
-    timed_eval = evaluated_images(cfg, n_test) * per_image
+    eval_images = evaluated_images(cfg, n_test)
+    timed_eval = eval_images * per_image
     parts = {
         "forward (training)": steps * step["forward"],
         "backward (training)": steps * step["backward"],
@@ -145,7 +144,7 @@ def count_run(cfg, epochs: int | None = None) -> dict:
     # without TTA); one EMA+TTA pass is timed, the rest is not
     run_epochs = len(speedrun.epoch_steps(steps, n_batches))
     evaluated = sum(1 for e in range(run_epochs) if e == run_epochs - 1 or (e + 1) % cfg.eval_every == 0)
-    untimed_eval = evaluated * (evaluated_images(cfg, n_test) + n_test) * per_image - timed_eval
+    untimed_eval = evaluated * (eval_images + n_test) * per_image - timed_eval
     return dict(parts=parts, timed_total=sum(parts.values()), untimed_evaluation=untimed_eval,
                 all_total=sum(parts.values()) + untimed_eval, epochs=epochs, steps=steps, n_train=n_train,
                 n_test=n_test, tta_views=views, forward_per_image=per_image, trainable_params=params)
