@@ -77,15 +77,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-
 # =============================================================================================
 # 1. Configuration and presets
 # =============================================================================================
 
-
 def _f(default, help_text):
     return field(default=default, metadata={"help": help_text})
-
 
 @dataclass
 class Config:
@@ -174,7 +171,6 @@ class Config:
     workers: int = _f(0, "processes that share the runs: 0 = one per visible CUDA GPU (1 on other devices)")
     deterministic: bool = _f(False, "request deterministic kernels on CUDA (slower); CPU runs are always reproducible")
 
-
 PRESETS: dict[str, dict] = {
     # Page, "How to train your ResNet" part 8 (94.1% in 10 epochs; 26 s on a V100): the defaults.
     "davidnet": {},
@@ -210,17 +206,14 @@ PRESETS: dict[str, dict] = {
 }
 # From Python, make_config(preset, **fields) (Appendix B) gives a preset's Config with fields replaced, checked.
 
-
 # =============================================================================================
 # 2. Data on the device: normalised once, resident for the whole run
 # =============================================================================================
-
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 IMAGE_SIDE = 32  # pixels
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # of the training images, per channel (RGB)
-
 
 @dataclass
 class DeviceData:
@@ -231,7 +224,6 @@ class DeviceData:
     test_y: torch.Tensor
     load_s: float          # disk (or cache) to normalised device tensors
 
-
 def to_device(images: np.ndarray, device, dtype) -> torch.Tensor:
     """uint8 NHWC -> normalised NCHW tensor of `dtype` on `device`."""
     x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255)
@@ -241,11 +233,9 @@ def to_device(images: np.ndarray, device, dtype) -> torch.Tensor:
 # load_data() (Appendix A) reads the files and hands each array, cut to the config's subsets, to to_device()
 # in compute_dtype()'s precision (Appendix B): fp16 on CUDA, fp32 elsewhere, unless --precision says otherwise.
 
-
 # =============================================================================================
 # 3. Augmentation: a whole epoch at once on the device, no Python loop over images
 # =============================================================================================
-
 
 @dataclass
 class EpochDraw:
@@ -258,7 +248,6 @@ class EpochDraw:
     shift: torch.Tensor | None  # brightness: added to every pixel of an image
     scale: torch.Tensor | None  # contrast: then multiplies them
 
-
 def crop_at(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad: int) -> torch.Tensor:
     """Reflect-pad every image by `pad`, then cut its 32x32 window at offset (dy, dx)."""
     n, c, h, w = x.shape
@@ -266,7 +255,6 @@ def crop_at(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad: int) -> to
     rows = (dy[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
     cols = (dx[:, None] + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
     return padded.gather(2, rows).gather(3, cols)
-
 
 def cutout_at(x: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, size: int) -> torch.Tensor:
     """Zero (the dataset mean, after normalisation) the size x size square at (y0, x0) of each image."""
@@ -276,11 +264,9 @@ def cutout_at(x: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, size: int) ->
     y0, x0 = y0.view(-1, 1, 1, 1), x0.view(-1, 1, 1, 1)
     return x.masked_fill((r >= y0) & (r < y0 + size) & (c >= x0) & (c < x0 + size), 0)
 
-
 def random_flips(augmenter, n: int, epoch: int, device) -> torch.Tensor:
     """A fresh random half of the images, every epoch."""
     return torch.rand(n, device=device, generator=augmenter.gen) < 0.5
-
 
 def alternating_flips(augmenter, n: int, epoch: int, device) -> torch.Tensor:
     """A random half at the first epoch; then every image alternates: its opposite on odd epochs."""
@@ -288,10 +274,8 @@ def alternating_flips(augmenter, n: int, epoch: int, device) -> torch.Tensor:
         augmenter.first_flips = random_flips(augmenter, n, epoch, device)
     return augmenter.first_flips ^ bool(epoch % 2)
 
-
 # Config.flip -> its draw
 FLIPS = {"random": random_flips, "alternating": alternating_flips, "none": lambda augmenter, n, epoch, device: None}
-
 
 class EpochAugmenter:
     """Crop, flip, colour jitter (brightness then contrast), cutout, with choices drawn for the
@@ -332,11 +316,9 @@ class EpochAugmenter:
     def __call__(self, x: torch.Tensor, epoch: int) -> torch.Tensor:
         return self.apply(x, self.draw(x.shape[0], epoch, x.device))
 
-
 # =============================================================================================
 # 4. Model: frozen patch whitening, ghost batch norm, a class per network (ResNet-9, airbench), scaled head
 # =============================================================================================
-
 
 class GhostBatchNorm(nn.BatchNorm2d):
     """Batch norm that, in training, normalises each batch in `splits` groups (image i belongs
@@ -364,12 +346,10 @@ class GhostBatchNorm(nn.BatchNorm2d):
             return y.reshape(n, c, h, w)
         return ghost_bn_channels_last(self, x)  # the same, without leaving the layout (Appendix C)
 
-
 ACTIVATIONS = {"celu": lambda cfg: nn.CELU(cfg.celu_alpha), "relu": lambda cfg: nn.ReLU(),
                "gelu": lambda cfg: nn.GELU(), "silu": lambda cfg: nn.SiLU()}  # Config.activation -> its maker
 # Config.whiten_activation -> the airbench network's activation after the whitening: the run's own, or another
 WHITEN_ACTIVATIONS = {"same": lambda cfg: ACTIVATIONS[cfg.activation](cfg), **ACTIVATIONS}
-
 
 def conv_bn(c_in: int, c_out: int, cfg: Config, pool: bool = False, kernel: int = 3) -> nn.Sequential:
     """conv (no bias) -> [max-pool 2] -> ghost BN -> activation."""
@@ -380,7 +360,6 @@ def conv_bn(c_in: int, c_out: int, cfg: Config, pool: bool = False, kernel: int 
                ACTIVATIONS[cfg.activation](cfg)]
     return nn.Sequential(*layers)
 
-
 class Residual(nn.Module):
     def __init__(self, *layers: nn.Module):
         super().__init__()
@@ -389,14 +368,11 @@ class Residual(nn.Module):
     def forward(self, x):
         return x + self.body(x)
 
-
 def keep_init(module) -> None:
     """PyTorch's default initialisation, as the modules were built."""
 
-
 WHITEN_KERNELS = (2, 3)  # side of the whitened patches
 WHITEN_BIAS_INITS = {"zero": nn.init.zeros_, "default": keep_init}  # default: PyTorch's uniform +-1/sqrt(fan-in)
-
 
 def whitening_layer(cfg: Config) -> tuple[nn.Module, int]:
     """The frozen whitening conv (filled by init_whitening) and its channel count; the identity
@@ -410,7 +386,6 @@ def whitening_layer(cfg: Config) -> tuple[nn.Module, int]:
     if conv.bias is not None:
         WHITEN_BIAS_INITS[cfg.whiten_bias_init](conv.bias)
     return conv, c_out
-
 
 class Network(nn.Module):
     """What every network shares: whitening -> prep -> layer1 -> layer2 -> layer3 -> global
@@ -435,10 +410,8 @@ class Network(nn.Module):
         x = torch.amax(x.float(), dim=(2, 3))
         return self.head(x) * self.head_scale
 
-
 def channels(cfg: Config, *counts: int) -> list[int]:
     return [max(1, round(cfg.width * c)) for c in counts]
-
 
 class ResNet9(Network):
     """Page's ResNet-9: whitening, a prep conv, three pooled layers (the first and last with a
@@ -455,7 +428,6 @@ class ResNet9(Network):
         self.layer3 = nn.Sequential(conv_bn(c2, c3, cfg, pool=True), *res(c3))
         return c3
 
-
 class AirbenchNet(Network):
     """Keller Jordan's airbench network: whitening -> activation -> three groups of
     conv-pool-BN-act-conv-BN-act, 64/256/256 channels at width 1; no prep conv, no residuals."""
@@ -469,9 +441,7 @@ class AirbenchNet(Network):
         self.layer1, self.layer2, self.layer3 = group(c_in, c1), group(c1, c2), group(c2, c3)
         return c3
 
-
 NETWORKS = {"resnet9": ResNet9, "airbench": AirbenchNet}  # Config.arch -> the network's class
-
 
 def whitening_filters(images: torch.Tensor, kernel: int = 3, eps: float = 1e-2) -> torch.Tensor:
     """PCA whitening filters of the images' kernel x kernel patches: one filter per eigenvector of
@@ -491,14 +461,12 @@ def whitening_filters(images: torch.Tensor, kernel: int = 3, eps: float = 1e-2) 
     filters = evecs.T / torch.sqrt(evals.clamp_min(0) + eps)[:, None]
     return filters.reshape(d, c, kernel, kernel).float()
 
-
 def init_whitening(model: Network, train_x: torch.Tensor, cfg: Config) -> None:
     if cfg.whiten:
         filters = whitening_filters(train_x[:cfg.whiten_samples], cfg.whiten_kernel, cfg.whiten_eps)
         if cfg.whiten_negatives:
             filters = torch.cat([filters, -filters])
         model.whiten.weight.data.copy_(filters.to(model.whiten.weight.device))
-
 
 @torch.no_grad()
 def dirac_filters(model: Network) -> None:
@@ -507,15 +475,12 @@ def dirac_filters(model: Network) -> None:
         if isinstance(m, nn.Conv2d) and m is not model.whiten and m.kernel_size == (3, 3):
             nn.init.dirac_(m.weight[:min(m.in_channels, m.out_channels)])
 
-
 @torch.no_grad()
 def unit_std_head(model: Network) -> None:
     model.head.weight.div_(model.head.weight.std())
 
-
 CONV_INITS = {"default": keep_init, "dirac": dirac_filters}
 HEAD_INITS = {"default": keep_init, "unit_std": unit_std_head}
-
 
 def build_model(cfg: Config, device: torch.device | str = "cpu") -> Network:
     """The network of cfg.arch with its initialisation switches, on the device in its memory layout."""
@@ -527,46 +492,38 @@ def build_model(cfg: Config, device: torch.device | str = "cpu") -> Network:
         model = model.to(memory_format=torch.channels_last)
     return model
 
-
 # =============================================================================================
 # 5. Optimizer, schedule, loss and EMA
 # =============================================================================================
 
-
 def epochs_to_steps(epochs: float, n_batches: int) -> int:
     """ceil(epochs x batches per epoch), so 9.9 epochs of 48 batches is 476 steps."""
     return math.ceil(round(epochs * n_batches, 9))  # round: 9.8 x 195 is 1911.0000000000002, not 1912 steps
-
 
 def epoch_steps(total: int, n_batches: int) -> list[int]:
     """The steps of each epoch of a run of `total` steps: whole epochs of n_batches, the last one cut short."""
     whole, rest = divmod(total, n_batches)
     return [n_batches] * whole + ([rest] if rest else [])
 
-
 def one_cycle(cfg: Config, t: int, total: int) -> float:
     """lr_start -> 1 -> lr_final, piecewise linear, its knots at whole steps int(fraction x total)."""
     knots = [0, int(round(cfg.lr_peak_frac * total, 9)), int(round(cfg.lr_final_frac * total, 9)), total]
     return float(np.interp(t, knots, [cfg.lr_start, 1.0, cfg.lr_final, cfg.lr_final]))
-
 
 LR_SCHEDULES = {"onecycle": one_cycle, "linear": lambda cfg, t, total: max(0.0, 1.0 - t / total),
                 "constant": lambda cfg, t, total: 1.0}
 # Where a step reads the schedule: Page after counting the step ('end'), airbench before it ('start').
 LR_SCHEDULE_AT = {"end": 1, "start": 0}
 
-
 def lr_factor(cfg: Config, step: int, total: int, schedule: str | None = None) -> float:
     """The multiplier of the peak LR, by cfg.lr_schedule (or `schedule`) over `total` steps, for the
     step that has `step` steps done before it, read at step + LR_SCHEDULE_AT[cfg.lr_schedule_at]."""
     return LR_SCHEDULES[schedule or cfg.lr_schedule](cfg, step + LR_SCHEDULE_AT[cfg.lr_schedule_at], total)
 
-
 # Newton-Schulz quintic coefficients (a, b, c): Keller Jordan's, and hiverge's retuned ones.
 NS_COEFFICIENTS = {"keller": (3.4445, -4.7750, 2.0315), "hiverge": (3.4576, -4.7391, 2.0843)}
 # The dtype Newton-Schulz runs in on a GPU; the iterations only ever see matrices of norm <= ~1.2.
 NS_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def orthogonalize(g: torch.Tensor, steps: int, coeffs=NS_COEFFICIENTS["keller"], dtype=torch.bfloat16) -> torch.Tensor:
     """Approximately U V^T for each matrix g = U S V^T of a batch (..., rows, cols): Newton-Schulz
@@ -582,11 +539,9 @@ def orthogonalize(g: torch.Tensor, steps: int, coeffs=NS_COEFFICIENTS["keller"],
         x = a * x + (b * A + c * A @ A) @ x
     return (x.mT if tall else x).to(g.dtype)
 
-
 # Config.muon_renorm -> whether step k (from 1) of `total`, `since` steps after the last rescale, rescales the banks
 MUON_RENORMS = {"none": lambda k, since, total: False, "every_step": lambda k, since, total: True,
                 "growing": lambda k, since, total: since >= 2 + int(15 * k / total)}  # hiverge's
-
 
 class Muon(torch.optim.Optimizer):
     """Nesterov SGD in which the groups marked 'orthogonalize' (the conv filter banks) step along
@@ -631,7 +586,6 @@ class Muon(torch.optim.Optimizer):
                 if g["decoupled_wd"]:
                     p.mul_(1 - g["lr"] * g["decoupled_wd"])
 
-
 def muon_groups(groups: list[dict], cfg: Config) -> list[dict]:
     """Muon's parameter groups: the conv filter banks (the 4-D parameters) leave their groups for one
     of their own, orthogonalised, at muon_lr with muon_momentum and decoupled decay; the rest stay."""
@@ -640,7 +594,6 @@ def muon_groups(groups: list[dict], cfg: Config) -> list[dict]:
     bank = dict(params=filters, peak_lr=cfg.muon_lr, lr=0.0, weight_decay=0.0, orthogonalize=True,
                 momentum=cfg.muon_momentum, decoupled_wd=cfg.muon_weight_decay)
     return [g for g in [*rest, bank] if g["params"]]
-
 
 # Config.optimizer -> make(parameter groups, cfg, total steps); set_lr() sets every group's LR before each step.
 OPTIMIZERS = {
@@ -658,13 +611,11 @@ OPTIMIZERS = {
     "adadelta": lambda groups, cfg, total: torch.optim.Adadelta(groups, lr=0.0),
 }
 
-
 def lr_group(params: list, cfg: Config, scale: float = 1.0, **extra) -> dict:
     """A parameter group at scale x lr/batch_size with 1/scale of the decay weight_decay x batch_size
     (the loss is summed over the batch); set_lr() scales its 'peak_lr' by the schedule each step."""
     return dict(params=params, peak_lr=cfg.lr / cfg.batch_size * scale,
                 weight_decay=cfg.weight_decay * cfg.batch_size / scale, **extra)
-
 
 def whiten_bias_apart(groups: list[dict], model: Network, cfg: Config, bias_steps: int) -> list[dict]:
     """hiverge's whitening bias: it leaves the weights' group for one of its own, at the BN
@@ -675,11 +626,9 @@ def whiten_bias_apart(groups: list[dict], model: Network, cfg: Config, bias_step
     rest = [dict(g, params=[p for p in g["params"] if p is not bias]) for g in groups]
     return [*rest, lr_group([bias], cfg, cfg.bias_lr_scale, decay_over=max(1, bias_steps))]
 
-
 # Config.whiten_bias_schedule -> the parameter groups with the whitening bias placed: with the weights, on
 # the run's schedule (shared: airbench94), or apart on its own (hiverge)
 WHITEN_BIAS_SCHEDULES = {"shared": lambda groups, model, cfg, bias_steps: groups, "own": whiten_bias_apart}
-
 
 def build_optimizer(model: nn.Module, cfg: Config, total_steps: int, bias_steps: int) -> torch.optim.Optimizer:
     """The weights' group, the BN parameters' at bias_lr_scale (lr_group), the whitening bias placed
@@ -694,7 +643,6 @@ def build_optimizer(model: nn.Module, cfg: Config, total_steps: int, bias_steps:
     groups = [dict(g, lr=0.0) for g in groups if g["params"]]
     return OPTIMIZERS[cfg.optimizer](groups, cfg, total_steps)
 
-
 def set_lr(opt: torch.optim.Optimizer, cfg: Config, step: int, total: int) -> None:
     """Every group's LR for the step with `step` steps done before it, of `total`; a group with
     'decay_over' (the whitening bias's own schedule) decays linearly to 0 over that many steps."""
@@ -702,11 +650,9 @@ def set_lr(opt: torch.optim.Optimizer, cfg: Config, step: int, total: int) -> No
     for g in opt.param_groups:
         g["lr"] = g["peak_lr"] * (lr_factor(cfg, step, g["decay_over"], "linear") if "decay_over" in g else factor)
 
-
 def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
     """Summed over the batch: (1 - s) * NLL + s * mean over classes of -log p."""
     return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing, reduction="sum")
-
 
 class EMA:
     """Page's exponential moving average of the weights and BN statistics, a separate copy that
@@ -740,7 +686,6 @@ class EMA:
     def finish(self) -> None:
         """Nothing to do at the end: the average is already what evaluation uses."""
 
-
 class Lookahead(EMA):
     """airbench's lookahead: every `every` steps of the run, blend the average towards the weights
     with decay momentum**every x (step / total)**3, then copy the average back into the weights.
@@ -765,14 +710,11 @@ class Lookahead(EMA):
     def finish(self) -> None:
         torch._foreach_copy_([m for _, m in self._floats], [e for e, _ in self._floats])
 
-
 EMA_KINDS = {"average": EMA, "lookahead": Lookahead}  # Config.ema_mode -> its class (Config.ema: whether to keep one)
-
 
 # =============================================================================================
 # 6. One run: timer, step, epoch, train()
 # =============================================================================================
-
 
 class Stopwatch:
     """Device time from start() to stop(): CUDA events on CUDA, else a wall clock after a synchronisation."""
@@ -798,7 +740,6 @@ class Stopwatch:
         synchronize(self.device)
         return time.perf_counter() - self._t0
 
-
 def make_step_fn(model, opt, cfg, device, dtype, ctx: Distributed):
     """step_fn(images, labels) -> (summed loss, logits): forward, backward and optimizer step.
     Returns (step_fn, forward, module): module is the model as this process trains it (see
@@ -817,7 +758,6 @@ def make_step_fn(model, opt, cfg, device, dtype, ctx: Distributed):
         opt.zero_grad(set_to_none=True)
         return loss, logits
     return step_fn, forward, module
-
 
 def train_epoch(setup: TrainingSetup, ema: EMA | None, x, y, step: int, progress=None):
     """Training steps over this process's augmented images `x`, already in batch order, one local
@@ -843,7 +783,6 @@ def train_epoch(setup: TrainingSetup, ema: EMA | None, x, y, step: int, progress
         if progress is not None:
             progress(step)
     return loss_sum, correct, step
-
 
 @dataclass
 class TrainingSetup:
@@ -905,7 +844,6 @@ class TrainingSetup:
             self.step_fn, self.forward, self.module = make_step_fn(self.model, self.opt, self.cfg, self.device,
                                                                    self.dtype, self.ctx)
 
-
 def prepare_training(cfg: Config, data: DeviceData, device: torch.device, seed: int) -> TrainingSetup:
     """Check the config against the data and the processes, seed, and build the network,
     optimizer, step function and augmenter of one run."""
@@ -923,7 +861,6 @@ def prepare_training(cfg: Config, data: DeviceData, device: torch.device, seed: 
     return TrainingSetup(cfg, device, dtype, ctx, gen, model, opt, step_fn, forward, module, EpochAugmenter(cfg, gen),
                          local_positions(n_batches, cfg, ctx).to(device), n_batches, steps, bias_steps,
                          cfg.batch_size // ctx.world, sync_bn)
-
 
 def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | None = None) -> dict:
     """One training run; returns its result dict (see the README's JSON section). Under torchrun
@@ -993,16 +930,13 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
                 wall_s=time.perf_counter() - started,
                 **classification_metrics(logits.argmax(1), data.test_y), **agreement, model=eval_model)
 
-
 # =============================================================================================
 # 7. Evaluation and test-time augmentation
 # =============================================================================================
 
-
 def shifted(x: torch.Tensor, offset: int) -> torch.Tensor:
     """The images moved by one pixel, reflect-padded: offset 0 up-left, 2 down-right."""
     return F.pad(x, (1, 1, 1, 1), mode="reflect")[..., offset:offset + x.shape[2], offset:offset + x.shape[3]]
-
 
 TTA_VIEWS = {"image": lambda x: x, "mirror": lambda x: x.flip(3),
              "up_left": lambda x: shifted(x, 0), "down_right": lambda x: shifted(x, 2),
@@ -1013,10 +947,8 @@ TTA_MODES = {"none": {"image": 1.0}, "flip": {"image": 0.5, "mirror": 0.5},
                  ("up_left", "down_right", "up_left_mirror", "down_right_mirror"), 0.125)},
              "flip_translate_equal": dict.fromkeys(TTA_VIEWS, 1 / 6)}
 
-
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels).float().mean().item()
-
 
 def tta_unsure_count(cfg: Config, tta: str, n: int) -> int | None:
     """How many of n images, the least sure, get every view of `tta` while the rest get the plain
@@ -1025,7 +957,6 @@ def tta_unsure_count(cfg: Config, tta: str, n: int) -> int | None:
     if len(TTA_MODES[tta]) == 1 or cfg.tta_unsure_frac >= 1:
         return None
     return math.ceil(cfg.tta_unsure_frac * n)
-
 
 @torch.no_grad()
 def predict(forward, x: torch.Tensor, cfg: Config, device, dtype, tta: str | None = None) -> torch.Tensor:
@@ -1053,11 +984,9 @@ def predict(forward, x: torch.Tensor, cfg: Config, device, dtype, tta: str | Non
         logits[unsure] = logits_of(x[unsure], tta)
     return logits
 
-
 # =============================================================================================
 # 8. Many seeds: mean, spread, interval and t-test of the final accuracy
 # =============================================================================================
-
 
 def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = CIFAR10_URL,
              on_progress=None, preset: str | None = None) -> dict:
@@ -1089,11 +1018,9 @@ def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = 
             log(line)
     return result
 
-
 # =============================================================================================
 # 9. main
 # =============================================================================================
-
 
 def main(argv=None) -> int:
     """The command line's run: a Config from the flags, its runs over the seeds, and the JSON
@@ -1119,18 +1046,15 @@ def main(argv=None) -> int:
             leave_distributed()
     return write_outputs(result, args, cfg, partial.path or out) if ctx.rank == 0 else 0
 
-
 # =============================================================================================
 # =============================================================================================
 # APPENDICES: what the method calls on; a reader who stops here has seen all of the method
 # =============================================================================================
 # =============================================================================================
 
-
 # =============================================================================================
 # A. CIFAR-10 files: cache, folders, archives, download, checksums, unpickler, atomic writes, onto the device
 # =============================================================================================
-
 
 CIFAR10_SIZES = (50000, 10000)  # training and test images
 PYTHON_ARCHIVE = "cifar-10-python.tar.gz"  # what a download is saved as, whatever the URL
@@ -1149,14 +1073,11 @@ OFFICIAL_ARRAYS_SHA256 = "b7d593c4d8cf1260dce77e8332de59a8bcc39684afdfd329a4a5a5
 STALE_S = 600  # a temporary file (.part) or extraction folder untouched this long was left by a killed run
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 
-
 class DataError(RuntimeError):
     """A data file is missing, damaged or of the wrong form; the message says what to do."""
 
-
 def default_data_dir() -> Path:
     return Path(os.environ.get("CIFAR10_HOME") or Path.home() / ".cache" / "cifar10")
-
 
 def load_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL, quiet: bool = False,
                  archive_md5: dict | None = None, bin_md5: dict | None = None, expect_sizes=CIFAR10_SIZES,
@@ -1212,7 +1133,6 @@ def load_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL, qui
               f"the original files again; make the folder writable to keep a cache)", file=sys.stderr)
     return arrays
 
-
 def _data_root(data_dir) -> Path:
     """The data folder: `data_dir` must exist; only the default folder is created unasked."""
     root = Path(data_dir).expanduser() if data_dir else default_data_dir()
@@ -1231,7 +1151,6 @@ def _data_root(data_dir) -> Path:
                             f"--data-dir to a folder you can write") from None
     return root
 
-
 def _read_cache(cache: Path, expect_sizes) -> tuple:
     """The cache's arrays, after checking their shapes and their digest; DataError if they fail."""
     with np.load(cache) as z:
@@ -1248,7 +1167,6 @@ def _read_cache(cache: Path, expect_sizes) -> tuple:
         raise DataError("it holds no digest of its arrays (written by an older version)")
     return arrays
 
-
 def arrays_digest(arrays) -> str:
     """SHA-256 of (train_x, train_y, test_x, test_y): each array's dtype, shape and bytes."""
     h = hashlib.sha256()
@@ -1257,7 +1175,6 @@ def arrays_digest(arrays) -> str:
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(memoryview(a).cast("B"))
     return h.hexdigest()
-
 
 def remove_stale_temporaries(root: Path, log: Callable, older_than_s: float = STALE_S) -> list[Path]:
     """Delete the hidden temporary files (.NAME.XXXX.part) and extraction folders (.extract-XXXX)
@@ -1282,7 +1199,6 @@ def remove_stale_temporaries(root: Path, log: Callable, older_than_s: float = ST
         log(f"note: removed {p}, left behind by an interrupted run" + (f" ({size / 1e6:.0f} MB)" if size else ""))
     return removed
 
-
 def read_folder(folder: Path, kind: str, checksums: dict | None = None):
     """Both splits from an extracted official folder: kind 'py' (pickles) or 'bin' (binary).
     `checksums` maps file names to MD5s; a file it does not name is not checked."""
@@ -1297,7 +1213,6 @@ def read_folder(folder: Path, kind: str, checksums: dict | None = None):
             arrays = [read_binary_batch(folder / f"{n}.bin", checksums.get(f"{n}.bin")) for n in names]
         parts[split] = (np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays]))
     return parts["train"] + parts["test"]
-
 
 def read_python_batch(path: Path, expected_md5: str | None = None):
     """One file of cifar-10-batches-py: a pickled dict with b'data' (N, 3072) and b'labels'."""
@@ -1317,7 +1232,6 @@ def read_python_batch(path: Path, expected_md5: str | None = None):
     _check_arrays(x, labels, None, path)
     return np.ascontiguousarray(x), labels
 
-
 def read_binary_batch(path: Path, expected_md5: str | None = None):
     """One file of cifar-10-batches-bin: records of 1 label byte + 3072 pixel bytes (R, G, B planes)."""
     if not path.is_file():
@@ -1332,7 +1246,6 @@ def read_binary_batch(path: Path, expected_md5: str | None = None):
     _check_arrays(x, labels, None, path)
     return np.ascontiguousarray(x), labels
 
-
 def _check_arrays(x: np.ndarray, y: np.ndarray, n: int | None, source) -> None:
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
         raise DataError(f"{source}: images have shape {x.shape} and dtype {x.dtype}, expected (N, 32, 32, 3) uint8")
@@ -1340,7 +1253,6 @@ def _check_arrays(x: np.ndarray, y: np.ndarray, n: int | None, source) -> None:
         raise DataError(f"{source}: labels have shape {y.shape} or values outside 0..9; expected {x.shape[0]} labels")
     if n is not None and x.shape[0] != n:
         raise DataError(f"{source}: holds {x.shape[0]} images, expected {n}")
-
 
 def extract_archive(archive: Path, dest: Path, expected_md5: str | None) -> None:
     """Verify the archive's MD5, then extract it into dest through a temporary folder."""
@@ -1372,7 +1284,6 @@ def extract_archive(archive: Path, dest: Path, expected_md5: str | None) -> None
                 os.replace(folder, dest / folder.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
 
 def download(url: str, path: Path, expected_md5: str | None, quiet: bool = False) -> None:
     """Download url to path (through a temporary file), checking its length and MD5."""
@@ -1406,7 +1317,6 @@ def download(url: str, path: Path, expected_md5: str | None, quiet: bool = False
     finally:
         tmp.unlink(missing_ok=True)
 
-
 def md5sum(path: Path) -> str:
     h = hashlib.md5()
     with open(path, "rb") as f:
@@ -1414,12 +1324,10 @@ def md5sum(path: Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
-
 def _check_md5(path: Path, expected_md5: str | None) -> None:
     if expected_md5 is not None and path.is_file() and md5sum(path) != expected_md5:
         raise DataError(f"{path} fails its MD5 check (expected {expected_md5}): the file is damaged; "
                         f"delete {path.parent} and run again, never train on it")
-
 
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles the official batches (dicts of numpy arrays and lists) and nothing else."""
@@ -1432,7 +1340,6 @@ class _ArrayUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         return super().find_class(module, name)
 
-
 def _atomic_target(path: Path):
     """A temporary file beside `path`; rename it onto `path` once complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1443,7 +1350,6 @@ def _atomic_target(path: Path):
     os.chmod(tmp, 0o666 & ~umask)  # the permissions of an ordinary new file, not mkstemp's 0600
     return Path(tmp)
 
-
 def write_atomic(path: Path, write) -> None:
     """Call write(tmp_path), then rename tmp onto path, so `path` is either absent or whole."""
     tmp = _atomic_target(Path(path))
@@ -1453,18 +1359,15 @@ def write_atomic(path: Path, write) -> None:
     finally:
         tmp.unlink(missing_ok=True)
 
-
 def image_counts(cfg: Config) -> tuple[int, int]:
     """The training and test images a run of `cfg` uses on the full CIFAR-10 (subsets() of its sizes)."""
     return tuple(min(n, cut) if cut else n for n, cut in zip(CIFAR10_SIZES, (cfg.subset, cfg.test_subset)))
-
 
 def subsets(arrays, cfg: Config) -> tuple:
     """(train_x, train_y, test_x, test_y) cut to the config's first `subset` and `test_subset` images."""
     train_x, train_y, test_x, test_y = arrays
     n, m = cfg.subset or None, cfg.test_subset or None
     return train_x[:n], train_y[:n], test_x[:m], test_y[:m]
-
 
 def device_data(arrays, cfg: Config, device: torch.device, started: float | None = None) -> DeviceData:
     """The config's subsets of (train_x, train_y, test_x, test_y), normalised on the device.
@@ -1478,21 +1381,17 @@ def device_data(arrays, cfg: Config, device: torch.device, started: float | None
     data.load_s = time.perf_counter() - t0
     return data
 
-
 def load_data(cfg: Config, device: torch.device | None = None, quiet: bool = False, url: str = CIFAR10_URL) -> DeviceData:
     """CIFAR-10 from disk (or the web) onto the device, as the config asks; load_s covers it all."""
     t0 = time.perf_counter()
     return device_data(load_cifar10(cfg.data_dir or None, url=url, quiet=quiet), cfg, device or pick_device(cfg.device), t0)
 
-
 # =============================================================================================
 # B. Config checks, arguments, paths, results and weights, how a command ends, devices, metrics, reports
 # =============================================================================================
 
-
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 PRECISIONS = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # auto: compute_dtype
-
 
 # Each Config field that names a choice, and the table its choices come from (by the code it switches).
 SWITCHES = dict(flip=FLIPS, arch=NETWORKS, activation=ACTIVATIONS, whiten_activation=WHITEN_ACTIVATIONS,
@@ -1501,7 +1400,6 @@ SWITCHES = dict(flip=FLIPS, arch=NETWORKS, activation=ACTIVATIONS, whiten_activa
                 optimizer=OPTIMIZERS, muon_ns_coeffs=NS_COEFFICIENTS, muon_ns_precision=NS_PRECISIONS,
                 muon_renorm=MUON_RENORMS, lr_schedule=LR_SCHEDULES, lr_schedule_at=LR_SCHEDULE_AT, ema_mode=EMA_KINDS, tta=TTA_MODES,
                 precision=PRECISIONS, compile_mode=COMPILE_MODES)
-
 
 def check_config(cfg: Config) -> None:
     for name, table in SWITCHES.items():
@@ -1558,12 +1456,10 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"ema_warmup shapes the average's first blends; ema_mode {cfg.ema_mode} has its own "
                          f"ramp: drop --ema-warmup or use --ema-mode average")
 
-
 def check_batch_fits(n_train: int, cfg: Config) -> None:
     if n_train < cfg.batch_size:
         raise ValueError(f"{n_train} training images are fewer than one batch of {cfg.batch_size}; "
                          f"lower --batch-size or raise --subset")
-
 
 def make_config(preset: str = "davidnet", **overrides) -> Config:
     """The preset's Config with some fields replaced; raises ValueError for unknown names."""
@@ -1577,9 +1473,7 @@ def make_config(preset: str = "davidnet", **overrides) -> Config:
     check_config(cfg)
     return cfg
 
-
 # -- argument parsing ------------------------------------------------------------------------
-
 
 def parse_field_value(f: dataclasses.Field, text: str):
     """A config field's value from its text, e.g. 'false' for a bool, '512' for an int."""
@@ -1597,7 +1491,6 @@ def parse_field_value(f: dataclasses.Field, text: str):
         kinds = {int: "a whole number", float: "a number", str: "a string"}
         raise ValueError(f"{f.name} takes {kinds.get(kind, kind.__name__)}, not {text!r}") from None
 
-
 def _flag_type(f: dataclasses.Field):
     """argparse type of a field's flag: parse_field_value, its message as argparse's error."""
     def parse(text):
@@ -1608,7 +1501,6 @@ def _flag_type(f: dataclasses.Field):
     parse.__name__ = type(f.default).__name__
     return parse
 
-
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line that points to --help, not the whole usage."""
 
@@ -1616,7 +1508,6 @@ class _Parser(argparse.ArgumentParser):
         if "unrecognized arguments: --set" in message:  # --set FIELD=VALUE, removed: one way to set a field is enough
             message += "; every config field has its own flag: --ghost-bn-splits 1, not --set ghost_bn_splits=1"
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
 
 def presets_text(width: int = 100) -> str:
     """What each preset sets, from PRESETS itself (so it stays true)."""
@@ -1626,7 +1517,6 @@ def presets_text(width: int = 100) -> str:
         lines += textwrap.wrap(sets or "nothing: every field keeps the default shown below", width,
                                initial_indent=f"  {name:<10} ", subsequent_indent=" " * 13)
     return "\n".join(lines)
-
 
 def help_epilog() -> str:
     timing = next(part for part in __doc__.split("\n\n") if part.startswith("Timing rule"))
@@ -1648,7 +1538,6 @@ previous run wrote, the official extracted folders or archives, else a download 
 output: one row per epoch, a verdict, and a JSON result (--out, default a new file under runs/).
 
 {timing}"""
-
 
 def build_parser(description: str | None = None, outputs: bool = True) -> argparse.ArgumentParser:
     """The trainer's flags: --preset, one flag per Config field, and (with outputs) --out and
@@ -1676,7 +1565,6 @@ def build_parser(description: str | None = None, outputs: bool = True) -> argpar
                            metavar=type(f.default).__name__.upper(), help=_field_help(f))
     return p
 
-
 def _field_help(f: dataclasses.Field) -> str:
     """The field's help, then its choices (from its table in SWITCHES) and its default."""
     text = f.metadata["help"]
@@ -1687,16 +1575,13 @@ def _field_help(f: dataclasses.Field) -> str:
     shown = f"{f.default:g}" if isinstance(f.default, float) else repr(f.default) if isinstance(f.default, str) else f.default
     return f"{text} (default: {shown})"
 
-
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """{field: value} of the config flags given."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
 
-
 def config_from_args(args: argparse.Namespace) -> Config:
     """The preset, its fields replaced by the flags given; raises ValueError on bad input."""
     return make_config(args.preset, **overrides_from_args(args))
-
 
 def check_run(cfg: Config, n_train: int, world: int) -> None:
     """check_config, and the checks that need the run's data (which may hold fewer images than the
@@ -1705,16 +1590,13 @@ def check_run(cfg: Config, n_train: int, world: int) -> None:
     check_batch_fits(n_train, cfg)
     check_world(cfg, world)
 
-
 def check_world(cfg: Config, world: int) -> None:
     """The checks of a distributed run that need its process count, before anything is printed."""
     if world > 1 and cfg.ghost_bn_splits % world:
         raise ValueError(f"ghost_bn_splits {cfg.ghost_bn_splits} is not a multiple of the {world} processes: "
                          f"each process normalises whole groups of the batch; set --ghost-bn-splits to a multiple of {world}")
 
-
 # -- paths, results, weights, and how the command line ends ----------------------------------
-
 
 def check_writable(path: Path, what: str) -> None:
     """Raise ValueError, saying what to do, unless a file can be created at `path` (nothing is left behind)."""
@@ -1735,11 +1617,9 @@ def check_writable(path: Path, what: str) -> None:
     except OSError as e:
         raise ValueError(f"{what} {path}: cannot write in {path.parent} ({e.strerror}); choose another path") from None
 
-
 def timestamp() -> str:
     """The time now as it goes into file names, e.g. 20250101-120000."""
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-
 
 def new_path(root: Path, stem: str, suffix: str = "") -> Path:
     """root/<stem><suffix>, or root/<stem>-1<suffix>, -2, ... when that exists already."""
@@ -1748,17 +1628,14 @@ def new_path(root: Path, stem: str, suffix: str = "") -> Path:
         path, k = Path(root) / f"{stem}-{k}{suffix}", k + 1
     return path
 
-
 def command_line(script: str | Path, argv: list[str] | None = None) -> str:
     """How a tool was started, to paste again: 'python SCRIPT ARGS', the script relative to here."""
     return shlex.join(["python", os.path.relpath(Path(script).resolve(), Path.cwd()),
                        *(sys.argv[1:] if argv is None else map(str, argv))])
 
-
 def default_out_path(root: Path = Path("runs"), prefix: str = "") -> Path:
     """A new file root/<prefix><time>.json (with -1, -2, ... if that exists already)."""
     return new_path(root, prefix + timestamp(), ".json")
-
 
 def refuse_existing(path: Path | None, flag: str, folder: bool = False) -> None:
     """ValueError when the output path given with `flag` exists (for an output folder: exists and is
@@ -1771,7 +1648,6 @@ def refuse_existing(path: Path | None, flag: str, folder: bool = False) -> None:
         raise ValueError(f"{flag} {path} already exists and is not an empty folder; "
                          f"choose another (results are never overwritten)")
 
-
 def pyplot():
     """matplotlib.pyplot drawing to files (the Agg backend), or None: matplotlib is optional."""
     try:
@@ -1782,11 +1658,9 @@ def pyplot():
         return None
     return plt
 
-
 def no_chart(what: str, how: str = "rerun") -> str:
     """The line a tool prints where matplotlib is missing: no chart, and how to get `what`."""
     return f"no chart: matplotlib is not installed (pip install matplotlib, then {how} to get {what})"
-
 
 def save_chart(fig, path: Path) -> Path:
     """The figure, laid out, as a PNG at `path` (written atomically); the figure is then closed."""
@@ -1795,13 +1669,11 @@ def save_chart(fig, path: Path) -> Path:
     pyplot().close(fig)
     return path
 
-
 def fallback_path(path: Path) -> Path:
     """Where a result that cannot be written at `path` goes instead: a new file in the temp folder."""
     fd, name = tempfile.mkstemp(prefix=f"speedrun-{timestamp()}-", suffix=f"-{Path(path).name}")
     os.close(fd)
     return Path(name)
-
 
 def write_with_fallback(path: Path, write, what: str, warn=print) -> Path:
     """write(path); if that fails (the folder went away or became read-only during the run),
@@ -1814,7 +1686,6 @@ def write_with_fallback(path: Path, write, what: str, warn=print) -> Path:
         write(other)
         warn(f"warning: could not write {what} {path} ({e.strerror or e}); wrote it to {other} instead")
         return other
-
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
@@ -1833,7 +1704,6 @@ def sigterm_as_interrupt():
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
-
 class PartialResult:
     """The runs finished so far, on disk: writer(out) gives run_many's on_progress, which writes
     the partial result to out (or a fallback path) after each run."""
@@ -1850,7 +1720,6 @@ class PartialResult:
             self.runs = len(partial["runs"])
         return write
 
-
 def check_outputs(args: argparse.Namespace) -> Path:
     """The --out path (a new timestamped one by default), after checking that it and --save are
     new and writable; only rank 0 writes, and it checks before any data is read."""
@@ -1862,7 +1731,6 @@ def check_outputs(args: argparse.Namespace) -> Path:
         if args.save:
             check_writable(args.save, "--save")
     return out
-
 
 def stop_early(error: BaseException, parser: argparse.ArgumentParser, ctx: Distributed, cfg: Config | None,
                partial: PartialResult) -> int:
@@ -1887,7 +1755,6 @@ def stop_early(error: BaseException, parser: argparse.ArgumentParser, ctx: Distr
         _warn(f"{plural(partial.runs, 'finished run')} saved in {partial.path} before this error:")
     raise error
 
-
 def write_outputs(result: dict, args: argparse.Namespace, cfg: Config, out: Path) -> int:
     """Write the finished result (and --save's weights), print where; exit status 1 if a run diverged."""
     written = write_with_fallback(out, lambda p: save_json(result, p), "--out", _warn)
@@ -1906,10 +1773,8 @@ def write_outputs(result: dict, args: argparse.Namespace, cfg: Config, out: Path
         return 1
     return 0
 
-
 def _warn(message: str) -> None:
     print(message, file=sys.stderr)
-
 
 def json_safe(obj):
     """obj with every non-finite float (NaN, +-inf) replaced by None, ready for strict JSON."""
@@ -1923,17 +1788,14 @@ def json_safe(obj):
         return int(obj)
     return obj
 
-
 def dumps_json(obj, **kwargs) -> str:
     """Strictly valid JSON (no NaN or Infinity, which strict parsers reject): non-finite numbers become null."""
     return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
-
 
 def save_json(result: dict, path: Path) -> None:
     """`result` as indented JSON at `path`, written atomically; a trained model under 'model' stays out."""
     text = dumps_json({k: v for k, v in result.items() if k != "model"}, indent=2)
     write_atomic(path, lambda tmp: tmp.write_text(text + "\n"))
-
 
 def save_weights(model: nn.Module, cfg: Config, path: Path) -> None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -1941,7 +1803,6 @@ def save_weights(model: nn.Module, cfg: Config, path: Path) -> None:
     splits = next((m.splits for m in model.modules() if isinstance(m, GhostBatchNorm)), cfg.ghost_bn_splits)
     config = dataclasses.asdict(dataclasses.replace(cfg, ghost_bn_splits=splits))
     write_atomic(path, lambda tmp: torch.save({"config": config, "state_dict": state}, tmp))
-
 
 def load_checkpoint(path: str | Path, device="cpu") -> tuple[Network, Config]:
     """The network saved with --save (weights of the evaluated, EMA model), and its config."""
@@ -1951,14 +1812,11 @@ def load_checkpoint(path: str | Path, device="cpu") -> tuple[Network, Config]:
     model.load_state_dict(blob["state_dict"])
     return model.eval(), cfg
 
-
 def load_weights(path: str | Path, device="cpu") -> Network:
     """Rebuild a network saved with --save (weights of the evaluated, EMA model)."""
     return load_checkpoint(path, device)[0]
 
-
 # -- devices and environment: choice, synchronisation, autocast, seeds, warm-up, layout ------
-
 
 def pick_device(name: str = "auto") -> torch.device:
     """The device of name; 'auto' tries CUDA, then MPS, then the CPU. Under torchrun a CUDA
@@ -1975,7 +1833,6 @@ def pick_device(name: str = "auto") -> torch.device:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
     return dev
 
-
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -1984,7 +1841,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
 
 def environment(device: torch.device) -> dict:
     """What a result was measured on, e.g. device_name 'NVIDIA H100 80GB HBM3' or
@@ -1996,13 +1852,11 @@ def environment(device: torch.device) -> dict:
     return dict(device=str(device), device_name=name, torch=torch.__version__, python=sys.version.split()[0],
                 cuda=torch.version.cuda, time=datetime.datetime.now().isoformat(timespec="seconds"))
 
-
 def machine_line(env: dict) -> str:
     """One line for a report, from environment(): e.g. 'GPU NVIDIA H100 80GB HBM3 (CUDA 13.0), torch
     2.11.0+cu130, Python 3.11.7' or 'CPU AMD EPYC (2 cores, 2 torch threads), torch 2.13.0+cpu, ...'."""
     where = f"GPU {env['device_name']} (CUDA {env['cuda']})" if env["device"].startswith("cuda") else env["device_name"]
     return f"{where}, torch {env['torch']}, Python {env['python']}"
-
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -2010,19 +1864,16 @@ def synchronize(device: torch.device) -> None:
     elif device.type == "mps":
         torch.mps.synchronize()
 
-
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     """The dtype of the images on the device and of autocast: cfg.precision, where 'auto' is fp16
     on CUDA (its tensor cores) and fp32 elsewhere."""
     name = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
     return PRECISIONS[name]
 
-
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=dtype)
-
 
 def seed_everything(seed: int, device: torch.device) -> torch.Generator:
     """Seeds torch's global generators (model init) and returns the augmentation generator."""
@@ -2030,7 +1881,6 @@ def seed_everything(seed: int, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
-
 
 def prepare_device(cfg: Config, device: torch.device) -> torch.dtype:
     """On CUDA: make `device` the current one and set cuDNN's kernel choice (benchmarked, or
@@ -2044,10 +1894,8 @@ def prepare_device(cfg: Config, device: torch.device) -> torch.dtype:
         torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     return compute_dtype(cfg, device)
 
-
 def needs_warm_up(cfg: Config, device: torch.device) -> bool:
     return cfg.compile or device.type == "cuda"
-
 
 def warm_up(cfg: Config, data: DeviceData, device: torch.device) -> float:
     """A throwaway run of a few steps and one evaluation, so that compilation and cuDNN's
@@ -2072,14 +1920,11 @@ def warm_up(cfg: Config, data: DeviceData, device: torch.device) -> float:
     synchronize(device)
     return time.perf_counter() - t0
 
-
 def uses_channels_last(cfg: Config, device: torch.device) -> bool:
     """channels_last applies on CUDA and the CPU (MPS runs NCHW)."""
     return cfg.channels_last and device.type in ("cuda", "cpu")
 
-
 # -- result metrics and printed reports ------------------------------------------------------
-
 
 def raw_accuracy(setup: TrainingSetup, test_x: torch.Tensor, test_y: torch.Tensor) -> float:
     """The test accuracy of the trained weights themselves, without TTA and without EMA (lookahead
@@ -2087,7 +1932,6 @@ def raw_accuracy(setup: TrainingSetup, test_x: torch.Tensor, test_y: torch.Tenso
     a job through the bare model, as only rank 0 evaluates and DDP's forward is a collective call."""
     forward = setup.model if setup.ctx.active else setup.forward
     return accuracy(predict(forward, test_x, setup.cfg, setup.device, setup.dtype, tta="none"), test_y)
-
 
 def classification_metrics(pred: torch.Tensor, target: torch.Tensor, classes: int = len(CLASSES)) -> dict:
     """Per-class accuracy (= recall), confusion matrix (rows true, columns predicted), macro P/R/F1."""
@@ -2100,26 +1944,21 @@ def classification_metrics(pred: torch.Tensor, target: torch.Tensor, classes: in
                 confusion_matrix=cm.long().tolist(), macro_precision=precision.mean().item(),
                 macro_recall=recall.mean().item(), macro_f1=f1.mean().item())
 
-
 def silent(*args, **kwargs):
     """The log of a run that prints nothing (train() then keeps no progress line either)."""
-
 
 def log_lines(quiet: bool = False):
     """The log of a tool: print, each line flushed at once (also through a pipe), or nothing when quiet."""
     return silent if quiet else (lambda *args, **kwargs: print(*args, **kwargs, flush=True))
-
 
 def markdown_table(columns, rows) -> list[str]:
     """The lines of a Markdown table: the header of `columns`, then one line per row of cells."""
     line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"  # noqa: E731
     return [line(columns), "|" + "---|" * len(columns), *map(line, rows)]
 
-
 def plural(n, word: str) -> str:
     """e.g. '1 run', '3 runs', '9.9 epochs'."""
     return f"{n:g} {word}" + ("" if n == 1 else "s")
-
 
 def cpu_lead_in(cfg: Config) -> list[str]:
     """What a CPU user who started a full-size run should read first: what it costs, what to run instead."""
@@ -2129,7 +1968,6 @@ def cpu_lead_in(cfg: Config) -> list[str]:
             "  to see it work in a few minutes:  python speedrun.py --preset cpu",
             "  a one-minute smoke test:          python speedrun.py --preset cpu --subset 2000 --epochs 1",
             "  going on with this run now; Ctrl-C stops it (finished runs are kept)."]
-
 
 class Progress:
     """On slow devices, a line every `every_s` seconds inside an epoch: step k of n, images/s and
@@ -2153,14 +1991,12 @@ class Progress:
         eta = (self.total - step) * self.batch / rate
         self.log(f"  step {step} of {self.total}: {rate:,.0f} images/s, training ends in about {format_duration(eta)}")
 
-
 def format_duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
-
 
 def format_epoch_row(row: dict, first: bool = False) -> str:
     def pct(v):  # an epoch that was not evaluated (eval_every) shows a dash
@@ -2171,7 +2007,6 @@ def format_epoch_row(row: dict, first: bool = False) -> str:
         head = f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'test acc':>8}  {'EMA+TTA acc':>12}  {'train s':>9}"
         line = head + "\n" + line
     return line
-
 
 def verdict(run: dict, cfg: Config) -> str:
     pct = f"{100 * cfg.target_acc:g}%"
@@ -2187,7 +2022,6 @@ def verdict(run: dict, cfg: Config) -> str:
     else:
         reached = f"time-to-{pct}: {run['time_to_target_s']:.2f} s (epoch {run['epochs_to_target']} of {len(run['epochs'])})"
     return f"{reached}  final TTA accuracy {100 * run['final_acc']:.2f}%"
-
 
 def summary_lines(s: dict) -> list[str]:
     pct = f"{100 * s['target_acc']:g}%"
@@ -2220,14 +2054,11 @@ def summary_lines(s: dict) -> list[str]:
         lines.append(f"time-to-{pct}: no run reached it")
     return lines
 
-
 # =============================================================================================
 # C. Numerics: Part I's arithmetic in faster kernels; mean, spread and Student-t statistics
 # =============================================================================================
 
-
 # -- the same arithmetic as Part I, laid out for speed ---------------------------------------
-
 
 def ghost_bn_channels_last(bn: GhostBatchNorm, x: torch.Tensor) -> torch.Tensor:
     """GhostBatchNorm's training normalisation of a channels_last batch, where its reshape of the
@@ -2245,7 +2076,6 @@ def ghost_bn_channels_last(bn: GhostBatchNorm, x: torch.Tensor) -> torch.Tensor:
         bn.running_var.view(s, c).lerp_(var * count / max(count - 1, 1), bn.momentum)
     return y.flatten(0, 1).to(x.dtype)
 
-
 def orthogonalize_all(mats: list[torch.Tensor], steps: int, coeffs, dtype=torch.bfloat16) -> list[torch.Tensor]:
     """orthogonalize() of matrices of several shapes in one batched call: each is laid wide and
     zero-padded to the largest shape, which changes nothing (zero rows and columns stay zero and
@@ -2257,9 +2087,7 @@ def orthogonalize_all(mats: list[torch.Tensor], steps: int, coeffs, dtype=torch.
     return [o[:w.shape[0], :w.shape[1]].mT if m is not w else o[:w.shape[0], :w.shape[1]]
             for o, w, m in zip(out, wide, mats)]
 
-
 # -- statistics: mean and spread, Student-t interval and test (what summarize() reports) -----
-
 
 def summarize(runs: list[dict], target: float) -> dict:
     """The multi-run summary. A diverged run (run['diverged']) counts in `runs` and `diverged` and
@@ -2279,7 +2107,6 @@ def summarize(runs: list[dict], target: float) -> dict:
                 runs_reaching_target=len(times), t_stat=t, p_value=p,
                 diverged=len(runs) - len(finished), diverged_seeds=[r["seed"] for r in runs if r.get("diverged")])
 
-
 def mean_std(values) -> tuple[float | None, float | None]:
     v = [float(x) for x in values]
     if not v:
@@ -2289,7 +2116,6 @@ def mean_std(values) -> tuple[float | None, float | None]:
     m = sum(v) / len(v)
     s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
     return m, s
-
 
 def one_sided_t_test(values, mu0: float) -> tuple[float | None, float | None]:
     """(t, p) for H1: mean(values) > mu0. None with fewer than two values."""
@@ -2302,7 +2128,6 @@ def one_sided_t_test(values, mu0: float) -> tuple[float | None, float | None]:
     t = (m - mu0) / (s / math.sqrt(n))
     return t, student_t_sf(t, n - 1)
 
-
 def confidence_interval(values, level: float = 0.95) -> tuple[float | None, float | None]:
     n = len(values)
     m, s = mean_std(values)
@@ -2310,7 +2135,6 @@ def confidence_interval(values, level: float = 0.95) -> tuple[float | None, floa
         return m, m
     half = student_t_ppf(0.5 + level / 2, n - 1) * s / math.sqrt(n)
     return m - half, m + half
-
 
 def _betacf(a: float, b: float, x: float) -> float:
     """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
@@ -2329,7 +2153,6 @@ def _betacf(a: float, b: float, x: float) -> float:
             break
     return h
 
-
 def betainc(a: float, b: float, x: float) -> float:
     """Regularised incomplete beta I_x(a, b)."""
     if x <= 0:
@@ -2341,12 +2164,10 @@ def betainc(a: float, b: float, x: float) -> float:
         return front * _betacf(a, b, x) / a
     return 1 - front * _betacf(b, a, 1 - x) / b
 
-
 def student_t_sf(t: float, df: float) -> float:
     """P(T > t) for Student's t with df degrees of freedom."""
     tail = 0.5 * betainc(df / 2, 0.5, df / (df + t * t))
     return tail if t >= 0 else 1 - tail
-
 
 def student_t_ppf(q: float, df: float) -> float:
     """The t with P(T <= t) = q (bisection on the survival function)."""
@@ -2359,11 +2180,9 @@ def student_t_ppf(q: float, df: float) -> float:
             hi = mid
     return (lo + hi) / 2
 
-
 # =============================================================================================
 # D. Several processes: torchrun helpers (each process trains on its share of every batch), worker pool
 # =============================================================================================
-
 
 @dataclass
 class Distributed:
@@ -2417,12 +2236,10 @@ class Distributed:
             log("warning: the processes' weights differ at the end of training")
         return dict(distributed=dict(world_size=self.world, backend=dist.get_backend(), weights_identical=agree))
 
-
 def process_group() -> Distributed:
     if dist.is_available() and dist.is_initialized():
         return Distributed(dist.get_rank(), dist.get_world_size())
     return Distributed()
-
 
 def check_process_devices(device_name: str, world: int, fewer: str = "start fewer processes") -> None:
     """ValueError, saying what to do, unless each of `world` processes on this machine can have its
@@ -2438,7 +2255,6 @@ def check_process_devices(device_name: str, world: int, fewer: str = "start fewe
         raise ValueError(f"{world} processes need {world} GPUs (one per process) but {torch.cuda.device_count()} "
                          f"are visible; {fewer}, or use --device cpu")
 
-
 def init_distributed(cfg: Config) -> Distributed:
     """Join the torchrun job this process was started in, if any: NCCL on CUDA, gloo on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -2451,14 +2267,12 @@ def init_distributed(cfg: Config) -> Distributed:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))
     return process_group()
 
-
 def leave_distributed() -> None:
     """Leave the torchrun job, if in one. DDP's gloo work objects are freed first, while the
     interpreter is whole: freed during interpreter exit they can abort the process."""
     if dist.is_available() and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
-
 
 def local_positions(n_batches: int, cfg: Config, ctx: Distributed) -> torch.Tensor:
     """Positions, in the epoch's shuffled order, of the images this process trains on, batch by batch.
@@ -2471,7 +2285,6 @@ def local_positions(n_batches: int, cfg: Config, ctx: Distributed) -> torch.Tens
     pos = torch.arange(n_batches * b)
     return pos if w == 1 else pos.view(n_batches, b // s, w, s // w)[:, :, ctx.rank].reshape(-1)
 
-
 def average_bn_statistics(model: nn.Module, world: int) -> None:
     """Average the ghost-BN running statistics over the processes. This keeps their mean over
     groups, which is what evaluation uses, and makes the statistics identical everywhere."""
@@ -2482,7 +2295,6 @@ def average_bn_statistics(model: nn.Module, world: int) -> None:
     for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
         b.copy_(v.view_as(b))
 
-
 def ranks_agree(*models: nn.Module) -> bool:
     """True when every process holds bit-identical weights and statistics in `models`."""
     flat = torch.cat([v.detach().reshape(-1).double() for m in models for v in m.state_dict().values()])
@@ -2492,9 +2304,7 @@ def ranks_agree(*models: nn.Module) -> bool:
     dist.all_reduce(same, op=dist.ReduceOp.MIN)
     return bool(same.item())
 
-
 # -- independent runs spread over worker processes -------------------------------------------
-
 
 class RunCache:
     """Runs (config, seed) jobs on one device, loading each distinct data set once and warming
@@ -2521,13 +2331,11 @@ class RunCache:
             self._warm.add(kind)
         return train(cfg, data, log=log, seed=seed)
 
-
 def _state_bytes(model: nn.Module) -> bytes:
     # bytes, not tensors: tensors in a queue would outlive their process as shared memory
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     return buf.getvalue()
-
 
 def _pool_worker(device: str, threads: int | None, url: str, jobs, results) -> None:
     """A worker process of run_jobs: runs (index, config, seed, keep weights) jobs until it gets None."""
@@ -2547,7 +2355,6 @@ def _pool_worker(device: str, threads: int | None, url: str, jobs, results) -> N
             results.put(("error", index, (f"{type(e).__name__}: {e}", trace), device))
             return
     results.put(("done", -1, (cache.load_s, cache.warmup_s), device))
-
 
 class RunsProgress:
     """What run_many says and saves while its runs go: at the start, a CPU user's lead-in and the
@@ -2590,7 +2397,6 @@ class RunsProgress:
             log(verdict(run, cfg))
             if index + 1 < cfg.runs:
                 log(f"\nrun {index + 2} of {cfg.runs} (seed {self.seeds[index + 1]})")
-
 
 def run_jobs(jobs: list, devices: list[str], on_result, url: str = CIFAR10_URL, threads: int | None = None,
              keep=(), log=silent, data: DeviceData | None = None) -> dict:
@@ -2660,7 +2466,6 @@ def run_jobs(jobs: list, devices: list[str], on_result, url: str = CIFAR10_URL, 
             p.join()
     return totals
 
-
 def worker_devices(cfg: Config, device: torch.device, jobs: int | None = None) -> list[str]:
     """One entry per worker process for `jobs` runs (default cfg.runs); one entry: no workers.
     cfg.workers 0 means one per visible CUDA GPU, and one on other devices."""
@@ -2673,7 +2478,6 @@ def worker_devices(cfg: Config, device: torch.device, jobs: int | None = None) -
             raise ValueError(f"{n} workers asked for, but only {torch.cuda.device_count()} CUDA GPUs are visible")
         return [f"cuda:{k}" for k in range(n)]
     return [str(device)] * n
-
 
 if __name__ == "__main__":
     sys.exit(main())
