@@ -631,10 +631,8 @@ def whiten_bias_apart(groups: list[dict], model: Network, cfg: Config, bias_step
 WHITEN_BIAS_SCHEDULES = {"shared": lambda groups, model, cfg, bias_steps: groups, "own": whiten_bias_apart}
 
 def build_optimizer(model: nn.Module, cfg: Config, total_steps: int, bias_steps: int) -> torch.optim.Optimizer:
-    """The weights' group, the BN parameters' at bias_lr_scale (lr_group), the whitening bias placed
-    by whiten_bias_schedule, then the optimizer of cfg.optimizer, whose maker may regroup them
-    (Muon's takes the conv filter banks apart). total_steps, the run's, paces Muon's 'growing'
-    renormalisation; bias_steps, the whitening bias's, paces its own schedule."""
+    """The weights' group, the BN parameters' at bias_lr_scale, the whitening bias placed by
+    whiten_bias_schedule, then cfg.optimizer's maker, which may regroup them (Muon's does)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     bn = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
     groups = [lr_group([p for p in trainable if id(p) not in bn], cfg),
@@ -741,11 +739,11 @@ class Stopwatch:
         return time.perf_counter() - self._t0
 
 def make_step_fn(model, opt, cfg, device, dtype, ctx: Distributed):
-    """step_fn(images, labels) -> (summed loss, logits): forward, backward and optimizer step.
-    Returns (step_fn, forward, module): module is the model as this process trains it (see
+    """(step_fn, forward, module): step_fn(images, labels) does forward, backward and optimizer step
+    and returns (summed loss, logits); module is the model as this process trains it (see
     Distributed.wrap), forward that module compiled if cfg.compile. With several processes each
-    one's summed loss is multiplied by their number, so that the mean of the gradients over the
-    processes is the gradient of the loss summed over the whole batch, as in a single process."""
+    one's loss is multiplied by their number: DDP averages the gradients, and the mean of the
+    processes' gradients is then that of the loss summed over the whole batch."""
     module = ctx.wrap(model, device)
     forward = torch.compile(module, mode=cfg.compile_mode) if cfg.compile else module
 
@@ -784,27 +782,27 @@ def train_epoch(setup: TrainingSetup, ema: EMA | None, x, y, step: int, progress
             progress(step)
     return loss_sum, correct, step
 
-@dataclass
 class TrainingSetup:
-    """What one run trains with. train() builds it with prepare_training(), and so do the tools
-    that time or profile pieces of a run (warm_up, profile/, ablations/scaling.py)."""
-    cfg: Config
-    device: torch.device
-    dtype: torch.dtype
-    ctx: Distributed
-    gen: torch.Generator          # the augmentation and shuffle generator
-    model: nn.Module              # this process's network (ghost_bn_splits / world BN groups)
-    opt: torch.optim.Optimizer
-    step_fn: Callable             # step_fn(images, labels) -> (summed loss, logits)
-    forward: nn.Module            # module, compiled if asked
-    module: nn.Module             # model, or its DistributedDataParallel wrapper
-    augment: EpochAugmenter
-    positions: torch.Tensor       # see local_positions
-    n_batches: int                # global batches per epoch
-    total_steps: int              # optimizer steps of the whole run
-    whiten_bias_steps: int        # the whitening bias trains for the steps before this one
-    local_batch: int              # images per step in this process
-    sync_bn: Callable | None      # averages BN statistics over the processes; None when alone
+    """What one run trains with, built from the checked config, the data and a seed: the network,
+    optimizer, step function and augmenter. train() builds one, and so do the tools that time or
+    profile pieces of a run (warm_up, profile/, ablations/scaling.py)."""
+
+    def __init__(self, cfg: Config, data: DeviceData, device: torch.device, seed: int):
+        self.ctx = ctx = process_group()
+        check_run(cfg, data.train_x.shape[0], ctx.world)
+        self.cfg, self.device, self.dtype = cfg, device, prepare_device(cfg, device)
+        self.gen = seed_everything(seed, device)  # the augmentation and shuffle generator
+        self.n_batches = n_batches = data.train_x.shape[0] // cfg.batch_size  # global batches per epoch
+        self.local_batch = cfg.batch_size // ctx.world  # images per step in this process
+        # each process normalises its share of the batch in ghost_bn_splits / world groups
+        self.model = build_model(dataclasses.replace(cfg, ghost_bn_splits=cfg.ghost_bn_splits // ctx.world), device)
+        self.total_steps = epochs_to_steps(cfg.epochs, n_batches)  # optimizer steps of the whole run
+        self.whiten_bias_steps = epochs_to_steps(cfg.whiten_bias_epochs, n_batches)  # the bias trains before this step
+        self.opt = build_optimizer(self.model, cfg, self.total_steps, self.whiten_bias_steps)
+        self.step_fn, self.forward, self.module = make_step_fn(self.model, self.opt, cfg, device, self.dtype, ctx)
+        self.augment = EpochAugmenter(cfg, self.gen)
+        self.positions = local_positions(n_batches, cfg, ctx).to(device)  # this process's places in each batch
+        self.sync_bn = (lambda: average_bn_statistics(self.model, ctx.world)) if ctx.active else None  # None if alone
 
     def steps_per_epoch(self) -> list[int]:
         return epoch_steps(self.total_steps, self.n_batches)
@@ -844,24 +842,6 @@ class TrainingSetup:
             self.step_fn, self.forward, self.module = make_step_fn(self.model, self.opt, self.cfg, self.device,
                                                                    self.dtype, self.ctx)
 
-def prepare_training(cfg: Config, data: DeviceData, device: torch.device, seed: int) -> TrainingSetup:
-    """Check the config against the data and the processes, seed, and build the network,
-    optimizer, step function and augmenter of one run."""
-    ctx = process_group()
-    check_run(cfg, data.train_x.shape[0], ctx.world)
-    dtype = prepare_device(cfg, device)
-    gen = seed_everything(seed, device)
-    n_batches = data.train_x.shape[0] // cfg.batch_size
-    # each process normalises its share of the batch in ghost_bn_splits / world groups
-    model = build_model(dataclasses.replace(cfg, ghost_bn_splits=cfg.ghost_bn_splits // ctx.world), device)
-    steps, bias_steps = epochs_to_steps(cfg.epochs, n_batches), epochs_to_steps(cfg.whiten_bias_epochs, n_batches)
-    opt = build_optimizer(model, cfg, steps, bias_steps)
-    step_fn, forward, module = make_step_fn(model, opt, cfg, device, dtype, ctx)
-    sync_bn = (lambda: average_bn_statistics(model, ctx.world)) if ctx.active else None
-    return TrainingSetup(cfg, device, dtype, ctx, gen, model, opt, step_fn, forward, module, EpochAugmenter(cfg, gen),
-                         local_positions(n_batches, cfg, ctx).to(device), n_batches, steps, bias_steps,
-                         cfg.batch_size // ctx.world, sync_bn)
-
 def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | None = None) -> dict:
     """One training run; returns its result dict (see the README's JSON section). Under torchrun
     every process calls it; only rank 0 evaluates, logs and returns the full result."""
@@ -869,7 +849,7 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
     device = pick_device(cfg.device)
     data = data or load_data(cfg, device)
     seed = cfg.seed if seed is None else seed
-    setup = prepare_training(cfg, data, device, seed)
+    setup = TrainingSetup(cfg, data, device, seed)
     ctx, dtype, model = setup.ctx, setup.dtype, setup.model
     watch = Stopwatch(device)
 
@@ -990,13 +970,10 @@ def predict(forward, x: torch.Tensor, cfg: Config, device, dtype, tta: str | Non
 
 def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = CIFAR10_URL,
              on_progress=None, preset: str | None = None) -> dict:
-    """cfg.runs runs with seeds cfg.seed, cfg.seed+1, ..., in this process or spread over worker
-    processes (cfg.workers), and their summary (summarize, Appendix C): mean, spread and 95%
-    interval of the final accuracy, the fraction of runs at the target, and a one-sided t-test
-    that the mean exceeds it. Returns the JSON-ready result, the last seed's evaluated model under
-    'model' (dropped before saving); under torchrun, ranks other than 0 get {}. on_progress(partial),
-    if given, gets the result so far ('complete': False) after each finished run, so that an
-    interrupted job keeps them. `preset`, the name the config started from, is recorded."""
+    """cfg.runs runs, seeds cfg.seed, cfg.seed+1, ..., here or over worker processes (cfg.workers), and
+    their summary (summarize: mean, spread, 95% interval, runs at the target, one-sided t-test). The
+    JSON-ready result holds the last run's evaluated model under 'model' ({} on torchrun's other
+    ranks); on_progress(partial), if given, gets the result so far after each finished run."""
     check_config(cfg)
     device = pick_device(cfg.device)
     devices = worker_devices(cfg, device)
@@ -1006,9 +983,7 @@ def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = 
     totals = run_jobs([(cfg, s) for s in seeds], devices, progress.on_result, url=url, keep={cfg.runs - 1},
                       log=log if len(devices) == 1 else silent, data=data)
     runs = progress.runs
-    model = runs[-1].pop("model", None)
-    for r in runs:
-        r.pop("model", None)
+    model = [r.pop("model", None) for r in runs][-1]  # the last run's; no run's model goes into the JSON
     if process_group().rank != 0:
         return {}
     result = dict(**progress.header(), **totals, runs=runs, summary=summarize(runs, cfg.target_acc), complete=True,
@@ -1903,7 +1878,7 @@ def warm_up(cfg: Config, data: DeviceData, device: torch.device) -> float:
     layout (channels_last) compile guards on; with a whitening bias it steps and evaluates both
     before and after freezing it, since compile sees each as its own graph. Returns its seconds."""
     t0 = time.perf_counter()
-    setup = prepare_training(cfg, data, device, cfg.seed)
+    setup = TrainingSetup(cfg, data, device, cfg.seed)
     b = setup.local_batch
     x, y = setup.epoch_batches(data, 0)
     _, eval_forward = setup.evaluated(setup.make_ema())  # an EMA copy is a network of its own to compile

@@ -132,7 +132,7 @@ def measure_case(cfg: speedrun.Config, data: speedrun.DeviceData, ctx: speedrun.
     repeat once with communication and, with several processes, once without. The steps are the
     run's usual ones, with the whitening bias (if any) frozen: frozen inside a timed window, it
     would add DDP's rebuild (and a recompilation) to that one window."""
-    setup = speedrun.prepare_training(cfg, data, device, cfg.seed)
+    setup = speedrun.TrainingSetup(cfg, data, device, cfg.seed)
     model, local, n_batches = setup.model, setup.local_batch, setup.n_batches
     speedrun.init_whitening(model, data.train_x, cfg)  # the filters' values do not change the speed
     setup.freeze_whitening_bias()

@@ -5,7 +5,7 @@ measured side by side in one process, as a markdown table with each cell's ratio
     python bench/cpu_speed.py                            # every preset, batch 256, 3 timed steps each
     python bench/cpu_speed.py --presets airbench94 --batch-size 128 --steps 5 --repeats 3
 
-Each cell builds the preset's real network and optimizer (speedrun.prepare_training) at the given
+Each cell builds the preset's real network and optimizer (speedrun.TrainingSetup) at the given
 batch size and times speedrun's own step function (forward, backward, optimizer step) on random
 images, after one untimed step. The repeats go round every cell in turn, so slow drift of a shared
 machine falls on every cell alike; the table gives the median seconds per step and images/s. Only
@@ -38,7 +38,7 @@ def step_seconds(cfg: speedrun.Config, steps: int) -> float:
     data = speedrun.DeviceData(torch.randn(n, 3, 32, 32, generator=g).to(speedrun.compute_dtype(cfg, device)),
                                torch.randint(0, 10, (n,), generator=g), torch.zeros(1, 3, 32, 32),
                                torch.zeros(1, dtype=torch.long), 0.0)
-    setup = speedrun.prepare_training(cfg, data, device, seed=0)
+    setup = speedrun.TrainingSetup(cfg, data, device, seed=0)
     x, y = setup.epoch_batches(data, 0)
     b = cfg.batch_size
     setup.step_fn(x[:b], y[:b])

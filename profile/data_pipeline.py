@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     data = _common.load_data(parser, cfg, device, args)
     n = data.train_x.shape[0]
     try:
-        setup = speedrun.prepare_training(cfg, data, device, cfg.seed)  # the trainer's augmenter and epoch
+        setup = speedrun.TrainingSetup(cfg, data, device, cfg.seed)  # the trainer's augmenter and epoch
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     images, labels = speedrun.load_cifar10(cfg.data_dir or None, url=args.data_url, quiet=True)[:2]

@@ -122,7 +122,7 @@ def breakdown(events, device_type: str) -> dict:
 
 def profile_window(cfg, data, device, steps: int, warmup: int, eval_images: int):
     """Runs the warm-up, then the profiled window; returns (profiler, window wall seconds)."""
-    setup = speedrun.prepare_training(cfg, data, device, cfg.seed)
+    setup = speedrun.TrainingSetup(cfg, data, device, cfg.seed)
     dtype, model, step_fn = setup.dtype, setup.model, setup.step_fn
     ema = setup.make_ema()
     _, eval_forward = setup.evaluated(ema)

@@ -32,7 +32,7 @@ def test_frozen_bn_scales_leave_bn_biases_training_at_their_own_lr_and_decay():
 def test_whitening_bias_trains_with_the_weights_then_stops_taking_a_gradient():
     cfg = preset_config("airbench94", whiten_bias_epochs=1.0, lr_schedule="constant")
     data = random_device_data(n_train=64, n_test=8)  # 2 batches of 32 per epoch: the bias trains for 2 steps
-    setup = speedrun.prepare_training(cfg, data, torch.device("cpu"), seed=0)
+    setup = speedrun.TrainingSetup(cfg, data, torch.device("cpu"), seed=0)
     bias = setup.model.whiten.bias
     assert bias is not None and bias.requires_grad and torch.equal(bias, torch.zeros(24))
     group = next(g for g in setup.opt.param_groups if any(p is bias for p in g["params"]))

@@ -22,7 +22,7 @@ def drive_full_run(preset: str, n_train: int = 50000):
     cfg = speedrun.make_config(preset, device="cpu")
     tiny = speedrun.DeviceData(torch.zeros(cfg.batch_size, 3, 32, 32), torch.zeros(cfg.batch_size, dtype=torch.long),
                                torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long), 0.0)
-    setup = speedrun.prepare_training(cfg, tiny, torch.device("cpu"), seed=0)
+    setup = speedrun.TrainingSetup(cfg, tiny, torch.device("cpu"), seed=0)
     n_batches = n_train // cfg.batch_size  # the reference drops the last partial batch
     setup.n_batches = n_batches
     setup.total_steps = speedrun.epochs_to_steps(cfg.epochs, n_batches)

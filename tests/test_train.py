@@ -96,7 +96,7 @@ def test_the_warm_up_compiles_every_graph_the_timed_run_needs(monkeypatch, prese
 
 
 def test_runs_given_a_gpu_without_an_index_use_this_processs_gpu(monkeypatch):
-    # torch.cuda.set_device needs an index; a caller passing plain "cuda" once crashed in prepare_training
+    # torch.cuda.set_device needs an index; a caller passing plain "cuda" once crashed in building the TrainingSetup
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert speedrun.RunCache(torch.device("cuda")).device == torch.device("cuda", 0)
