@@ -129,7 +129,7 @@ class Config:
     muon_momentum: float = _f(0.6, "optimizer muon: Nesterov momentum of the conv filters")
     muon_ns_steps: int = _f(5, "optimizer muon: Newton-Schulz iterations per step")
     muon_ns_coeffs: str = _f("keller", "optimizer muon: Newton-Schulz quintic coefficients, Keller Jordan's or hiverge's")
-    muon_ns_precision: str = _f("bf16", "optimizer muon: Newton-Schulz dtype on a GPU, bf16 (Keller Jordan's) or fp16 "
+    muon_ns_precision: str = _f("bf16", "optimizer muon: Newton-Schulz dtype on CUDA, bf16 (Keller Jordan's) or fp16 "
                                         "(hiverge's, 3 more mantissa bits); fp32 on other devices")
     muon_weight_decay: float = _f(0.0, "optimizer muon: decoupled decay of the conv filters, each step times their LR")
     muon_renorm: str = _f("none", "optimizer muon: rescale each filter bank to Frobenius norm sqrt(filters) before its update: "
@@ -286,6 +286,7 @@ class EpochAugmenter:
         self.cfg, self.gen, self.first_flips = cfg, gen, None
 
     def draw(self, n: int, epoch: int, device) -> EpochDraw:
+        """The choices for n images, drawn crop, flip, cutout, jitter: an order the random stream fixes."""
         cfg, gen = self.cfg, self.gen
         dy = dx = cy = cx = None
         if cfg.crop_pad:
@@ -346,8 +347,9 @@ class GhostBatchNorm(nn.BatchNorm2d):
             return y.reshape(n, c, h, w)
         return ghost_bn_channels_last(self, x)  # the same, without leaving the layout (Appendix C)
 
+# Config.activation -> its maker
 ACTIVATIONS = {"celu": lambda cfg: nn.CELU(cfg.celu_alpha), "relu": lambda cfg: nn.ReLU(),
-               "gelu": lambda cfg: nn.GELU(), "silu": lambda cfg: nn.SiLU()}  # Config.activation -> its maker
+               "gelu": lambda cfg: nn.GELU(), "silu": lambda cfg: nn.SiLU()}
 # Config.whiten_activation -> the airbench network's activation after the whitening: the run's own, or another
 WHITEN_ACTIVATIONS = {"same": lambda cfg: ACTIVATIONS[cfg.activation](cfg), **ACTIVATIONS}
 
@@ -371,7 +373,8 @@ class Residual(nn.Module):
 def keep_init(module) -> None:
     """PyTorch's default initialisation, as the modules were built."""
 
-WHITEN_KERNELS = (2, 3)  # side of the whitened patches
+# Config.whiten_kernel: the side of the whitened patches; Config.whiten_bias_init -> what it does to the bias
+WHITEN_KERNELS = (2, 3)
 WHITEN_BIAS_INITS = {"zero": nn.init.zeros_, "default": keep_init}  # default: PyTorch's uniform +-1/sqrt(fan-in)
 
 def whitening_layer(cfg: Config) -> tuple[nn.Module, int]:
@@ -386,6 +389,11 @@ def whitening_layer(cfg: Config) -> tuple[nn.Module, int]:
     if conv.bias is not None:
         WHITEN_BIAS_INITS[cfg.whiten_bias_init](conv.bias)
     return conv, c_out
+
+def trainable_whiten_bias(model: Network) -> nn.Parameter | None:
+    """The whitening conv's bias while it still trains (the first whiten_bias_epochs), else None."""
+    bias = getattr(model.whiten, "bias", None)
+    return bias if bias is not None and bias.requires_grad else None
 
 class Network(nn.Module):
     """What every network shares: whitening -> prep -> layer1 -> layer2 -> layer3 -> global
@@ -441,7 +449,8 @@ class AirbenchNet(Network):
         self.layer1, self.layer2, self.layer3 = group(c_in, c1), group(c1, c2), group(c2, c3)
         return c3
 
-NETWORKS = {"resnet9": ResNet9, "airbench": AirbenchNet}  # Config.arch -> the network's class
+# Config.arch -> the network's class
+NETWORKS = {"resnet9": ResNet9, "airbench": AirbenchNet}
 
 def whitening_filters(images: torch.Tensor, kernel: int = 3, eps: float = 1e-2) -> torch.Tensor:
     """PCA whitening filters of the images' kernel x kernel patches: one filter per eigenvector of
@@ -479,6 +488,7 @@ def dirac_filters(model: Network) -> None:
 def unit_std_head(model: Network) -> None:
     model.head.weight.div_(model.head.weight.std())
 
+# Config.conv_init and Config.head_init -> what each does to the built network
 CONV_INITS = {"default": keep_init, "dirac": dirac_filters}
 HEAD_INITS = {"default": keep_init, "unit_std": unit_std_head}
 
@@ -510,9 +520,9 @@ def one_cycle(cfg: Config, t: int, total: int) -> float:
     knots = [0, int(round(cfg.lr_peak_frac * total, 9)), int(round(cfg.lr_final_frac * total, 9)), total]
     return float(np.interp(t, knots, [cfg.lr_start, 1.0, cfg.lr_final, cfg.lr_final]))
 
+# Config.lr_schedule -> the LR factor at step t of total; Config.lr_schedule_at -> steps counted before reading it
 LR_SCHEDULES = {"onecycle": one_cycle, "linear": lambda cfg, t, total: max(0.0, 1.0 - t / total),
                 "constant": lambda cfg, t, total: 1.0}
-# Where a step reads the schedule: Page after counting the step ('end'), airbench before it ('start').
 LR_SCHEDULE_AT = {"end": 1, "start": 0}
 
 def lr_factor(cfg: Config, step: int, total: int, schedule: str | None = None) -> float:
@@ -520,15 +530,15 @@ def lr_factor(cfg: Config, step: int, total: int, schedule: str | None = None) -
     step that has `step` steps done before it, read at step + LR_SCHEDULE_AT[cfg.lr_schedule_at]."""
     return LR_SCHEDULES[schedule or cfg.lr_schedule](cfg, step + LR_SCHEDULE_AT[cfg.lr_schedule_at], total)
 
-# Newton-Schulz quintic coefficients (a, b, c): Keller Jordan's, and hiverge's retuned ones.
+# Config.muon_ns_coeffs -> the Newton-Schulz quintic's (a, b, c): Keller Jordan's, and hiverge's retuned ones
 NS_COEFFICIENTS = {"keller": (3.4445, -4.7750, 2.0315), "hiverge": (3.4576, -4.7391, 2.0843)}
-# The dtype Newton-Schulz runs in on a GPU; the iterations only ever see matrices of norm <= ~1.2.
+# Config.muon_ns_precision -> Newton-Schulz's dtype on CUDA; the iterations only see spectral norms <= ~1.2
 NS_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def orthogonalize(g: torch.Tensor, steps: int, coeffs=NS_COEFFICIENTS["keller"], dtype=torch.bfloat16) -> torch.Tensor:
     """Approximately U V^T for each matrix g = U S V^T of a batch (..., rows, cols): Newton-Schulz
-    iterations of the quintic x <- a x + (b A + c A^2) x with A = x x^T, which push every
-    singular value into roughly [0.7, 1.2] in a few steps (in `dtype` on CUDA, else fp32)."""
+    iterations of the quintic x <- a x + (b A + c A^2) x with A = x x^T, which push the singular
+    values, all but the tiniest, into roughly [0.7, 1.2] (in `dtype` on CUDA, else fp32)."""
     a, b, c = coeffs
     x = g.to(dtype) if g.is_cuda else g.float()
     tall = x.shape[-2] > x.shape[-1]
@@ -591,7 +601,7 @@ def muon_groups(groups: list[dict], cfg: Config) -> list[dict]:
     of their own, orthogonalised, at muon_lr with muon_momentum and decoupled decay; the rest stay."""
     filters = [p for g in groups for p in g["params"] if p.ndim == 4]
     rest = [dict(g, params=[p for p in g["params"] if p.ndim != 4]) for g in groups]
-    bank = dict(params=filters, peak_lr=cfg.muon_lr, lr=0.0, weight_decay=0.0, orthogonalize=True,
+    bank = dict(params=filters, peak_lr=cfg.muon_lr, weight_decay=0.0, orthogonalize=True,
                 momentum=cfg.muon_momentum, decoupled_wd=cfg.muon_weight_decay)
     return [g for g in [*rest, bank] if g["params"]]
 
@@ -620,14 +630,13 @@ def lr_group(params: list, cfg: Config, scale: float = 1.0, **extra) -> dict:
 def whiten_bias_apart(groups: list[dict], model: Network, cfg: Config, bias_steps: int) -> list[dict]:
     """hiverge's whitening bias: it leaves the weights' group for one of its own, at the BN
     parameters' LR and decay, its LR decaying linearly to 0 over its `bias_steps` ('decay_over')."""
-    bias = getattr(model.whiten, "bias", None)
-    if bias is None or not bias.requires_grad:
+    bias = trainable_whiten_bias(model)
+    if bias is None:
         return groups
     rest = [dict(g, params=[p for p in g["params"] if p is not bias]) for g in groups]
     return [*rest, lr_group([bias], cfg, cfg.bias_lr_scale, decay_over=max(1, bias_steps))]
 
-# Config.whiten_bias_schedule -> the parameter groups with the whitening bias placed: with the weights, on
-# the run's schedule (shared: airbench94), or apart on its own (hiverge)
+# Config.whiten_bias_schedule -> the parameter groups with the whitening bias placed (shared: airbench94)
 WHITEN_BIAS_SCHEDULES = {"shared": lambda groups, model, cfg, bias_steps: groups, "own": whiten_bias_apart}
 
 def build_optimizer(model: nn.Module, cfg: Config, total_steps: int, bias_steps: int) -> torch.optim.Optimizer:
@@ -638,12 +647,12 @@ def build_optimizer(model: nn.Module, cfg: Config, total_steps: int, bias_steps:
     groups = [lr_group([p for p in trainable if id(p) not in bn], cfg),
               lr_group([p for p in trainable if id(p) in bn], cfg, cfg.bias_lr_scale)]
     groups = WHITEN_BIAS_SCHEDULES[cfg.whiten_bias_schedule](groups, model, cfg, bias_steps)
-    groups = [dict(g, lr=0.0) for g in groups if g["params"]]
+    groups = [g for g in groups if g["params"]]
     return OPTIMIZERS[cfg.optimizer](groups, cfg, total_steps)
 
 def set_lr(opt: torch.optim.Optimizer, cfg: Config, step: int, total: int) -> None:
-    """Every group's LR for the step with `step` steps done before it, of `total`; a group with
-    'decay_over' (the whitening bias's own schedule) decays linearly to 0 over that many steps."""
+    """Every group's LR for the step with `step` of `total` steps done before it ('decay_over': see
+    whiten_bias_apart)."""
     factor = lr_factor(cfg, step, total)
     for g in opt.param_groups:
         g["lr"] = g["peak_lr"] * (lr_factor(cfg, step, g["decay_over"], "linear") if "decay_over" in g else factor)
@@ -653,18 +662,19 @@ def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothin
     return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing, reduction="sum")
 
 class EMA:
-    """Page's exponential moving average of the weights and BN statistics, a separate copy that
-    evaluation uses. It blends in after batches 0, every, 2 x every, ... of each epoch (Page's
-    counter restarts every epoch), with decay momentum**every, starting from the initial
-    weights; with ema_warmup the k-th blend's decay is at most k/(k+1), a plain mean at first."""
+    """Page's exponential moving average of the weights and BN statistics, a copy that evaluation
+    uses, blended in after batches 0, every, 2 x every, ... of each epoch with decay momentum**every
+    from the initial weights on (ema_warmup: a decay of at most k/(k+1) at the k-th blend)."""
 
     def __init__(self, model: nn.Module, cfg: Config, total_steps: int):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.eval_model = self.model  # what evaluation uses
-        self.decay, self.every, self.warmup, self.updates = cfg.ema_momentum ** cfg.ema_every, cfg.ema_every, cfg.ema_warmup, 0
-        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
-        self._floats = [(e, m) for e, m in pairs if e.is_floating_point()]
-        self._counters = [(e, m) for e, m in pairs if not e.is_floating_point()]  # e.g. num_batches_tracked
+        self.decay, self.every = cfg.ema_momentum ** cfg.ema_every, cfg.ema_every
+        self.warmup, self.updates = cfg.ema_warmup, 0
+        # the weights and BN statistics, averaged and live (BN's integer batch count: GhostBatchNorm keeps none)
+        pairs = [(e, m) for e, m in zip(self.model.state_dict().values(), model.state_dict().values())
+                 if e.is_floating_point()]
+        self._avg, self._live = [e for e, _ in pairs], [m for _, m in pairs]
 
     def due(self, step: int, batch: int) -> bool:
         """Whether to blend after the step that made `step` steps, batch `batch` (from 0) of its epoch."""
@@ -676,10 +686,7 @@ class EMA:
     @torch.no_grad()
     def update(self, step: int) -> None:
         self.updates += 1
-        decay = self.decay_at(step)
-        torch._foreach_lerp_([e for e, _ in self._floats], [m for _, m in self._floats], 1.0 - decay)
-        for e, m in self._counters:
-            e.copy_(m)
+        torch._foreach_lerp_(self._avg, self._live, 1.0 - self.decay_at(step))
 
     def finish(self) -> None:
         """Nothing to do at the end: the average is already what evaluation uses."""
@@ -706,9 +713,10 @@ class Lookahead(EMA):
 
     @torch.no_grad()
     def finish(self) -> None:
-        torch._foreach_copy_([m for _, m in self._floats], [e for e, _ in self._floats])
+        torch._foreach_copy_(self._live, self._avg)
 
-EMA_KINDS = {"average": EMA, "lookahead": Lookahead}  # Config.ema_mode -> its class (Config.ema: whether to keep one)
+# Config.ema_mode -> its class (Config.ema: whether to keep one)
+EMA_KINDS = {"average": EMA, "lookahead": Lookahead}
 
 # =============================================================================================
 # 6. One run: timer, step, epoch, train()
@@ -738,7 +746,8 @@ class Stopwatch:
         synchronize(self.device)
         return time.perf_counter() - self._t0
 
-def make_step_fn(model, opt, cfg, device, dtype, ctx: Distributed):
+def make_step_fn(model: nn.Module, opt: torch.optim.Optimizer, cfg: Config, device: torch.device, dtype: torch.dtype,
+                 ctx: Distributed):
     """(step_fn, forward, module): step_fn(images, labels) does forward, backward and optimizer step
     and returns (summed loss, logits); module is the model as this process trains it (see
     Distributed.wrap), forward that module compiled if cfg.compile. With several processes each
@@ -802,14 +811,13 @@ class TrainingSetup:
         self.step_fn, self.forward, self.module = make_step_fn(self.model, self.opt, cfg, device, self.dtype, ctx)
         self.augment = EpochAugmenter(cfg, self.gen)
         self.positions = local_positions(n_batches, cfg, ctx).to(device)  # this process's places in each batch
-        self.sync_bn = (lambda: average_bn_statistics(self.model, ctx.world)) if ctx.active else None  # None if alone
+        self.sync_bn = (lambda: average_bn_statistics(self.model, ctx.world)) if ctx.active else None
 
     def steps_per_epoch(self) -> list[int]:
         return epoch_steps(self.total_steps, self.n_batches)
 
     def make_ema(self) -> EMA | None:
-        """The run's moving average of cfg.ema_mode, or None; made once the model is initialised
-        (after the whitening), which it copies."""
+        """A copy of the model as it is now, averaged by cfg.ema_mode's rule (None without cfg.ema)."""
         return EMA_KINDS[self.cfg.ema_mode](self.model, self.cfg, self.total_steps) if self.cfg.ema else None
 
     def epoch_batches(self, data: DeviceData, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -834,8 +842,8 @@ class TrainingSetup:
         """Stop training the whitening bias: with nothing trainable in the first conv, the backward
         pass stops at the layer after it and the optimizer skips the bias. It changes the graph:
         the warm-up compiles both versions before the timer, and DDP is rebuilt to know it."""
-        bias = getattr(self.model.whiten, "bias", None)
-        if bias is None or not bias.requires_grad:
+        bias = trainable_whiten_bias(self.model)
+        if bias is None:
             return
         bias.requires_grad_(False)
         if self.ctx.active:
@@ -879,7 +887,7 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
             ema.finish()
         train_s += watch.stop()
         loss_sum, correct = ctx.sum(loss_sum, correct)
-        seen = n_steps * cfg.batch_size
+        seen = n_steps * cfg.batch_size  # a row's train_s: whitening and training so far (the result's: training)
         row = dict(epoch=epoch + 1, steps=n_steps, train_loss=loss_sum.item() / seen, train_acc=correct.item() / seen,
                    test_acc=None, tta_acc=None, train_s=whitening_s + train_s, eval_s=None)
         if not math.isfinite(row["train_loss"]):  # verdict() says so, and what to try
@@ -915,7 +923,8 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
 # =============================================================================================
 
 def shifted(x: torch.Tensor, offset: int) -> torch.Tensor:
-    """The images moved by one pixel, reflect-padded: offset 0 up-left, 2 down-right."""
+    """Each image's 32x32 window moved by one pixel over its reflect-padding: offset 0 reads one pixel up
+    and left ('up_left': the content moves down-right), 2 one pixel down and right."""
     return F.pad(x, (1, 1, 1, 1), mode="reflect")[..., offset:offset + x.shape[2], offset:offset + x.shape[3]]
 
 TTA_VIEWS = {"image": lambda x: x, "mirror": lambda x: x.flip(3),
@@ -931,9 +940,8 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels).float().mean().item()
 
 def tta_unsure_count(cfg: Config, tta: str, n: int) -> int | None:
-    """How many of n images, the least sure, get every view of `tta` while the rest get the plain
-    view only: ceil(tta_unsure_frac x n); None when every image gets every view (a fraction of 1, or
-    a single view, so nothing to add)."""
+    """How many of n images get every view of `tta` (see predict): ceil(tta_unsure_frac x n), or None
+    when all do (a fraction of 1, or a single view)."""
     if len(TTA_MODES[tta]) == 1 or cfg.tta_unsure_frac >= 1:
         return None
     return math.ceil(cfg.tta_unsure_frac * n)
@@ -1882,7 +1890,7 @@ def warm_up(cfg: Config, data: DeviceData, device: torch.device) -> float:
     b = setup.local_batch
     x, y = setup.epoch_batches(data, 0)
     _, eval_forward = setup.evaluated(setup.make_ema())  # an EMA copy is a network of its own to compile
-    for frozen in (False, True) if getattr(setup.model.whiten, "bias", None) is not None else (False,):
+    for frozen in (False, True) if trainable_whiten_bias(setup.model) is not None else (False,):
         if frozen:
             setup.freeze_whitening_bias()
         setup.model.train()

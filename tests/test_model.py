@@ -53,6 +53,13 @@ def test_whitening_bias_starts_at_zero_or_at_pytorchs_uniform_init():
     assert default.abs().max() <= bound and default.abs().max() > bound / 2
 
 
+def test_whitening_bias_counts_as_trainable_only_until_it_is_frozen():
+    assert speedrun.trainable_whiten_bias(speedrun.build_model(speedrun.make_config("davidnet"))) is None  # no bias
+    model = speedrun.build_model(speedrun.make_config("airbench94"))
+    assert speedrun.trainable_whiten_bias(model) is model.whiten.bias
+    model.whiten.bias.requires_grad_(False)
+    assert speedrun.trainable_whiten_bias(model) is None
+
 def test_ghost_bn_equals_bn_on_each_split():
     splits, n, c = 4, 32, 6
     bn = speedrun.GhostBatchNorm(c, splits)
