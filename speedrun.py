@@ -792,9 +792,9 @@ def train_epoch(setup: TrainingSetup, ema: EMA | None, x, y, step: int, progress
     return loss_sum, correct, step
 
 class TrainingSetup:
-    """What one run trains with, built from the checked config, the data and a seed: the network,
-    optimizer, step function and augmenter. train() builds one, and so do the tools that time or
-    profile pieces of a run (warm_up, profile/, ablations/scaling.py)."""
+    """What one run trains with: the config, checked against the data and the processes, and from
+    it and a seed the network, optimizer, step function and augmenter. train() builds one, and so
+    do the tools that time or profile pieces of a run (warm_up, profile/, ablations/scaling.py)."""
 
     def __init__(self, cfg: Config, data: DeviceData, device: torch.device, seed: int):
         self.ctx = ctx = process_group()
