@@ -671,7 +671,7 @@ class EMA:
         self.eval_model = self.model  # what evaluation uses
         self.decay, self.every = cfg.ema_momentum ** cfg.ema_every, cfg.ema_every
         self.warmup, self.updates = cfg.ema_warmup, 0
-        # the weights and BN statistics, averaged and live (BN's integer batch count: GhostBatchNorm keeps none)
+        # the weights and BN statistics, averaged and live (BN's integer batch count stays 0: GhostBatchNorm never counts)
         pairs = [(e, m) for e, m in zip(self.model.state_dict().values(), model.state_dict().values())
                  if e.is_floating_point()]
         self._avg, self._live = [e for e, _ in pairs], [m for _, m in pairs]
@@ -891,9 +891,7 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
         row = dict(epoch=epoch + 1, steps=n_steps, train_loss=loss_sum.item() / seen, train_acc=correct.item() / seen,
                    test_acc=None, tta_acc=None, train_s=whitening_s + train_s, eval_s=None)
         if not math.isfinite(row["train_loss"]):  # verdict() says so, and what to try
-            return dict(seed=seed, epochs=epochs + [{**row, "train_loss": None}], diverged=True,
-                        diverged_epoch=epoch + 1, final_acc=None, time_to_target_s=None, epochs_to_target=None,
-                        whitening_s=whitening_s, train_s=train_s, full_budget_s=None, model=eval_model)
+            return run_result(seed, epochs + [{**row, "train_loss": None}], whitening_s, train_s, eval_model)
         if ctx.rank != 0:
             continue
         if last or (epoch + 1) % cfg.eval_every == 0:
@@ -912,11 +910,9 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
     agreement = ctx.agreement(log, model, eval_model)
     if ctx.rank != 0:
         return dict(seed=seed, model=eval_model)
-    return dict(seed=seed, epochs=epochs, diverged=False, final_acc=epochs[-1]["tta_acc"],
-                time_to_target_s=time_to_target, epochs_to_target=epochs_to_target, whitening_s=whitening_s,
-                train_s=train_s, full_budget_s=whitening_s + train_s + epochs[-1]["eval_s"],
-                wall_s=time.perf_counter() - started,
-                **classification_metrics(logits.argmax(1), data.test_y), **agreement, model=eval_model)
+    return run_result(seed, epochs, whitening_s, train_s, eval_model, time_to_target, epochs_to_target,
+                      wall_s=time.perf_counter() - started, **classification_metrics(logits.argmax(1), data.test_y),
+                      **agreement)
 
 # =============================================================================================
 # 7. Evaluation and test-time augmentation
@@ -1908,6 +1904,17 @@ def uses_channels_last(cfg: Config, device: torch.device) -> bool:
     return cfg.channels_last and device.type in ("cuda", "cpu")
 
 # -- result metrics and printed reports ------------------------------------------------------
+
+def run_result(seed: int, epochs: list[dict], whitening_s: float, train_s: float, model: nn.Module,
+               time_to_target_s: float | None = None, epochs_to_target: int | None = None, **extra) -> dict:
+    """One run's result (the README's JSON section), `model` its evaluated network, dropped before
+    saving. A last row without a train_loss is a diverged run's: no accuracy and no full-budget time."""
+    last = epochs[-1]
+    diverged = last["train_loss"] is None
+    return dict(seed=seed, epochs=epochs, diverged=diverged, **({"diverged_epoch": last["epoch"]} if diverged else {}),
+                final_acc=None if diverged else last["tta_acc"], time_to_target_s=time_to_target_s,
+                epochs_to_target=epochs_to_target, whitening_s=whitening_s, train_s=train_s,
+                full_budget_s=None if diverged else whitening_s + train_s + last["eval_s"], **extra, model=model)
 
 def raw_accuracy(setup: TrainingSetup, test_x: torch.Tensor, test_y: torch.Tensor) -> float:
     """The test accuracy of the trained weights themselves, without TTA and without EMA (lookahead

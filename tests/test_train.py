@@ -38,6 +38,13 @@ def test_time_to_target_follows_the_timing_rule():
     assert never["time_to_target_s"] is None and never["epochs_to_target"] is None
 
 
+def test_a_run_whose_loss_leaves_the_finite_numbers_stops_there_and_is_marked_diverged():
+    result = speedrun.train(tiny_config(lr=1e9, epochs=3), random_device_data(), log=quiet)
+    assert result["diverged"] and result["diverged_epoch"] == 1 and len(result["epochs"]) == 1
+    assert result["epochs"][0]["train_loss"] is None and result["epochs"][0]["tta_acc"] is None
+    assert result["final_acc"] is None and result["full_budget_s"] is None and result["time_to_target_s"] is None
+    assert result["whitening_s"] > 0 and "model" in result
+
 def test_too_small_training_set_is_a_clear_error():
     with pytest.raises(ValueError, match="fewer than one batch"):
         speedrun.train(tiny_config(batch_size=256, ghost_bn_splits=16), random_device_data(100), log=quiet)
