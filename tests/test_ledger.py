@@ -63,6 +63,15 @@ def test_a_result_older_than_a_recipe_change_is_labelled_with_what_it_ran(tmp_pa
     assert sorted(r["preset"] for r in ledger.rows(tmp_path)) == ["record", "record (then: muon_ns_precision=bf16)"]
 
 
+def test_a_result_of_an_earlier_recipe_of_a_preset_gets_a_row_named_for_it(tmp_path):
+    result_file(tmp_path, "september.json", "record", [0.9406], epochs=7.59, whiten_bias_epochs=0.19)
+    result_file(tmp_path, "october.json", "record", [0.9402])
+    assert sorted(r["preset"] for r in ledger.rows(tmp_path)) == ["record", "record of September 2025"]
+    result_file(tmp_path, "neither.json", "record", [0.9402], epochs=7.6)
+    with pytest.raises(ValueError, match="changed: epochs"):
+        ledger.rows(tmp_path)
+
+
 def test_a_field_that_acts_only_on_cuda_does_not_split_or_refuse_cpu_runs(tmp_path):
     result_file(tmp_path, "old.json", "record", [0.9406])
     forget_field(tmp_path / "old.json", "muon_ns_precision")
