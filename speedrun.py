@@ -47,6 +47,7 @@ import datetime
 import gc
 import hashlib
 import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -96,6 +97,10 @@ class Config:
     cutout: int = _f(0, "zero a random square of this side in every training image (0 = off)")
     brightness: float = _f(0.0, "after crop and flip, shift each image by a uniform draw from +-this (normalised units; 0 = off)")
     contrast: float = _f(0.0, "then scale each image by 1 + a uniform draw from +-this (0 = off)")
+    resolution_schedule: str = _f("", "side in pixels of each epoch's training images, e.g. 24,24,28,32 (later epochs: the "
+                                      "last; empty: 32 throughout); evaluation stays at 32")
+    resolution_mode: str = _f("downsample", "how an epoch's images reach a smaller side: downsample (bilinear, after "
+                                            "every other augmentation) or crop (a random window of that side)")
     # -- model
     arch: str = _f("resnet9", "network: Page's ResNet-9, or airbench's three conv-pool-BN-act-conv-BN-act groups without residuals")
     width: float = _f(1.0, "multiplier of every layer's channel count (resnet9 64/128/256/512, airbench 64/256/256 at 1.0)")
@@ -143,9 +148,14 @@ class Config:
     lr_final_frac: float = _f(0.8, "one-cycle: fraction of training at which the LR reaches lr_final, then stays")
     lr_final: float = _f(0.1, "one-cycle: final LR as a fraction of the peak")
     lr_schedule_at: str = _f("end", "step k of 1..T reads the schedule at k steps done (end: Page) or at k-1 (start: airbench)")
+    lr_schedule_epochs: float = _f(0.0, "the LR schedule and Muon's renormalisation rule span this many epochs, the LR then "
+                                        "holding its last value (0 = the whole run)")
+    lr_floor: float = _f(0.0, "the LR never falls below this fraction of its peak")
     ema: bool = _f(True, "keep an exponential moving average (EMA) of the weights and BN statistics")
     ema_mode: str = _f("average", "average: evaluate the EMA; lookahead: pull the weights back to the EMA at each update, "
-                                  "with decay ramped by (step/total)^3, so that the weights end as the EMA")
+                                  "with decay ramped by (step/total)^3, so that the weights end as the EMA; late_lookahead: "
+                                  "the same with a constant decay, from ema_start_epochs on")
+    ema_start_epochs: float = _f(0.0, "late_lookahead: the average starts as a copy of the weights after this many epochs")
     ema_momentum: float = _f(0.99, "EMA momentum per training step")
     ema_every: int = _f(5, "update the EMA every this many steps, with decay ema_momentum**ema_every (average: after "
                            "batches 0, k, 2k, ... of each epoch, as Page counts; lookahead: every k-th step of the run)")
@@ -204,6 +214,16 @@ PRESETS: dict[str, dict] = {
     # A small copy for a laptop CPU: minutes, not hours; it shows the machinery, not 94%.
     "cpu": dict(width=0.5, subset=10000, test_subset=2000, epochs=4, batch_size=128, whiten_samples=5000),
 }
+# Fulcrum Research's E1 ("Fable-5", fulcrumresearch/cifar-10-speedrun at ddec65f, runners/recipes/e1.py:
+# 94.05% over 200 runs, 1.83 s on an A100, its evaluation untimed): the record, its first epochs at 24
+# and 28 px (each augmented image downsampled), 8.875 epochs = 284 steps with the LR falling over the
+# first 8.5 (272 steps, also the span of Muon's renormalisation rule) to a floor of 0.05, a lookahead
+# of the last steps (from step 264, every 4, decay 0.7 a blend), Muon LR 0.2255, whitening from 5,000
+# images, and airbench's 6 weighted TTA views for every test image.
+PRESETS["fulcrum_e1"] = dict(PRESETS["record"], epochs=8.875, whiten_samples=5000, muon_lr=0.2255,
+                             resolution_schedule="24,24,24,28,28,28,32,32,32", lr_schedule_epochs=8.5, lr_floor=0.05,
+                             ema=True, ema_mode="late_lookahead", ema_start_epochs=8.25, ema_every=4,
+                             ema_momentum=0.7 ** (1 / 4), tta="flip_translate", tta_unsure_frac=1.0)
 # From Python, make_config(preset, **fields) (Appendix B) gives a preset's Config with fields replaced, checked.
 
 # =============================================================================================
@@ -247,13 +267,15 @@ class EpochDraw:
     cut_x: torch.Tensor | None
     shift: torch.Tensor | None  # brightness: added to every pixel of an image
     scale: torch.Tensor | None  # contrast: then multiplies them
+    side: int  # the side the images then reach (resolution_schedule)
+    window: torch.Tensor | None  # resolution_mode crop: each image's window offset (dy, dx)
 
-def crop_at(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad: int) -> torch.Tensor:
-    """Reflect-pad every image by `pad`, then cut its 32x32 window at offset (dy, dx)."""
+def crop_at(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad: int, side: int = IMAGE_SIDE) -> torch.Tensor:
+    """Reflect-pad every image by `pad`, then cut its side x side window at offset (dy, dx)."""
     n, c, h, w = x.shape
     padded = F.pad(x, (pad,) * 4, mode="reflect")
-    rows = (dy[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
-    cols = (dx[:, None] + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
+    rows = (dy[:, None] + torch.arange(side, device=x.device)).view(n, 1, side, 1).expand(n, c, side, w + 2 * pad)
+    cols = (dx[:, None] + torch.arange(side, device=x.device)).view(n, 1, 1, side).expand(n, c, side, side)
     return padded.gather(2, rows).gather(3, cols)
 
 def cutout_at(x: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, size: int) -> torch.Tensor:
@@ -277,9 +299,24 @@ def alternating_flips(augmenter, n: int, epoch: int, device) -> torch.Tensor:
 # Config.flip -> its draw
 FLIPS = {"random": random_flips, "alternating": alternating_flips, "none": lambda augmenter, n, epoch, device: None}
 
+def side_of_epoch(cfg: Config, epoch: int) -> int:
+    """The side of epoch `epoch`'s training images (from 0), by resolution_schedule."""
+    sides = [int(s) for s in cfg.resolution_schedule.split(",")] if cfg.resolution_schedule else [IMAGE_SIDE]
+    return sides[min(epoch, len(sides) - 1)]
+
+def downsample(x: torch.Tensor, side: int, window) -> torch.Tensor:
+    """Bilinear resampling of the whole image to side x side (E1's: no antialiasing)."""
+    return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+
+def crop_window(x: torch.Tensor, side: int, window: torch.Tensor) -> torch.Tensor:
+    return crop_at(x, window[:, 0], window[:, 1], 0, side)
+
+# Config.resolution_mode -> (whether it draws a window per image, how the images reach their side)
+RESIZES = {"downsample": (False, downsample), "crop": (True, crop_window)}
+
 class EpochAugmenter:
-    """Crop, flip, colour jitter (brightness then contrast), cutout, with choices drawn for the
-    whole training set at once. draw() then apply() lets a process of a distributed run augment
+    """Crop, flip, colour jitter (brightness then contrast), cutout, then the epoch's resolution, with
+    choices drawn for the whole training set at once. draw() then apply() lets a process of a distributed run augment
     only its share while drawing the same numbers as everyone else."""
 
     def __init__(self, cfg: Config, gen: torch.Generator):
@@ -294,11 +331,14 @@ class EpochAugmenter:
         flips = FLIPS[cfg.flip](self, n, epoch, device)
         if cfg.cutout:
             cy, cx = (torch.randint(0, IMAGE_SIDE - cfg.cutout + 1, (n,), device=device, generator=gen) for _ in range(2))
-        shift = scale = None
+        shift = scale = window = None
         if cfg.brightness or cfg.contrast:
             shift, scale = (torch.rand(n, device=device, generator=gen) * 2 - 1 for _ in range(2))
             shift, scale = shift * cfg.brightness, 1 + scale * cfg.contrast
-        return EpochDraw(dy, dx, flips, cy, cx, shift, scale)
+        side = side_of_epoch(cfg, epoch)
+        if side < IMAGE_SIDE and RESIZES[cfg.resolution_mode][0]:
+            window = torch.randint(0, IMAGE_SIDE - side + 1, (n, 2), device=device, generator=gen)
+        return EpochDraw(dy, dx, flips, cy, cx, shift, scale, side, window)
 
     def apply(self, x: torch.Tensor, d: EpochDraw, idx: torch.Tensor | None = None) -> torch.Tensor:
         """The augmented images x[idx] (all of x when idx is None), in the order of idx."""
@@ -312,6 +352,8 @@ class EpochAugmenter:
             x = (x + pick(d.shift).view(-1, 1, 1, 1).to(x.dtype)) * pick(d.scale).view(-1, 1, 1, 1).to(x.dtype)
         if d.cut_y is not None:
             x = cutout_at(x, pick(d.cut_y), pick(d.cut_x), self.cfg.cutout)
+        if d.side < x.shape[2]:
+            x = RESIZES[self.cfg.resolution_mode][1](x, d.side, None if d.window is None else pick(d.window))
         return x
 
     def __call__(self, x: torch.Tensor, epoch: int) -> torch.Tensor:
@@ -653,7 +695,7 @@ def build_optimizer(model: nn.Module, cfg: Config, total_steps: int, bias_steps:
 def set_lr(opt: torch.optim.Optimizer, cfg: Config, step: int, total: int) -> None:
     """Every group's LR for the step with `step` of `total` steps done before it ('decay_over': see
     whiten_bias_apart)."""
-    factor = lr_factor(cfg, step, total)
+    factor = max(cfg.lr_floor, lr_factor(cfg, step, total))
     for g in opt.param_groups:
         g["lr"] = g["peak_lr"] * (lr_factor(cfg, step, g["decay_over"], "linear") if "decay_over" in g else factor)
 
@@ -666,7 +708,7 @@ class EMA:
     uses, blended in after batches 0, every, 2 x every, ... of each epoch with decay momentum**every
     from the initial weights on (ema_warmup: a decay of at most k/(k+1) at the k-th blend)."""
 
-    def __init__(self, model: nn.Module, cfg: Config, total_steps: int):
+    def __init__(self, model: nn.Module, cfg: Config, total_steps: int, start: int = 0):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.eval_model = self.model  # what evaluation uses
         self.decay, self.every = cfg.ema_momentum ** cfg.ema_every, cfg.ema_every
@@ -696,9 +738,9 @@ class Lookahead(EMA):
     with decay momentum**every x (step / total)**3, then copy the average back into the weights.
     finish() leaves the weights at the average; evaluation uses the trained model itself."""
 
-    def __init__(self, model: nn.Module, cfg: Config, total_steps: int):
+    def __init__(self, model: nn.Module, cfg: Config, total_steps: int, start: int = 0):
         super().__init__(model, cfg, total_steps)
-        self.eval_model, self.total_steps = model, total_steps  # the trained model, which ends as the average
+        self.eval_model, self.total_steps, self.start = model, total_steps, start  # evaluated: the trained model
 
     def due(self, step: int, batch: int) -> bool:
         return step % self.every == 0
@@ -715,8 +757,24 @@ class Lookahead(EMA):
     def finish(self) -> None:
         torch._foreach_copy_(self._live, self._avg)
 
+class LateLookahead(Lookahead):
+    """Fulcrum's E1: the lookahead of the last steps only. At step `start` the average becomes a
+    copy of the weights; then every `every` steps it is blended towards them with the constant
+    decay momentum**every and copied back into them."""
+
+    def due(self, step: int, batch: int) -> bool:
+        return step >= self.start and (step - self.start) % self.every == 0
+
+    def decay_at(self, step: int) -> float:
+        return 0.0 if step == self.start else self.decay
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        if self.updates:  # a run that ends before the start keeps its weights
+            super().finish()
+
 # Config.ema_mode -> its class (Config.ema: whether to keep one)
-EMA_KINDS = {"average": EMA, "lookahead": Lookahead}
+EMA_KINDS = {"average": EMA, "lookahead": Lookahead, "late_lookahead": LateLookahead}
 
 # =============================================================================================
 # 6. One run: timer, step, epoch, train()
@@ -777,7 +835,7 @@ def train_epoch(setup: TrainingSetup, ema: EMA | None, x, y, step: int, progress
         xb, yb = x[i * b:(i + 1) * b], y[i * b:(i + 1) * b]
         if step == setup.whiten_bias_steps:
             setup.freeze_whitening_bias()
-        set_lr(setup.opt, setup.cfg, step, setup.total_steps)
+        set_lr(setup.opt, setup.cfg, step, setup.schedule_steps)
         loss, logits = setup.step_fn(xb, yb)
         step += 1
         if ema is not None and ema.due(step, i):
@@ -806,8 +864,10 @@ class TrainingSetup:
         # each process normalises its share of the batch in ghost_bn_splits / world groups
         self.model = build_model(dataclasses.replace(cfg, ghost_bn_splits=cfg.ghost_bn_splits // ctx.world), device)
         self.total_steps = epochs_to_steps(cfg.epochs, n_batches)  # optimizer steps of the whole run
+        # the steps the LR schedule (and Muon's renormalisation rule) spans
+        self.schedule_steps = epochs_to_steps(cfg.lr_schedule_epochs or cfg.epochs, n_batches)
         self.whiten_bias_steps = epochs_to_steps(cfg.whiten_bias_epochs, n_batches)  # the bias trains before this step
-        self.opt = build_optimizer(self.model, cfg, self.total_steps, self.whiten_bias_steps)
+        self.opt = build_optimizer(self.model, cfg, self.schedule_steps, self.whiten_bias_steps)
         self.step_fn, self.forward, self.module = make_step_fn(self.model, self.opt, cfg, device, self.dtype, ctx)
         self.augment = EpochAugmenter(cfg, self.gen)
         self.positions = local_positions(n_batches, cfg, ctx).to(device)  # this process's places in each batch
@@ -818,7 +878,8 @@ class TrainingSetup:
 
     def make_ema(self) -> EMA | None:
         """A copy of the model as it is now, averaged by cfg.ema_mode's rule (None without cfg.ema)."""
-        return EMA_KINDS[self.cfg.ema_mode](self.model, self.cfg, self.total_steps) if self.cfg.ema else None
+        start = epochs_to_steps(self.cfg.ema_start_epochs, self.n_batches)
+        return EMA_KINDS[self.cfg.ema_mode](self.model, self.cfg, self.total_steps, start) if self.cfg.ema else None
 
     def epoch_batches(self, data: DeviceData, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's augmented images and labels of one epoch, shuffled, in batch order."""
@@ -1377,7 +1438,7 @@ SWITCHES = dict(flip=FLIPS, arch=NETWORKS, activation=ACTIVATIONS, whiten_activa
                 whiten_kernel=WHITEN_KERNELS, whiten_bias_init=WHITEN_BIAS_INITS,
                 whiten_bias_schedule=WHITEN_BIAS_SCHEDULES, conv_init=CONV_INITS, head_init=HEAD_INITS,
                 optimizer=OPTIMIZERS, muon_ns_coeffs=NS_COEFFICIENTS, muon_ns_precision=NS_PRECISIONS,
-                muon_renorm=MUON_RENORMS, lr_schedule=LR_SCHEDULES, lr_schedule_at=LR_SCHEDULE_AT, ema_mode=EMA_KINDS, tta=TTA_MODES,
+                muon_renorm=MUON_RENORMS, resolution_mode=RESIZES, lr_schedule=LR_SCHEDULES, lr_schedule_at=LR_SCHEDULE_AT, ema_mode=EMA_KINDS, tta=TTA_MODES,
                 precision=PRECISIONS, compile_mode=COMPILE_MODES)
 
 def check_config(cfg: Config) -> None:
@@ -1431,6 +1492,20 @@ def check_config(cfg: Config) -> None:
             raise ValueError(f"{name} must be in [0, 1), got {getattr(cfg, name):g}")
     if not 0 <= cfg.bn_momentum <= 1:
         raise ValueError(f"bn_momentum must be in [0, 1], got {cfg.bn_momentum:g}")
+    try:
+        sides = [int(t) for t in cfg.resolution_schedule.split(",")] if cfg.resolution_schedule else [IMAGE_SIDE]
+    except ValueError:
+        sides = [0]
+    if not all(9 <= side <= IMAGE_SIDE for side in sides):
+        raise ValueError(f"resolution_schedule {cfg.resolution_schedule!r}: give sides from 9 to {IMAGE_SIDE} "
+                         f"separated by commas, e.g. 24,28,32")
+    if not 0 <= cfg.lr_floor <= 1:
+        raise ValueError(f"lr_floor is a fraction of the peak LR in [0, 1], got {cfg.lr_floor:g}")
+    for name in ("lr_schedule_epochs", "ema_start_epochs"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be 0 or more, got {getattr(cfg, name):g}")
+    if cfg.ema_start_epochs and cfg.ema_mode != "late_lookahead":
+        raise ValueError("ema_start_epochs applies to --ema-mode late_lookahead only")
     if cfg.ema_warmup and cfg.ema_mode != "average":
         raise ValueError(f"ema_warmup shapes the average's first blends; ema_mode {cfg.ema_mode} has its own "
                          f"ramp: drop --ema-warmup or use --ema-mode average")
@@ -1878,19 +1953,20 @@ def needs_warm_up(cfg: Config, device: torch.device) -> bool:
 
 def warm_up(cfg: Config, data: DeviceData, device: torch.device) -> float:
     """A throwaway run of a few steps and one evaluation, so that compilation and cuDNN's
-    choice of kernels happen before the timer. It steps on an epoch's real batches, whose memory
-    layout (channels_last) compile guards on; with a whitening bias it steps and evaluates both
+    choice of kernels happen before the timer. It steps on real batches of each image side the run
+    trains at, in the memory layout (channels_last) compile guards on; with a whitening bias it steps and evaluates both
     before and after freezing it, since compile sees each as its own graph. Returns its seconds."""
     t0 = time.perf_counter()
     setup = TrainingSetup(cfg, data, device, cfg.seed)
     b = setup.local_batch
-    x, y = setup.epoch_batches(data, 0)
+    first_epochs = {side_of_epoch(cfg, e): e for e in reversed(range(len(setup.steps_per_epoch())))}  # of each side
+    batches = [setup.epoch_batches(data, epoch) for epoch in sorted(first_epochs.values())]
     _, eval_forward = setup.evaluated(setup.make_ema())  # an EMA copy is a network of its own to compile
     for frozen in (False, True) if trainable_whiten_bias(setup.model) is not None else (False,):
         if frozen:
             setup.freeze_whitening_bias()
         setup.model.train()
-        for _ in range(3):  # the first step compiles and picks kernels; CUDA graphs (reduce-overhead) record later
+        for (x, y), _ in itertools.product(batches, range(3)):  # a shape's first step compiles; CUDA graphs record later
             setup.step_fn(x[:b], y[:b])
         setup.model.eval()
         test_x = data.test_x[:cfg.eval_batch_size]

@@ -37,7 +37,9 @@ def leave_one_out(base: speedrun.Config) -> tuple[list[study.Variant], list[str]
         ("bn_scale_trained", "BN scale trained, not frozen at 1", dict(bn_scale_frozen=False)),
         ("constant_lr", "constant LR instead of one-cycle", dict(lr_schedule="constant")),
         ("linear_lr", "linear decay from the peak instead of one-cycle", dict(lr_schedule="linear")),
-        ("no_ema", "no lookahead" if base.ema_mode == "lookahead" else "no EMA of the weights", dict(ema=False)),
+        (("no_late_lookahead", "no late lookahead", dict(ema=False)) if base.ema_mode == "late_lookahead" else
+         ("no_ema", "no lookahead" if base.ema_mode == "lookahead" else "no EMA of the weights", dict(ema=False))),
+        ("no_lr_floor", "the LR falls to 0, no floor", dict(lr_floor=0.0)),
         ("no_tta", "no test-time augmentation", dict(tta="none")),
         ("flip_tta", "2-view flip TTA instead of 6 views", dict(tta="flip")),
         ("tta_all_images", "TTA views for every test image, not only the least confident", dict(tta_unsure_frac=1.0)),
@@ -49,10 +51,14 @@ def leave_one_out(base: speedrun.Config) -> tuple[list[study.Variant], list[str]
         ("no_colour_jitter", "no brightness and contrast jitter", dict(brightness=0.0, contrast=0.0)),
         ("no_muon_renorm", "Muon without renormalising the filters", dict(muon_renorm="none")),
         ("no_crop", "no random crop", dict(crop_pad=0)),
+        ("no_progressive", "every epoch at 32 px (same steps)", dict(resolution_schedule="")),
         cutout,
         ("fp32", "fp32 instead of mixed precision (time only)", dict(precision="fp32")),
         ("no_channels_last", "NCHW instead of channels_last (time only)", dict(channels_last=False)),
     ]
+    if base.resolution_schedule:  # without a schedule every image stays at 32 px and the mode changes nothing
+        switches.append(("crop_resolution", "a random window of each epoch's side instead of downsampling",
+                         dict(resolution_mode="crop")))
     variants = [study.make_variant(base, "full", "the full recipe")]
     notes = []
     for name, change, fields in switches:

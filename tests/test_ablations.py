@@ -59,7 +59,8 @@ def test_leave_one_out_switches_off_one_trick_per_variant():
     assert variants[0].name == "full" and variants[0].config == base
     assert {n.split()[0] for n in notes} == {"flip_tta", "tta_all_images", "random_flip", "no_whitening_bias",
                                              "no_whitening_negatives", "default_init", "no_colour_jitter",
-                                             "no_muon_renorm"}, "the other presets' tricks, which davidnet lacks"
+                                             "no_muon_renorm", "no_lr_floor", "no_progressive"}, \
+        "the other presets' tricks, which davidnet lacks"
     changes = {v.name: changed_fields(base, v.config) for v in variants[1:]}
     assert changes == {
         "no_whitening": dict(whiten=False), "no_label_smoothing": dict(label_smoothing=0.0),
@@ -85,6 +86,16 @@ def test_leave_one_out_covers_the_tricks_of_airbench94_and_the_record():
     assert changes["no_colour_jitter"] == dict(brightness=0.0, contrast=0.0)
     assert changes["tta_all_images"] == dict(tta_unsure_frac=1.0) and changes["no_muon_renorm"] == dict(muon_renorm="none")
     assert "no_ema" not in changes, "the record has no EMA to remove"
+    assert not {"no_progressive", "crop_resolution", "no_lr_floor"} & set(changes), "the record has none of E1's tricks"
+
+
+def test_leave_one_out_switches_off_each_of_e1s_tricks():
+    e1 = speedrun.make_config("fulcrum_e1")
+    changes = {v.name: changed_fields(e1, v.config) for v in tricks.leave_one_out(e1)[0][1:]}
+    assert changes["no_progressive"] == dict(resolution_schedule="")
+    assert changes["crop_resolution"] == dict(resolution_mode="crop")
+    assert changes["no_lr_floor"] == dict(lr_floor=0.0)
+    assert changes["no_late_lookahead"] == dict(ema=False) and "no_ema" not in changes
 
 
 def test_cumulative_adds_one_trick_per_step_in_pages_order():

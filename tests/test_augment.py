@@ -105,3 +105,25 @@ def test_augmenting_a_share_equals_augmenting_all_then_picking_it():
         draw = aug.draw(len(x), epoch, x.device)
         idx = torch.randperm(64)[:20]
         assert torch.equal(aug.apply(x, draw, idx), aug.apply(x, draw)[idx])
+
+
+def test_each_epoch_reaches_the_side_its_schedule_names_by_downsampling_or_a_window():
+    x = images(8)
+    cfg = tiny_config(crop_pad=0, flip="none", resolution_schedule="20,26")
+    for epoch, side in [(0, 20), (1, 26), (2, 26)]:  # epochs past the list keep its last side
+        down = speedrun.EpochAugmenter(cfg, torch.Generator().manual_seed(0))(x, epoch)
+        torch.testing.assert_close(down, F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False))
+        crop_cfg = tiny_config(crop_pad=0, flip="none", resolution_schedule="20,26", resolution_mode="crop")
+        augment = speedrun.EpochAugmenter(crop_cfg, torch.Generator().manual_seed(0))
+        draw = augment.draw(len(x), epoch, "cpu")
+        windows = augment.apply(x, draw)
+        assert windows.shape == (8, 3, side, side) and draw.side == side
+        for i, (dy, dx) in enumerate(draw.window.tolist()):
+            assert 0 <= dy <= 32 - side and 0 <= dx <= 32 - side
+            assert torch.equal(windows[i], x[i, :, dy:dy + side, dx:dx + side])
+
+
+def test_a_run_without_a_resolution_schedule_draws_no_windows_and_keeps_32_pixels():
+    augment = speedrun.EpochAugmenter(tiny_config(resolution_mode="crop"), torch.Generator().manual_seed(0))
+    draw = augment.draw(8, 0, "cpu")
+    assert draw.side == 32 and draw.window is None and augment.apply(images(8), draw).shape[-1] == 32

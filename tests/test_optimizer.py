@@ -224,3 +224,46 @@ def test_lookahead_pulls_the_weights_back_and_ends_at_the_average():
         model[0].weight.add_(1.0)
     ema.finish()
     assert torch.equal(model[0].weight, ema.model[0].weight)
+
+
+def test_late_lookahead_starts_as_a_copy_then_blends_at_a_constant_decay_every_k_steps():
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    cfg = speedrun.make_config(ema=True, ema_mode="late_lookahead", ema_momentum=0.5, ema_every=2, ema_start_epochs=1)
+    ema = speedrun.LateLookahead(model, cfg, total_steps=12, start=5)
+    assert ema.eval_model is model
+    for step in range(1, 13):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        before_ema, live = copy.deepcopy(ema.model.state_dict()), copy.deepcopy(model.state_dict())
+        assert ema.due(step, batch=0) == (step in (5, 7, 9, 11))
+        if not ema.due(step, 0):
+            continue
+        ema.update(step)
+        d = 0.0 if step == 5 else 0.5 ** 2
+        for k, v in ema.model.state_dict().items():
+            if v.is_floating_point():  # parameters and BN statistics alike
+                torch.testing.assert_close(v, d * before_ema[k] + (1 - d) * live[k])
+                assert torch.equal(model.state_dict()[k], v), "the weights are set to the average"
+
+
+def test_late_lookahead_leaves_a_run_that_ends_before_its_start_alone():
+    model = nn.Linear(3, 2)
+    cfg = speedrun.make_config(ema=True, ema_mode="late_lookahead", ema_start_epochs=1)
+    ema = speedrun.LateLookahead(model, cfg, total_steps=4, start=10)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    trained = model.weight.clone()
+    ema.finish()
+    assert torch.equal(model.weight, trained)
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.05])
+def test_the_lr_floor_holds_the_factor_above_it_over_the_schedules_span(floor):
+    cfg = speedrun.make_config("record", lr_floor=floor)
+    model = speedrun.build_model(cfg)
+    opt = speedrun.build_optimizer(model, cfg, total_steps=20, bias_steps=0)
+    head = next(g for g in opt.param_groups if any(p is model.head.weight for p in g["params"]))
+    for step in range(30):  # past the schedule's 20 steps the factor holds its last value
+        speedrun.set_lr(opt, cfg, step, 20)
+        assert head["lr"] == pytest.approx(head["peak_lr"] * max(floor, 1 - step / 20, 0.0), rel=1e-12)

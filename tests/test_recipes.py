@@ -20,14 +20,10 @@ def drive_full_run(preset: str, n_train: int = 50000):
     images: (steps, blends), steps[k] = (groups' (lr, weight_decay, momentum, nesterov, names),
     names of the parameters that take a gradient), blends = [(step, decay)]."""
     cfg = speedrun.make_config(preset, device="cpu")
-    tiny = speedrun.DeviceData(torch.zeros(cfg.batch_size, 3, 32, 32), torch.zeros(cfg.batch_size, dtype=torch.long),
+    # n_train images that are one zero image seen n_train times: the setup reads only their count
+    full = speedrun.DeviceData(torch.zeros(1, 3, 32, 32).expand(n_train, 3, 32, 32), torch.zeros(n_train, dtype=torch.long),
                                torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long), 0.0)
-    setup = speedrun.TrainingSetup(cfg, tiny, torch.device("cpu"), seed=0)
-    n_batches = n_train // cfg.batch_size  # the reference drops the last partial batch
-    setup.n_batches = n_batches
-    setup.total_steps = speedrun.epochs_to_steps(cfg.epochs, n_batches)
-    setup.whiten_bias_steps = speedrun.epochs_to_steps(cfg.whiten_bias_epochs, n_batches)
-    setup.opt = speedrun.build_optimizer(setup.model, cfg, setup.total_steps, setup.whiten_bias_steps)  # for the full size
+    setup = speedrun.TrainingSetup(cfg, full, torch.device("cpu"), seed=0)
     names = {id(p): n for n, p in setup.model.named_parameters()}
     steps, blends = [], []
 
@@ -172,6 +168,54 @@ def test_record_renormalises_its_filters_on_hiverges_growing_schedule():
     renormed = []
     for step in range(1, 246):
         opt.step()  # no gradients: only the step count and the renormalisation bookkeeping move
+        if opt.last_renorm == step:
+            renormed.append(step)
+    assert renormed == published
+
+
+def test_fulcrum_e1_is_its_recipe_at_every_step():
+    # fulcrumresearch/cifar-10-speedrun at ddec65f, runners/recipes/e1.py (94.046% over 200 runs,
+    # 1.828 s on an A100) on top of hiverge's October recipe: batch 1536, 32 batches an epoch,
+    # total ceil(8.875 x 32) = 284 steps; the LR factor max(1 - s/272, 0.05) with s the 0-based
+    # step and 272 = ceil(8.5 x 32), for the head (0.5415), the BN biases (0.0573) and Muon's
+    # filters (0.2255, momentum 0.655); the whitening bias at 0.0573 x (1 - s/7) for ceil(0.2 x 32)
+    # = 7 steps. Lookahead: at step 264 = 272 - 8 the average is a copy of the weights; after
+    # steps 268, 272, ..., 284 it is blended with decay 0.7 and copied back. Sides by epoch: 24,
+    # 24, 24, 28, 28, 28, 32, 32, 32 (the last epoch, 28 batches, at 32).
+    batch, total, decay_steps, bias_steps = 1536, math.ceil(8.875 * 32), math.ceil(8.5 * 32), math.ceil(0.2 * 32)
+    wd = 1.0418e-6 * batch
+    assert (total, decay_steps, bias_steps) == (284, 272, 7)
+    cfg, setup, steps, blends = drive_full_run("fulcrum_e1")
+    assert len(steps) == total and setup.steps_per_epoch() == [32] * 8 + [28]
+    filters = {n for n, p in setup.model.named_parameters() if p.ndim == 4 and n != "whiten.weight"}
+    for step, (groups, training) in enumerate(steps):
+        factor = max(1 - step / decay_steps, 0.05)
+        head, norm = group_of(groups, "head.weight"), group_of(groups, "layer1.0.2.bias")
+        assert head[0] == pytest.approx(0.5415 * factor, rel=1e-12) and head[1] == pytest.approx(wd / 0.5415, rel=1e-12)
+        assert norm[0] == pytest.approx(0.0573 * factor, rel=1e-12) and norm[1] == pytest.approx(wd / 0.0573, rel=1e-12)
+        assert head[2] == norm[2] == 0.825
+        muon = group_of(groups, next(iter(filters)))
+        assert muon[4] == filters and muon[0] == pytest.approx(0.2255 * factor, rel=1e-12) and muon[2] == 0.655
+        if step < bias_steps:
+            assert group_of(groups, "whiten.bias")[0] == pytest.approx(0.0573 * (1 - step / bias_steps), rel=1e-12)
+        assert ("whiten.bias" in training) == (step < bias_steps)
+    assert sum(max(1 - s / decay_steps, 0.05) == 0.05 for s in range(total)) == 25  # the floor holds from step 259
+    assert blends == [(264, 0.0)] + [(s, pytest.approx(0.7, rel=1e-12)) for s in range(268, 285, 4)]
+    sides = [setup.augment.draw(8, epoch, "cpu").side for epoch in range(9)]
+    assert sides == [24, 24, 24, 28, 28, 28, 32, 32, 32]
+    assert cfg.whiten_samples == 5000 and cfg.tta == "flip_translate" and cfg.tta_unsure_frac == 1.0
+
+
+def test_fulcrum_e1_renormalises_its_filters_on_the_rule_spanning_272_steps():
+    # E1 keeps hiverge's rule, 2 + int(15 x step/272), counted over its 272 decay steps; it goes on
+    # growing past 272 (written out from the rule by hand: the last renormalisation is at step 281)
+    published = [2, 4, 6, 8, 10, 12, 14, 16, 18, 21, 24, 27, 30, 33, 36, 40, 44, 48, 52, 57, 62, 67, 72, 78, 84, 90, 97,
+                 104, 112, 120, 129, 138, 148, 158, 169, 180, 192, 205, 219, 233, 248, 264, 281]
+    cfg, setup, steps, blends = drive_full_run("fulcrum_e1")
+    opt = setup.opt
+    renormed = []
+    for step in range(1, 285):
+        opt.step()
         if opt.last_renorm == step:
             renormed.append(step)
     assert renormed == published
