@@ -1,29 +1,35 @@
 #!/usr/bin/env python3
-"""Rebuild the README's measured tables from the files in results/: accuracy and time, and what each trick is worth.
+"""Rebuild the measured tables of the README and the docs/ pages from the files in results/.
 
-    python bench/ledger.py            # rewrite both tables between the README's markers
-    python bench/ledger.py --check    # exit 1 if the README's tables are not what the files give
+    python bench/ledger.py            # rewrite every generated table where it stands
+    python bench/ledger.py --check    # exit 1 if a page's table is not what the files give
+
+A generated table lives between two markers, on any page (README.md and docs/*.md by default):
+`<!-- ledger:NAME -->` and `<!-- /ledger:NAME -->`. The names:
+
+    headline   preset, device (torch, precision), runs, accuracy mean ± std, time: the README's table
+    accuracy   the same runs in full: min, max, fraction at 94%, epochs, time-to-94%, wall time
+    studies    one table per study folder under results/ablations/
 
 Every *.json under results/ is a result the trainer wrote (`python speedrun.py --out ...`). Only
 full-scale runs of a preset count: all 50,000 training and 10,000 test images and the preset's
 recipe unchanged (the seed, device, precision, memory format, evaluation cadence and workers may
-differ). Runs are grouped by preset, precision and memory format, device, and torch version; each
-row gives the number of runs, the mean, spread, min and max of the final accuracy, the fraction at
-or above 94%, the epochs, the timed budget (whitening + every epoch + the last evaluation, the
-timer's rule), the time-to-94% of the runs that reached it, and the mean wall time of a run. A
-file that is not a full-scale run of a preset stops the script with its name: nothing is left
-out silently.
+differ). Runs are grouped by preset, precision and memory format, device, and torch version. A file
+that is not a full-scale run of a preset stops the script with its name: nothing is left out
+silently. A results folder that does not exist or holds no result stops it too (exit 2), so a
+mistyped --results never empties the tables.
 
-Every folder under results/ablations/ is a study folder of ablations/ (its summary.json is what
-the study's own report gave from its results.csv); each becomes a table between the README's
-studies markers: variant, accuracy, the paired difference from its reference with its 95%
-interval, timed seconds and their paired difference, with the study's hardware and command.
+Every folder under results/ablations/ that holds a summary.json is a study folder of ablations/ (its
+summary.json is what the study's own report gave from its results.csv); each becomes a table:
+variant, accuracy, the paired difference from its reference with its 95% interval, timed seconds
+and their paired difference, with the study's hardware and command.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -35,8 +41,9 @@ if str(ROOT) not in sys.path:
 import speedrun  # noqa: E402
 from ablations import study  # noqa: E402  (its format of a paired difference)
 
-START, END = "<!-- ledger:start (bench/ledger.py writes this table) -->", "<!-- ledger:end -->"
-STUDIES_START, STUDIES_END = "<!-- studies:start (bench/ledger.py writes these tables) -->", "<!-- studies:end -->"
+# a generated block: <!-- ledger:NAME --> ... <!-- /ledger:NAME -->; NAME is a key of TABLES (below)
+BLOCK = re.compile(r"<!-- ledger:([\w-]+) -->(.*?)<!-- /ledger:\1 -->", re.S)
+OPENING = re.compile(r"<!-- ledger:([\w-]+) -->")
 # fields a run may change without changing the recipe it measures
 FREE = {"seed", "runs", "device", "precision", "channels_last", "eval_every", "workers", "data_dir", "compile",
         "compile_mode", "deterministic", "eval_batch_size"}
@@ -79,9 +86,20 @@ def wall_s(run: dict) -> float:
     return run.get("wall_s") or run["whitening_s"] + run["train_s"] + sum(e["eval_s"] or 0 for e in run["epochs"])
 
 
+def result_files(folder: Path) -> list[Path]:
+    """The result files in folder; ValueError naming it when it does not exist or holds none, so a
+    mistyped --results stops the script instead of writing empty tables."""
+    if not folder.is_dir():
+        raise ValueError(f"results folder {folder} does not exist; give --results the folder of result JSON files")
+    paths = sorted(folder.glob("*.json"))
+    if not paths:
+        raise ValueError(f"results folder {folder} holds no result (*.json); give --results the folder of result JSON files")
+    return paths
+
+
 def rows(folder: Path) -> list[dict]:
     groups: dict[tuple, list] = {}
-    for path in sorted(folder.glob("*.json")):
+    for path in result_files(folder):
         result = json.loads(path.read_text())
         preset = preset_of(result, path.name)
         cfg = speedrun.Config(**result["config"])
@@ -103,33 +121,47 @@ def rows(folder: Path) -> list[dict]:
 
 
 def seconds(values: list[float]) -> str:
-    """Mean and spread: '3.13 s ± 0.18' for a GPU's seconds, '36 min' for a CPU's (whose spread
+    """Mean and spread: '3.13 s ± 0.18' for a GPU's seconds, '61 ± 16 min' for a CPU's (whose spread
     comes mostly from the machine being shared); no spread for one run."""
     mean, std = speedrun.mean_std(values)
     if mean >= 60:
-        return speedrun.format_duration(mean)
+        return f"{mean / 60:.0f} ± {std / 60:.0f} min" if len(values) > 1 else f"{mean / 60:.0f} min"
     return f"{mean:.2f} s" + (f" ± {std:.2f}" if len(values) > 1 else "")
 
 
-def table(folder: Path) -> str:
+def accuracy_table(folder: Path) -> str:
+    """Every group of full-scale runs with all its figures."""
     columns = ["preset", "precision, memory format", "device", "torch", "runs", "accuracy mean ± std", "min", "max",
                "at ≥ 94%", "epochs", "timed budget", "time-to-94% (runs)", "wall time per run"]
     cells = []
     for r in rows(folder):
-        spread = f" ± {100 * r['std']:.2f}" if r["runs"] > 1 else " (n = 1)"
         to_94 = f"{seconds(r['time_to_94_s'])} ({len(r['time_to_94_s'])})" if r["time_to_94_s"] else "—"
-        cells.append([r["preset"], r["precision"], r["device"], r["torch"], r["runs"], f"{100 * r['mean']:.2f}%{spread}",
+        cells.append([r["preset"], r["precision"], r["device"], r["torch"], r["runs"], accuracy(r),
                       f"{100 * r['min']:.2f}%", f"{100 * r['max']:.2f}%", f"{100 * r['at_94']:.0f}%", f"{r['epochs']:g}",
                       seconds(r["budget_s"]), to_94, speedrun.format_duration(r["wall_s"])])
-    if not cells:
-        cells.append(["(no full-scale result yet)"] + [""] * (len(columns) - 1))
-    return "\n".join([START, *speedrun.markdown_table(columns, cells), END])
+    return "\n".join(speedrun.markdown_table(columns, cells))
+
+
+def headline_table(folder: Path) -> str:
+    """The README's short form of accuracy_table: what ran where, how often, how well, how fast."""
+    columns = ["preset", "device", "torch, precision", "runs", "accuracy mean ± std", "time per run (timed budget)"]
+    cells = [[r["preset"], r["device"], f"{r['torch']}, {r['precision'].split(',')[0]}", r["runs"], accuracy(r),
+              seconds(r["budget_s"])] for r in rows(folder)]
+    return "\n".join(speedrun.markdown_table(columns, cells))
+
+
+def accuracy(r: dict) -> str:
+    return f"{100 * r['mean']:.2f}%" + (f" ± {100 * r['std']:.2f}" if r["runs"] > 1 else " (n = 1)")
 
 
 def study_tables(folder: Path) -> str:
     """One table per study folder under folder (sorted by name), from its summary.json."""
-    parts = [STUDIES_START]
-    for summary_path in sorted(folder.glob("*/summary.json")):
+    summaries = sorted(folder.glob("*/summary.json"))
+    if not summaries:
+        raise ValueError(f"{folder} holds no study folder (one with a summary.json); give --results the folder "
+                         f"whose ablations/ holds the studies")
+    parts = []
+    for summary_path in summaries:
         summary = json.loads(summary_path.read_text())
         where = summary_path.parent.relative_to(ROOT) if summary_path.is_relative_to(ROOT) else summary_path.parent
         target = 100 * summary["variants"][0]["target_acc"]
@@ -146,45 +178,64 @@ def study_tables(folder: Path) -> str:
         parts += speedrun.markdown_table(["variant", "change", "runs", "accuracy % mean ± std", "Δ accuracy, points (95% CI)",
                                           f"at ≥ {target:g}%", "timed s", "Δ timed s (95% CI)"], rows)
         parts.append("")
-    if len(parts) == 1:
-        parts += ["(no study under results/ablations/ yet)", ""]
-    return "\n".join(parts + [STUDIES_END])
+    return "\n".join(parts).rstrip("\n")
 
 
-def replace_between(readme: str, start: str, end: str, new_text: str) -> str:
-    if start not in readme or end not in readme:
-        raise ValueError(f"the README has no markers {start} and {end}; put them where the table goes")
-    head, rest = readme.split(start, 1)
-    return head + new_text + rest.split(end, 1)[1]
+TABLES = {"headline": headline_table, "accuracy": accuracy_table,
+          "studies": lambda results: study_tables(results / "ablations")}
 
 
-def rebuilt(readme: str, results: Path) -> str:
-    """The README with both measured tables rebuilt from the files under results."""
-    readme = replace_between(readme, START, END, table(results))
-    return replace_between(readme, STUDIES_START, STUDIES_END, study_tables(results / "ablations"))
+def rebuilt(page: str, results: Path, source="the page", made=None) -> str:
+    """The page with every generated block rebuilt from the files under results; ValueError for a
+    block of an unknown name or one without its closing marker. `made` caches tables across pages."""
+    made = {} if made is None else made
+    closed = {m.start() for m in BLOCK.finditer(page)}
+    for m in OPENING.finditer(page):
+        if m.group(1) not in TABLES:
+            raise ValueError(f"{source}: unknown table <!-- ledger:{m.group(1)} -->; the tables are {', '.join(TABLES)}")
+        if m.start() not in closed:
+            raise ValueError(f"{source}: <!-- ledger:{m.group(1)} --> has no closing <!-- /ledger:{m.group(1)} -->")
+
+    def table(m):
+        name = m.group(1)
+        if name not in made:
+            made[name] = TABLES[name](results)
+        return f"<!-- ledger:{name} -->\n{made[name]}\n<!-- /ledger:{name} -->"
+    return BLOCK.sub(table, page)
+
+
+def default_pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[1],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=ROOT / "results", help="folder of result JSON files (default: results/)")
-    p.add_argument("--readme", type=Path, default=ROOT / "README.md", help="the README to rewrite (default: README.md)")
-    p.add_argument("--check", action="store_true", help="only check that the README's table is up to date")
+    p.add_argument("--pages", type=Path, nargs="+", default=None,
+                   help="the Markdown pages whose tables to rewrite (default: README.md and docs/*.md)")
+    p.add_argument("--check", action="store_true", help="only check that every page's tables are up to date")
     args = p.parse_args(argv)
+    pages = args.pages or default_pages()
     try:
-        readme = args.readme.read_text()
-        new = rebuilt(readme, args.results)
+        result_files(args.results)  # a missing or empty results folder is named before anything else
+        texts = {page: page.read_text() for page in pages}
+        if not any(OPENING.search(text) for text in texts.values()):
+            raise ValueError(f"no generated table (<!-- ledger:NAME -->) in {', '.join(map(str, pages))}")
+        made = {}
+        new = {page: rebuilt(text, args.results, page, made) for page, text in texts.items()}
     except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
         p.exit(2, f"error: {e}\n")
+    stale = [page for page in pages if new[page] != texts[page]]
     if args.check:
-        if new != readme:
-            print(f"{args.readme} is out of date: run python bench/ledger.py", file=sys.stderr)
-            return 1
-        return 0
-    if new != readme:
-        speedrun.write_atomic(args.readme, lambda tmp: tmp.write_text(new))
-    print(table(args.results))
-    print(study_tables(args.results / "ablations"))
+        for page in stale:
+            print(f"{page} is out of date: run python bench/ledger.py", file=sys.stderr)
+        return 1 if stale else 0
+    for page in stale:
+        speedrun.write_atomic(page, lambda tmp, text=new[page]: tmp.write_text(text))
+        print(f"rewrote the tables of {page}")
+    if not stale:
+        print(f"every table is up to date ({', '.join(sorted(made))})")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""bench/ledger.py rebuilds the README's measured-accuracy table from result files, and refuses
-files that are not full-scale runs of a preset."""
+"""bench/ledger.py rebuilds the generated tables of the README and the docs pages from result files,
+wherever they stand, and refuses files that are not full-scale runs of a preset and results folders
+that hold nothing."""
 import dataclasses
 import json
 import sys
@@ -30,10 +31,11 @@ def test_ledger_groups_runs_and_rewrites_only_its_table(tmp_path):
     result_file(results, "b.json", "airbench94", [0.9390, 0.9420], seed=1, eval_every=100)
     result_file(results, "c.json", "record", [0.9401])
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{ledger.START}\nold table\n{ledger.END}\nmiddle\n{ledger.STUDIES_START}\n{ledger.STUDIES_END}\noutro\n")
-    assert ledger.main(["--results", str(results), "--readme", str(readme)]) == 0
+    readme.write_text("intro\n<!-- ledger:accuracy -->\nold table\n<!-- /ledger:accuracy -->\noutro\n")
+    assert ledger.main(["--results", str(results), "--pages", str(readme)]) == 0
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old table" not in text and "\nmiddle\n" in text
+    assert text.startswith("intro\n<!-- ledger:accuracy -->\n| preset |") and "old table" not in text
+    assert text.endswith(" |\n<!-- /ledger:accuracy -->\noutro\n")
     (airbench,) = [line for line in text.splitlines() if line.startswith("| airbench94")]
     cells = [c.strip() for c in airbench.split("|")[1:-1]]
     assert cells[1] == "fp32, channels_last" and cells[4] == "3"
@@ -44,9 +46,58 @@ def test_ledger_groups_runs_and_rewrites_only_its_table(tmp_path):
     assert cells[11] == f"3.50 s ± {speedrun.mean_std([3.0, 4.0])[1]:.2f} (2)"
     record = next(line for line in text.splitlines() if line.startswith("| record"))
     assert "(n = 1)" in record and "| 3.00 s | 3.00 s (1) |" in record
-    assert ledger.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
+    assert ledger.main(["--results", str(results), "--pages", str(readme), "--check"]) == 0
     result_file(results, "d.json", "record", [0.9350])
-    assert ledger.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
+    assert ledger.main(["--results", str(results), "--pages", str(readme), "--check"]) == 1
+
+
+def test_tables_are_rebuilt_on_every_page_that_holds_one(tmp_path):
+    result_file(tmp_path, "a.json", "airbench94", [0.9406, 0.9390])
+    front, detail = tmp_path / "README.md", tmp_path / "results.md"
+    front.write_text("# front\n<!-- ledger:headline -->\n<!-- /ledger:headline -->\n")
+    detail.write_text("<!-- ledger:accuracy -->\n<!-- /ledger:accuracy -->\nand the headline again:\n"
+                      "<!-- ledger:headline -->\nstale\n<!-- /ledger:headline -->\n")
+    pages = ["--results", str(tmp_path), "--pages", str(front), str(detail)]
+    assert ledger.main([*pages, "--check"]) == 1
+    assert ledger.main(pages) == 0 and ledger.main([*pages, "--check"]) == 0
+    headline = front.read_text().split("<!-- ledger:headline -->\n")[1].split("\n<!-- /ledger:headline -->")[0]
+    assert headline.splitlines()[0] == "| preset | device | torch, precision | runs | accuracy mean ± std | time per run (timed budget) |"
+    mean, std = speedrun.mean_std([0.9406, 0.9390])
+    assert headline.splitlines()[2] == (f"| airbench94 | CPU Test (2 cores) | 2.13.0+cpu, fp32 | 2 | {100 * mean:.2f}% ± {100 * std:.2f} "
+                                        f"| 3.50 s ± {speedrun.mean_std([3.0, 4.0])[1]:.2f} |")
+    assert detail.read_text().count(headline) == 1 and "stale" not in detail.read_text()
+    assert "| airbench94 | fp32, channels_last | CPU Test (2 cores) |" in detail.read_text()
+
+
+@pytest.mark.parametrize("page,message", [("<!-- ledger:headlines -->\n<!-- /ledger:headlines -->\n", "unknown table"),
+                                          ("<!-- ledger:headline -->\n| old |\n", "no closing"),
+                                          ("no marker at all\n", "no generated table")])
+def test_a_page_with_a_broken_marker_stops_the_ledger_and_is_left_as_it_was(tmp_path, capsys, page, message):
+    result_file(tmp_path, "a.json", "airbench94", [0.9406])
+    readme = tmp_path / "README.md"
+    readme.write_text(page)
+    with pytest.raises(SystemExit) as stop:
+        ledger.main(["--results", str(tmp_path), "--pages", str(readme)])
+    assert stop.value.code == 2 and message in capsys.readouterr().err and readme.read_text() == page
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty", "no_studies"])
+def test_a_results_folder_that_is_missing_or_holds_nothing_is_named_and_no_table_is_emptied(tmp_path, capsys, folder):
+    results = tmp_path / folder
+    if folder != "missing":
+        results.mkdir()
+    if folder == "no_studies":  # results, but the page also asks for the studies of results/ablations/
+        result_file(results, "a.json", "airbench94", [0.9406])
+    readme = tmp_path / "README.md"
+    page = ("<!-- ledger:accuracy -->\n| measured |\n<!-- /ledger:accuracy -->\n"
+            "<!-- ledger:studies -->\n| measured |\n<!-- /ledger:studies -->\n")
+    readme.write_text(page)
+    for check in ([], ["--check"]):
+        with pytest.raises(SystemExit) as stop:
+            ledger.main(["--results", str(results), "--pages", str(readme), *check])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.count("\n") == 1 and str(results) in err
+        assert readme.read_text() == page
 
 
 def forget_field(path, field):
@@ -91,9 +142,9 @@ def test_a_field_that_acts_only_on_cuda_does_not_split_or_refuse_cpu_runs(tmp_pa
 def test_ledger_refuses_what_is_not_a_full_scale_run_of_its_preset(tmp_path, capsys, changes, message):
     result_file(tmp_path, "bad.json", "airbench94", [0.95], **changes)
     readme = tmp_path / "README.md"
-    readme.write_text(f"{ledger.START}\n{ledger.END}\n{ledger.STUDIES_START}\n{ledger.STUDIES_END}\n")
+    readme.write_text("<!-- ledger:accuracy -->\n<!-- /ledger:accuracy -->\n")
     with pytest.raises(SystemExit) as stop:
-        ledger.main(["--results", str(tmp_path), "--readme", str(readme)])
+        ledger.main(["--results", str(tmp_path), "--pages", str(readme)])
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "bad.json" in err and __import__("re").search(message, err)
@@ -114,12 +165,12 @@ def test_each_study_folder_becomes_a_table_of_paired_differences(tmp_path):
     (tmp_path / "ablations" / "tricks-x").mkdir(parents=True)
     (tmp_path / "ablations" / "tricks-x" / "summary.json").write_text(json.dumps(summary))
     text = ledger.study_tables(tmp_path / "ablations")
-    assert text.startswith(ledger.STUDIES_START) and text.endswith(ledger.STUDIES_END)
+    assert text.startswith("**Tricks, leave-one-out** (`") and text.endswith("| — | 0% | — | — |")
     assert "GPU X, torch 2.11.0, seeds 0, 1, 2, 3, 4" in text and "`python ablations/tricks.py --runs 5`" in text
     assert "| full | the full recipe | 5 | 94.03 ± 0.15 | — | 60% | 2.85 | — |" in text
     assert "| no_tta | no TTA | 5 | 93.26 ± 0.15 | -0.77 (-0.91 .. -0.63) | 0% | 3.06 | +0.21 (-0.18 .. 0.61) |" in text
     assert "| bad_lr | lr x 100 | 5 (5 diverged) | diverged (every run) | — | 0% | — | — |" in text
 
 
-def test_the_readme_table_is_what_the_committed_results_give():
-    assert ledger.main(["--check"]) == 0, "README.md's measured-accuracy table is stale: run python bench/ledger.py"
+def test_every_generated_table_in_the_readme_and_docs_is_what_the_committed_results_give():
+    assert ledger.main(["--check"]) == 0, "a generated table is stale: run python bench/ledger.py"
