@@ -1,4 +1,5 @@
 """Evaluation: test-time augmentation's views and weights, TTA for the unsure images only, and the metrics."""
+import dataclasses
 import json
 import sys
 
@@ -92,6 +93,16 @@ def test_saved_weights_evaluate_to_the_runs_own_plain_and_tta_accuracy(real_data
     assert result["plain_acc"] == pytest.approx(run["epochs"][-1]["test_acc"], abs=1e-9)
     assert result["tta_gain"] == pytest.approx(result["tta_acc"] - result["plain_acc"])
     assert f"{100 * result['tta_acc']:.2f}" in capsys.readouterr().out
+    # the same weights with the views for the least sure quarter only: predict's own selective TTA
+    selective = tmp_path / "selective.json"
+    assert evaluate.main([str(weights), "--device", "cpu", "--data-dir", str(real_data_dir), "--test-subset", "500",
+                          "--tta-unsure-frac", "0.25", "--out", str(selective)]) == 0
+    (quarter,) = json.loads(selective.read_text())["results"]
+    data = speedrun.load_data(cfg, torch.device("cpu"))
+    expected = speedrun.predict(run["model"].eval(), data.test_x, dataclasses.replace(cfg, tta_unsure_frac=0.25),
+                                torch.device("cpu"), torch.float32)
+    assert quarter["tta_unsure_frac"] == 0.25 and quarter["plain_acc"] == result["plain_acc"]
+    assert quarter["tta_acc"] == pytest.approx(speedrun.accuracy(expected, data.test_y), abs=1e-9)
 
 
 def test_evaluating_a_missing_weights_file_says_how_to_make_one(tmp_path, capsys):
