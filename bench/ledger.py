@@ -10,6 +10,7 @@ A generated table lives between two markers, on any page (README.md and docs/*.m
     headline   preset, device (torch, precision), runs, accuracy mean ± std, time: the README's table
     accuracy   the same runs in full: min, max, fraction at 94%, epochs, time-to-94%, wall time
     studies    one table per study folder under results/ablations/
+    cost       per preset: the timed PFLOP of one run (profile/flops.py) and the CPU's timed budget
 
 Every *.json under results/ is a result the trainer wrote (`python speedrun.py --out ...`). Only
 full-scale runs of a preset count: all 50,000 training and 10,000 test images and the preset's
@@ -181,7 +182,28 @@ def study_tables(folder: Path) -> str:
     return "\n".join(parts).rstrip("\n")
 
 
-TABLES = {"headline": headline_table, "accuracy": accuracy_table,
+def cost_table(folder: Path) -> str:
+    """Per preset, the work our timing rule covers (profile/flops.py's count of one run, each epoch at its
+    images' side) and the CPU's measured timed budget, each also as a multiple of record's."""
+    sys.path.insert(0, str(ROOT / "profile"))
+    import flops
+    pflop = {p: flops.count_run(speedrun.make_config(p))["timed_total"] / 1e15 for p in speedrun.PRESETS}
+    cpu = {}
+    for r in rows(folder):
+        if r["device"].startswith("CPU") and r["precision"].startswith("fp32"):
+            cpu.setdefault(r["preset"], r)
+    budget = {p: speedrun.mean_std(r["budget_s"])[0] for p, r in cpu.items()}
+    cells = []
+    for p in speedrun.PRESETS:
+        images, _ = speedrun.image_counts(speedrun.make_config(p))
+        cpu_cell = "—" if p not in cpu else f"{seconds(cpu[p]['budget_s'])} ({cpu[p]['runs']})" + (
+            f", x {budget[p] / budget['record']:.2f}" if "record" in budget else "")
+        cells.append([p, f"{images:,}", f"{pflop[p]:.3f}", f"{pflop[p] / pflop['record']:.2f}", cpu_cell])
+    return "\n".join(speedrun.markdown_table(
+        ["preset", "training images", "timed PFLOP per run", "x record", "CPU timed budget (runs), x record"], cells))
+
+
+TABLES = {"headline": headline_table, "accuracy": accuracy_table, "cost": cost_table,
           "studies": lambda results: study_tables(results / "ablations")}
 
 

@@ -96,7 +96,8 @@ def ema_updates(cfg, model: nn.Module, steps: int, n_batches: int) -> int:
     """How often the run's EMA blends in `steps` steps, asked of speedrun's own EMA (its due())."""
     if not cfg.ema:
         return 0
-    ema = speedrun.EMA_KINDS[cfg.ema_mode](model, cfg, steps)  # on the meta device: a copy of nothing
+    start = speedrun.epochs_to_steps(cfg.ema_start_epochs, n_batches)
+    ema = speedrun.EMA_KINDS[cfg.ema_mode](model, cfg, steps, start)  # on the meta device: a copy of nothing
     done, updates = 0, 0
     for n in speedrun.epoch_steps(steps, n_batches):
         for batch in range(n):
@@ -115,16 +116,24 @@ def evaluated_images(cfg, n_test: int) -> int:
 
 
 def count_run(cfg, epochs: int | None = None) -> dict:
-    """FLOPs of one training run of cfg (the first `epochs` epochs, default all), by part."""
+    """FLOPs of one training run of cfg (the first `epochs` epochs, default all), by part; each
+    epoch's training steps counted at the side its images have (resolution_schedule)."""
     epochs = cfg.epochs if epochs is None else epochs
     n_train, n_test = speedrun.image_counts(cfg)
     n_batches = n_train // cfg.batch_size
     steps = min(speedrun.epochs_to_steps(cfg.epochs, n_batches), speedrun.epochs_to_steps(epochs, n_batches))  # the run's steps
     meta = torch.device("meta")
     model = speedrun.build_model(cfg, meta)
-    x = torch.empty(cfg.batch_size, 3, 32, 32, device=meta)
     y = torch.zeros(cfg.batch_size, dtype=torch.long, device=meta)
-    step = training_step_flops(model, x, y, lambda out, t: speedrun.smoothed_cross_entropy(out, t, cfg.label_smoothing))
+    step_at = {}  # side -> forward and backward FLOPs of one step
+
+    def step(side):
+        if side not in step_at:
+            x = torch.empty(cfg.batch_size, 3, side, side, device=meta)
+            step_at[side] = training_step_flops(model, x, y, lambda out, t: speedrun.smoothed_cross_entropy(
+                out, t, cfg.label_smoothing))
+        return step_at[side]
+    per_epoch = [(n, speedrun.side_of_epoch(cfg, e)) for e, n in enumerate(speedrun.epoch_steps(steps, n_batches))]
     per_image = forward_flops(model, torch.empty(cfg.ghost_bn_splits, 3, 32, 32, device=meta)) / cfg.ghost_bn_splits
     views = len(speedrun.TTA_MODES[cfg.tta])
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -132,8 +141,8 @@ def count_run(cfg, epochs: int | None = None) -> dict:
     eval_images = evaluated_images(cfg, n_test)
     timed_eval = eval_images * per_image
     parts = {
-        "forward (training)": steps * step["forward"],
-        "backward (training)": steps * step["backward"],
+        "forward (training)": sum(n * step(side)["forward"] for n, side in per_epoch),
+        "backward (training)": sum(n * step(side)["backward"] for n, side in per_epoch),
         "optimizer step (estimate)": steps * params * OPTIMIZER_FLOPS_PER_PARAM[cfg.optimizer],
         "optimizer orthogonalization (Muon)": steps * orthogonalization_flops(model, cfg, steps),
         "EMA (estimate)": ema_updates(cfg, model, steps, n_batches) * ema_elements * EMA_FLOPS_PER_ELEMENT,

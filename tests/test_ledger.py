@@ -174,3 +174,17 @@ def test_each_study_folder_becomes_a_table_of_paired_differences(tmp_path):
 
 def test_every_generated_table_in_the_readme_and_docs_is_what_the_committed_results_give():
     assert ledger.main(["--check"]) == 0, "a generated table is stale: run python bench/ledger.py"
+
+
+def test_the_cost_table_gives_each_presets_timed_flops_and_cpu_budget_as_multiples_of_records(tmp_path):
+    sys.path.insert(0, str(ROOT / "profile"))
+    import flops
+    result_file(tmp_path, "a.json", "airbench94", [0.9406, 0.9390])  # budgets 3 and 4 s (see result_file)
+    result_file(tmp_path, "r.json", "record", [0.9401])  # budget 3 s
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in ledger.cost_table(tmp_path).splitlines()[2:]}
+    assert list(cells) == list(speedrun.PRESETS)
+    work = {p: flops.count_run(speedrun.make_config(p))["timed_total"] for p in ("fulcrum_e1", "record")}
+    assert cells["fulcrum_e1"][1:3] == [f"{work['fulcrum_e1'] / 1e15:.3f}", f"{work['fulcrum_e1'] / work['record']:.2f}"]
+    assert cells["airbench94"][3] == f"3.50 s ± {speedrun.mean_std([3.0, 4.0])[1]:.2f} (2), x {3.5 / 3:.2f}"
+    assert cells["record"][3] == "3.00 s (1), x 1.00" and cells["davidnet"][3] == "—"

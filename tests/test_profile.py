@@ -282,3 +282,17 @@ def test_flops_counts_every_optimizer_and_muons_orthogonalization_only_for_muon(
         parts = flops.count_run(tiny_config(subset=256, test_subset=128, optimizer=name))["parts"]
         assert parts["optimizer step (estimate)"] > 0
         assert (parts["optimizer orthogonalization (Muon)"] > 0) == (name == "muon")
+
+
+def test_flop_count_takes_each_epoch_at_its_images_side_and_e1s_late_lookahead():
+    flops = load_script("flops")
+    cfg = tiny_config(subset=256, test_subset=128, epochs=3, batch_size=64, resolution_schedule="16,32")
+    at_32 = flops.count_run(dataclasses.replace(cfg, resolution_schedule=""))
+    head = 2 * 64 * 10  # the head sees the pooled features, whatever the side; every conv scales with the area
+    step_16 = 64 * ((at_32["forward_per_image"] - head) / 4 + head)
+    # epoch 1 at 16 px, epochs 2 and 3 at 32 px (past the list, its last side); 4 steps an epoch
+    assert flops.count_run(cfg)["parts"]["forward (training)"] == 4 * step_16 + 8 * 64 * at_32["forward_per_image"]
+    e1 = speedrun.make_config("fulcrum_e1")
+    elements = sum(v.numel() for v in speedrun.build_model(e1, "meta").state_dict().values() if v.is_floating_point())
+    # the copy at step 264, then the blends after steps 268, 272, 276, 280 and 284
+    assert flops.count_run(e1)["parts"]["EMA (estimate)"] == 6 * elements * flops.EMA_FLOPS_PER_ELEMENT
