@@ -23,8 +23,7 @@ archives, download, checksums, safe unpickler, atomic writes) and onto the devic
 checks, argument parsing, paths, results and weights, how the command line ends (errors,
 interrupts, partial results), devices (choice, synchronisation, autocast, seeds, determinism,
 warm-up, memory layout), result metrics and printed reports, and the helpers the tools share
-(output paths, charts, logs, tables); C. numerics (Part I's arithmetic in faster kernels:
-ghost BN in channels_last, batched Newton-Schulz; the summary of many runs: mean, spread,
+(output paths, charts, logs, tables); C. statistics (the summary of many runs: mean, spread,
 Student-t interval and test); D. several processes (torchrun helpers, worker pool). A reader
 can stop at the Appendices banner.
 Each switch's choices are one table beside the code it switches (NETWORKS, OPTIMIZERS,
@@ -180,6 +179,10 @@ class Config:
     runs: int = _f(1, "independent runs")
     workers: int = _f(0, "processes that share the runs: 0 = one per visible CUDA GPU (1 on other devices)")
     deterministic: bool = _f(False, "request deterministic kernels on CUDA (slower); CPU runs are always reproducible")
+
+# Config's areas, as --help, --show-config and docs/switches.md group its fields: the first field of each
+AREAS = {"data": "data_dir", "augmentation": "flip", "model": "arch", "optimisation": "epochs", "evaluation": "tta",
+         "speed and reproducibility": "device"}
 
 PRESETS: dict[str, dict] = {
     # Page, "How to train your ResNet" part 8 (94.1% in 10 epochs; 26 s on a V100): the defaults.
@@ -383,11 +386,21 @@ class GhostBatchNorm(nn.BatchNorm2d):
             return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
         if n % s:
             raise ValueError(f"batch of {n} cannot be cut into {s} ghost-BN groups")
-        if s == 1 or x.is_contiguous():  # the groups side by side as channels: a view, one fused kernel
+        if s == 1 or x.is_contiguous():  # NCHW: the groups side by side as channels, a view; one fused kernel
             y = F.batch_norm(x.reshape(n // s, s * c, h, w), self.running_mean, self.running_var,
                              self.weight.repeat(s), self.bias.repeat(s), True, self.momentum, self.eps)
             return y.reshape(n, c, h, w)
-        return ghost_bn_channels_last(self, x)  # the same, without leaving the layout (Appendix C)
+        # channels_last (the default on CUDA and the CPU), where that reshape would copy the batch to
+        # NCHW and back: the same statistics over a (n/s, s, c, h, w) view, which keeps the layout
+        xg = x.unflatten(0, (n // s, s)).float()
+        var, mean = torch.var_mean(xg, dim=(0, 3, 4), correction=0)  # (s, c), biased as BN normalises
+        y = (xg - mean[:, :, None, None]) * (torch.rsqrt(var + self.eps) * self.weight)[:, :, None, None] + \
+            self.bias[:, None, None]
+        with torch.no_grad():  # running statistics as F.batch_norm keeps them: the variance unbiased
+            count = n // s * h * w
+            self.running_mean.view(s, c).lerp_(mean, self.momentum)
+            self.running_var.view(s, c).lerp_(var * count / max(count - 1, 1), self.momentum)
+        return y.flatten(0, 1).to(x.dtype)
 
 # Config.activation -> its maker
 ACTIVATIONS = {"celu": lambda cfg: nn.CELU(cfg.celu_alpha), "relu": lambda cfg: nn.ReLU(),
@@ -591,6 +604,17 @@ def orthogonalize(g: torch.Tensor, steps: int, coeffs=NS_COEFFICIENTS["keller"],
         x = a * x + (b * A + c * A @ A) @ x
     return (x.mT if tall else x).to(g.dtype)
 
+def orthogonalize_all(mats: list[torch.Tensor], steps: int, coeffs, dtype=torch.bfloat16) -> list[torch.Tensor]:
+    """orthogonalize() of matrices of several shapes in one batched call: each is laid wide and
+    zero-padded to the largest shape, which changes nothing (zero rows and columns stay zero and
+    add nothing to the norms or products), so one set of kernels serves every filter bank."""
+    wide = [m.mT if m.shape[0] > m.shape[1] else m for m in mats]
+    rows, cols = max(m.shape[0] for m in wide), max(m.shape[1] for m in wide)
+    batch = torch.stack([F.pad(m, (0, cols - m.shape[1], 0, rows - m.shape[0])) for m in wide])
+    out = orthogonalize(batch, steps, coeffs, dtype)
+    return [o[:w.shape[0], :w.shape[1]].mT if m is not w else o[:w.shape[0], :w.shape[1]]
+            for o, w, m in zip(out, wide, mats)]
+
 # Config.muon_renorm -> whether step k (from 1) of `total`, `since` steps after the last rescale, rescales the banks
 MUON_RENORMS = {"none": lambda k, since, total: False, "every_step": lambda k, since, total: True,
                 "growing": lambda k, since, total: since >= 2 + int(15 * k / total)}  # hiverge's
@@ -599,7 +623,7 @@ class Muon(torch.optim.Optimizer):
     """Nesterov SGD in which the groups marked 'orthogonalize' (the conv filter banks) step along
     the orthogonalised momentum of each bank, seen as a (filters, fan-in) matrix and scaled by
     sqrt(max(1, filters / fan-in)): every direction of the bank moves at the same rate (all banks
-    in one batched call, orthogonalize_all in Appendix C). A renorm rule may first rescale a bank
+    in one batched call, orthogonalize_all). A renorm rule may first rescale a bank
     to Frobenius norm sqrt(filters); decoupled_wd then decays it by its LR x decoupled_wd."""
 
     def __init__(self, groups, momentum: float, ns_steps: int, total_steps: int, coeffs=NS_COEFFICIENTS["keller"],
@@ -1072,6 +1096,9 @@ def main(argv=None) -> int:
     with sigterm_as_interrupt():
         try:
             cfg = config_from_args(args)
+            if args.show_config:
+                print("\n".join(config_lines(cfg, args.preset)))
+                return 0
             out = check_outputs(args)
             check_world(cfg, int(os.environ.get("WORLD_SIZE", 1)))
             ctx = init_distributed(cfg)
@@ -1608,8 +1635,12 @@ def build_parser(description: str | None = None, outputs: bool = True) -> argpar
         p.add_argument("--save", type=Path, default=None, help="write the evaluated (EMA) weights and config here")
     p.add_argument("--data-url", default=CIFAR10_URL, help="where to download cifar-10-python.tar.gz from if no copy is found")
     p.add_argument("--quiet", action="store_true", help="print only the final verdict")
-    g = p.add_argument_group("config fields (defaults shown are the davidnet preset's)")
+    p.add_argument("--show-config", action="store_true", help="print the resolved recipe (the preset and the flags "
+                                                             "given), grouped by area, with its step counts; then exit")
     for f in dataclasses.fields(Config):
+        if f.name in AREAS.values():
+            area = next(a for a, first in AREAS.items() if first == f.name)
+            g = p.add_argument_group(f"config fields: {area} (defaults shown are the davidnet preset's)")
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
@@ -1628,6 +1659,26 @@ def _field_help(f: dataclasses.Field) -> str:
         return text
     shown = f"{f.default:g}" if isinstance(f.default, float) else repr(f.default) if isinstance(f.default, str) else f.default
     return f"{text} (default: {shown})"
+
+def config_lines(cfg: Config, preset: str) -> list[str]:
+    """The recipe as --show-config prints it: every field by area with its help (and so its unit), marked
+    where it is not davidnet's default, then the step counts at the config's image count."""
+    lines, base = [f"{preset} as resolved ('*': not davidnet's default)"], Config()
+    for f in dataclasses.fields(Config):
+        if f.name in AREAS.values():
+            lines.append(next(a for a, first in AREAS.items() if first == f.name))
+        value = getattr(cfg, f.name)
+        shown = f"{value:.6g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
+        mark = " " if value == getattr(base, f.name) else "*"
+        lines.append(f"  {f.name:<22} {mark} {shown:<28} {f.metadata['help']}")
+    n_batches = image_counts(cfg)[0] // cfg.batch_size
+    steps = [epochs_to_steps(e, n_batches) for e in (cfg.epochs, cfg.lr_schedule_epochs or cfg.epochs,
+                                                     cfg.whiten_bias_epochs)]
+    sides = [side_of_epoch(cfg, e) for e in range(len(epoch_steps(steps[0], n_batches)))]
+    lines.append(f"steps: {n_batches} batches of {cfg.batch_size} an epoch ({image_counts(cfg)[0]:,} images), "
+                 f"{steps[0]} in all; the LR schedule over {steps[1]}; the whitening bias trained for {steps[2]}; "
+                 f"image sides by epoch {', '.join(map(str, sides))}")
+    return lines
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """{field: value} of the config flags given."""
@@ -2121,39 +2172,8 @@ def summary_lines(s: dict) -> list[str]:
     return lines
 
 # =============================================================================================
-# C. Numerics: Part I's arithmetic in faster kernels; mean, spread and Student-t statistics
+# C. Statistics: mean, spread, Student-t interval and test of many runs
 # =============================================================================================
-
-# -- the same arithmetic as Part I, laid out for speed ---------------------------------------
-
-def ghost_bn_channels_last(bn: GhostBatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """GhostBatchNorm's training normalisation of a channels_last batch, where its reshape of the
-    groups into channels would copy the batch to NCHW and back: the statistics are taken over a
-    (n/s, s, c, h, w) view instead, which keeps the layout. Same numbers, up to rounding."""
-    n, c, h, w = x.shape
-    s = bn.splits
-    xg = x.unflatten(0, (n // s, s)).float()
-    var, mean = torch.var_mean(xg, dim=(0, 3, 4), correction=0)  # (s, c), biased as BN normalises
-    scale = torch.rsqrt(var + bn.eps) * bn.weight
-    y = (xg - mean[:, :, None, None]) * scale[:, :, None, None] + bn.bias[:, None, None]
-    with torch.no_grad():
-        count = n // s * h * w
-        bn.running_mean.view(s, c).lerp_(mean, bn.momentum)
-        bn.running_var.view(s, c).lerp_(var * count / max(count - 1, 1), bn.momentum)
-    return y.flatten(0, 1).to(x.dtype)
-
-def orthogonalize_all(mats: list[torch.Tensor], steps: int, coeffs, dtype=torch.bfloat16) -> list[torch.Tensor]:
-    """orthogonalize() of matrices of several shapes in one batched call: each is laid wide and
-    zero-padded to the largest shape, which changes nothing (zero rows and columns stay zero and
-    add nothing to the norms or products), so one set of kernels serves every filter bank."""
-    wide = [m.mT if m.shape[0] > m.shape[1] else m for m in mats]
-    rows, cols = max(m.shape[0] for m in wide), max(m.shape[1] for m in wide)
-    batch = torch.stack([F.pad(m, (0, cols - m.shape[1], 0, rows - m.shape[0])) for m in wide])
-    out = orthogonalize(batch, steps, coeffs, dtype)
-    return [o[:w.shape[0], :w.shape[1]].mT if m is not w else o[:w.shape[0], :w.shape[1]]
-            for o, w, m in zip(out, wide, mats)]
-
-# -- statistics: mean and spread, Student-t interval and test (what summarize() reports) -----
 
 def summarize(runs: list[dict], target: float) -> dict:
     """The multi-run summary. A diverged run (run['diverged']) counts in `runs` and `diverged` and

@@ -24,6 +24,32 @@ def test_help_explains_every_config_field():
     assert "time_to_target_s" in text, "the timing rule is part of --help"
 
 
+@pytest.mark.parametrize("preset", list(speedrun.PRESETS))
+def test_show_config_prints_the_resolved_recipe_by_area_and_its_steps_then_exits(preset, capsys, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert speedrun.main(["--preset", preset, "--show-config", "--seed", "7"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    cfg = speedrun.make_config(preset, seed=7)
+    values = {}
+    for line in out:
+        if line.startswith("  "):
+            name, *rest = line.split()
+            values[name] = rest[1] if rest[0] == "*" else rest[0]
+    assert list(values) == [f.name for f in dataclasses.fields(speedrun.Config)]
+    for f in dataclasses.fields(speedrun.Config):
+        value = getattr(cfg, f.name)
+        shown = values[f.name].strip("'")
+        assert (float(shown) == pytest.approx(value, rel=1e-5)) if isinstance(value, float) else shown == str(value)
+        marked = any(line.split()[:2] == [f.name, "*"] for line in out)
+        assert marked == (value != getattr(speedrun.Config(), f.name)), f.name
+    assert [line for line in out if not line.startswith(" ")][1:-1] == list(speedrun.AREAS)
+    n = speedrun.image_counts(cfg)[0] // cfg.batch_size
+    assert out[-1].startswith(f"steps: {n} batches of {cfg.batch_size}")
+    assert f"{speedrun.epochs_to_steps(cfg.epochs, n)} in all" in out[-1]
+    assert not list(tmp_path.iterdir()), "nothing is trained or written"
+
+
 def test_defaults_are_the_davidnet_preset():
     assert parse() == speedrun.make_config("davidnet") == speedrun.Config()
 

@@ -76,6 +76,24 @@ def test_ghost_bn_equals_bn_on_each_split():
         torch.testing.assert_close(bn.running_mean.view(splits, c)[s], 0.1 * mean)
 
 
+def test_ghost_bn_normalises_a_channels_last_batch_as_it_does_the_same_batch_in_nchw():
+    x = torch.randn(32, 6, 5, 5) * 3 + 1
+    nchw, last = (speedrun.GhostBatchNorm(6, 4, momentum=0.3) for _ in range(2))
+    with torch.no_grad():
+        for bn in (nchw, last):  # a trained scale and bias, the same in both
+            bn.weight.copy_(torch.linspace(0.5, 2, 6))
+            bn.bias.copy_(torch.linspace(-1, 1, 6))
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert not cl.is_contiguous(), "the channels_last path runs, not the reshape"
+    y_nchw, y_last = nchw.train()(x), last.train()(cl)
+    torch.testing.assert_close(y_last, y_nchw)
+    torch.testing.assert_close(last.running_mean, nchw.running_mean)
+    torch.testing.assert_close(last.running_var, nchw.running_var)
+    y_last.sum().backward()  # and the gradients reach the BN parameters alike
+    y_nchw.sum().backward()
+    torch.testing.assert_close(last.bias.grad, nchw.bias.grad)
+
+
 def test_ghost_bn_evaluates_with_the_mean_of_the_split_statistics():
     bn = speedrun.GhostBatchNorm(3, 2)
     bn.running_mean.copy_(torch.tensor([1., 2, 3, 3, 4, 5]))

@@ -2,6 +2,7 @@
 table, the run and test line for each kind of machine, and a link to every docs page; every link
 of the README and the docs resolves inside a fresh clone; the layout, switch table and sample
 output the pages show match the tree and speedrun.py."""
+import dataclasses
 import re
 import shlex
 
@@ -132,3 +133,9 @@ def test_switch_table_gives_each_field_the_choices_of_its_table_in_speedrun():
     for name, choices in listed.items():
         assert {c.strip() for c in choices.split("/")} == set(map(str, speedrun.SWITCHES[name])), name
     assert set(speedrun.SWITCHES) <= set(listed), "a switch's choices are missing from the table"
+    # its rows are speedrun's areas, each holding that area's fields in Config's order
+    rows = re.findall(r"^\| (\w[\w ]*?) \| (.*) \|$", table, re.M)[1:]
+    fields, areas = [f.name for f in dataclasses.fields(speedrun.Config)], list(speedrun.AREAS)
+    starts = [fields.index(speedrun.AREAS[a]) for a in areas] + [len(fields)]
+    by_area = {a: fields[starts[k]:starts[k + 1]] for k, a in enumerate(areas)}
+    assert {area: re.findall(r"`(\w+)`", cells) for area, cells in rows} == by_area
