@@ -74,10 +74,28 @@ def wall_s(run: dict) -> float:
     return run.get("wall_s") or run["whitening_s"] + run["train_s"] + sum(e["eval_s"] or 0 for e in run["epochs"])
 
 
+def read_result(path: Path) -> dict:
+    """A result file, checked to be what the trainer writes; ValueError naming the file if not."""
+    try:
+        result = json.loads(path.read_text())
+        speedrun.Config(**result["config"])
+        runs, _ = result["runs"], result["environment"]["device"]
+        if not isinstance(runs, list) or any(r["final_acc"] is None for r in runs if not r.get("diverged")):
+            raise ValueError("a run neither finished nor diverged")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a result speedrun.py writes ({type(e).__name__}: {e}); move it out of the "
+                         f"results folder") from None
+    return result
+
+
 def rows(folder: Path) -> list[dict]:
     groups: dict[tuple, list] = {}
+    if not folder.is_dir():
+        raise ValueError(f"--results {folder} is not a folder; pass the folder of result JSON files")
+    if not any(folder.glob("*.json")):
+        raise ValueError(f"--results {folder} holds no result (*.json); pass the folder of result JSON files")
     for path in sorted(folder.glob("*.json")):
-        result = json.loads(path.read_text())
+        result = read_result(path)
         preset = preset_of(result, path.name)
         cfg = speedrun.Config(**result["config"])
         env = result["environment"]
