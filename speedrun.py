@@ -1069,21 +1069,16 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("CIFAR10_HOME") or Path.home() / ".cache" / "cifar10")
 
 def load_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL, quiet: bool = False,
-                 archive_md5: dict | None = None, bin_md5: dict | None = None, expect_sizes=CIFAR10_SIZES,
-                 py_md5: dict | None = None):
+                 archive_md5: dict = ARCHIVE_MD5, bin_md5: dict = BIN_MD5, expect_sizes=CIFAR10_SIZES,
+                 py_md5: dict = PY_MD5):
     """(train_x, train_y, test_x, test_y) as uint8 NHWC images and int64 labels.
 
-    Sources, in order: the cache this function wrote before (its arrays checked against the digest
-    stored with them); the extracted folders cifar-10-batches-py/ or cifar-10-batches-bin/ (each
-    file MD5-checked); the official archives; a download from `url`. The checksums and expected
-    sizes default to the official ones (tests pass their own). `data_dir` must exist; the default
-    folder is created. Temporary files left by a killed run are removed first.
-    """
-    archive_md5 = ARCHIVE_MD5 if archive_md5 is None else archive_md5
-    bin_md5 = BIN_MD5 if bin_md5 is None else bin_md5
-    py_md5 = PY_MD5 if py_md5 is None else py_md5
+    Sources, in order: the cache this function wrote before (its arrays checked against the digest stored with them);
+    the extracted folders cifar-10-batches-py/ or cifar-10-batches-bin/ (each file MD5-checked); the official archives;
+    a download from `url`. The checksums and expected sizes default to the official ones (tests pass their own).
+    `data_dir` must exist; the default folder is created. Temporary files left by a killed run are removed first."""
     root = _data_root(data_dir)
-    remove_stale_temporaries(root, lambda m: print(m, file=sys.stderr))
+    remove_stale_temporaries(root, _warn)
     cache = root / CACHE_NAME
     if cache.is_file():
         try:
@@ -1091,23 +1086,18 @@ def load_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL, qui
         except Exception as e:
             print(f"warning: ignoring the cache {cache} ({e}); rebuilding it from the original files", file=sys.stderr)
 
-    def from_folders():
-        if (root / "cifar-10-batches-py").is_dir():
-            return read_folder(root / "cifar-10-batches-py", "py", py_md5)
-        if (root / "cifar-10-batches-bin").is_dir():
-            return read_folder(root / "cifar-10-batches-bin", "bin", bin_md5)
-        return None
+    def from_folders():  # None when neither folder is there
+        for kind, sums in (("py", py_md5), ("bin", bin_md5)):
+            if (root / f"cifar-10-batches-{kind}").is_dir():
+                return read_folder(root / f"cifar-10-batches-{kind}", kind, sums)
 
     arrays = from_folders()
     if arrays is None:
-        for name in (PYTHON_ARCHIVE, "cifar-10-binary.tar.gz"):
-            if (root / name).is_file():
-                extract_archive(root / name, root, archive_md5.get(name))
-                break
-        else:
+        name = next((n for n in (PYTHON_ARCHIVE, "cifar-10-binary.tar.gz") if (root / n).is_file()), None)
+        if name is None:
             name = PYTHON_ARCHIVE
             download(url, root / name, archive_md5.get(name), quiet=quiet)
-            extract_archive(root / name, root, archive_md5.get(name))
+        extract_archive(root / name, root, archive_md5.get(name))
         arrays = from_folders()
         if arrays is None:
             raise DataError(f"the archive in {root} held no cifar-10-batches-py/ or -bin/ folder; delete it and run again")
@@ -1171,38 +1161,28 @@ def arrays_digest(arrays) -> str:
     return h.hexdigest()
 
 def remove_stale_temporaries(root: Path, log: Callable, older_than_s: float = STALE_S) -> list[Path]:
-    """Delete this project's temporaries (TEMP_NAME: files and folders) in `root` that a killed run
-    left; nothing else is touched, and those changed in the last `older_than_s` seconds may belong
-    to a run still going. Returns what was removed."""
-    removed, now = [], time.time()
-    try:
-        entries = [p for p in root.iterdir() if TEMP_NAME.fullmatch(p.name)]
-    except OSError:
-        return removed
-    for p in entries:
-        try:
-            if now - p.lstat().st_mtime < older_than_s:
-                continue
-            size = p.lstat().st_size if p.is_file() else 0
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        except OSError:
-            continue
-        removed.append(p)
-        log(f"note: removed {p}, left behind by an interrupted run" + (f" ({size / 1e6:.0f} MB)" if size else ""))
+    """Delete our temporaries (TEMP_NAME, nothing else) in `root` unchanged for `older_than_s`
+    seconds (younger ones may be a running run's): a killed run's. Returns what was removed."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for p in filter(lambda p: TEMP_NAME.fullmatch(p.name), list(root.iterdir())):
+            with contextlib.suppress(OSError):
+                if time.time() - p.lstat().st_mtime >= older_than_s:
+                    size = p.lstat().st_size if p.is_file() else 0
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                    removed.append(p)
+                    log(f"note: removed {p}, left behind by an interrupted run" + (f" ({size / 1e6:.0f} MB)" if size else ""))
     return removed
 
 def read_folder(folder: Path, kind: str, checksums: dict | None = None):
     """Both splits from an extracted official folder: kind 'py' (pickles) or 'bin' (binary).
     `checksums` maps file names to MD5s; a file it does not name is not checked."""
-    parts = {}
-    checksums = checksums or {}
+    parts, checksums = {}, checksums or {}
     if kind == "py":
         _check_md5(folder / "batches.meta", checksums.get("batches.meta"))  # not read, but part of the folder
     for split, names in (("train", TRAIN_FILES), ("test", ["test_batch"])):
-        if kind == "py":
-            arrays = [read_python_batch(folder / n, checksums.get(n)) for n in names]
-        else:
-            arrays = [read_binary_batch(folder / f"{n}.bin", checksums.get(f"{n}.bin")) for n in names]
+        arrays = [read_python_batch(folder / n, checksums.get(n)) if kind == "py" else
+                  read_binary_batch(folder / f"{n}.bin", checksums.get(f"{n}.bin")) for n in names]
         parts[split] = (np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays]))
     return parts["train"] + parts["test"]
 
@@ -1264,11 +1244,8 @@ def extract_archive(archive: Path, dest: Path, expected_md5: str | None) -> None
                         f"--data-dir to that folder") from None
     try:
         try:
-            with tarfile.open(archive, "r:gz") as t:
-                if sys.version_info >= (3, 12) or hasattr(tarfile, "data_filter"):
-                    t.extractall(tmp, filter="data")
-                else:  # pragma: no cover - Python without extraction filters
-                    t.extractall(tmp)
+            with tarfile.open(archive, "r:gz") as t:  # the "data" filter where this Python has it (3.12; backports)
+                t.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         except (tarfile.TarError, EOFError, OSError) as e:
             raise DataError(f"{archive} is truncated or corrupt ({e}); delete it and run again") from None
         for folder in tmp.iterdir():
@@ -1279,36 +1256,31 @@ def extract_archive(archive: Path, dest: Path, expected_md5: str | None) -> None
 
 def download(urls, path: Path, expected_md5: str | None, quiet: bool = False, min_speed: float = 1e6,
              grace_s: float = 15.0, deadline_s: float = 3600.0, connect_s: float = 5.0) -> None:
-    """Save at `path` the first source's bytes whose MD5 is expected_md5. Sources: `urls` (one or a
-    list: --data-url), then DOWNLOAD_SOURCES, the official host last. A source is dropped, in one
-    line, when it fails (connect_s: no answer that long), serves other bytes or fewer than it
-    announced, runs past deadline_s, or after grace_s is below min_speed bytes/s while another
-    source is left. Each source writes its own temporary file, deleted unless trusted."""
-    given = [urls] if isinstance(urls, str) else list(urls)
-    sources = list(dict.fromkeys([u for u in given if u != CIFAR10_URL] + list(DOWNLOAD_SOURCES)))
-    for k, url in enumerate(sources):
-        try:
-            tmp = _atomic_target(path)
-        except OSError as e:
-            raise DataError(f"cannot download into {path.parent} ({e.strerror}): the folder is not writable. "
-                            f"Pass --data-dir to a writable folder, or put {path.name} there by hand") from None
-        try:
-            why = _fetch(url, tmp, expected_md5, quiet, 0 if k == len(sources) - 1 else min_speed, grace_s, deadline_s,
-                         connect_s)
+    """Save at `path` the bytes of the first source whose MD5 is expected_md5: `urls` (--data-url), then
+    DOWNLOAD_SOURCES. A source is dropped, in one line, when it fails (connect_s: silent that long), serves
+    other or fewer bytes, passes deadline_s, or after grace_s is below min_speed B/s while another is left."""
+    sources = list(dict.fromkeys([u for u in ([urls] if isinstance(urls, str) else urls) if u != CIFAR10_URL]
+                                 + list(DOWNLOAD_SOURCES)))
+    try:
+        tmp = _atomic_target(path)
+    except OSError as e:
+        raise DataError(f"cannot download into {path.parent} ({e.strerror}): the folder is not writable. "
+                        f"Pass --data-dir to a writable folder, or put {path.name} there by hand") from None
+    try:
+        for k, url in enumerate(sources):
+            last = k + 1 == len(sources)
+            why = _fetch(url, tmp, expected_md5, quiet, 0 if last else min_speed, grace_s, deadline_s, connect_s)
             if why is None:
-                os.replace(tmp, path)
-                return
-        finally:
-            tmp.unlink(missing_ok=True)
-        print(f"note: dropped {url} ({why})" + (f"; trying {sources[k + 1]}" if k + 1 < len(sources) else ""),
-              file=sys.stderr)
-    raise DataError(f"could not download {path.name} from {plural(len(sources), 'source')} (see above). Download it by hand and put it at {path} "
-                    f"(or pass --data-dir to a folder that holds it), then run again.")
+                return os.replace(tmp, path)
+            print(f"note: dropped {url} ({why})" + ("" if last else f"; trying {sources[k + 1]}"), file=sys.stderr)
+    finally:
+        tmp.unlink(missing_ok=True)  # a dropped source's bytes are never kept
+    raise DataError(f"could not download {path.name} from {plural(len(sources), 'source')} (see above). Download it "
+                    f"by hand and put it at {path} (or pass --data-dir to a folder that holds it), then run again.")
 
 def _fetch(url: str, tmp: Path, expected_md5, quiet, min_speed, grace_s, deadline_s, connect_s) -> str | None:
-    """Why the source at `url` is dropped (download() says when), or None: `tmp` holds its trusted bytes."""
-    md5, done, total, t0 = hashlib.md5(), 0, 0, time.monotonic()
-    shown = -1.0
+    """Why the source at `url` is dropped, or None: `tmp` holds its trusted bytes."""
+    md5, done, total, t0, shown = hashlib.md5(), 0, 0, time.monotonic(), -1.0
     try:
         with urllib.request.urlopen(url, timeout=connect_s) as resp, open(tmp, "wb") as out:
             total = int(resp.headers.get("Content-Length") or 0)
@@ -1321,19 +1293,17 @@ def _fetch(url: str, tmp: Path, expected_md5, quiet, min_speed, grace_s, deadlin
                     shown, eta = spent, format_duration((total - done) / speed) if total else "?"
                     print(f"\rdownloading {url}: {done / 1e6:.1f}/{total / 1e6:.1f} MB, {speed / 1e6:.2f} MB/s, ETA {eta}  ",
                           end="", file=sys.stderr)
-                if spent > deadline_s:
-                    return f"past its {deadline_s:g} s deadline"
-                if spent > grace_s and speed < min_speed:
-                    return f"{speed / 1e3:.0f} kB/s after {spent:.0f} s, below {min_speed / 1e3:.0f} kB/s"
+                if spent > deadline_s or (spent > grace_s and speed < min_speed):
+                    return f"{speed / 1e3:.0f} kB/s, {spent:.0f} s: " + ("past its deadline" if spent > deadline_s else
+                                                                        f"below {min_speed / 1e3:.0f} kB/s")
     except Exception as e:  # no network, HTTP error, connection dropped, timed out
         return str(getattr(e, "reason", e))
     finally:
-        if not quiet and shown >= 0:
-            print(file=sys.stderr)
+        print(file=sys.stderr) if not quiet and shown >= 0 else None
     if total and done != total:
         return f"truncated ({done} of {total} bytes)"
     if expected_md5 is not None and md5.hexdigest() != expected_md5:
-        return f"served other bytes (MD5 {md5.hexdigest()}, not the official {expected_md5}); discarded"
+        return f"served other bytes (MD5 {md5.hexdigest()}, not the official {expected_md5})"
     return None
 
 def md5sum(path: Path) -> str:
@@ -1430,60 +1400,36 @@ SWITCHES = dict(flip=FLIPS, arch=NETWORKS, activation=ACTIVATIONS, whiten_activa
                 precision=PRECISIONS, compile_mode=COMPILE_MODES)
 
 def check_config(cfg: Config) -> None:
+    for f in dataclasses.fields(cfg):  # nan or inf in any number would only show up as a diverged run
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
+            raise ValueError(f"{f.name} must be a finite number, got {getattr(cfg, f.name)}")
     for name, most in (("runs", MAX_RUNS), ("epochs", MAX_EPOCHS), ("subset", CIFAR10_SIZES[0]),
                        ("test_subset", CIFAR10_SIZES[1])):  # first: nothing is built from an unchecked count
         if getattr(cfg, name) > most:
             raise ValueError(f"{name} must be at most {most:,}, got {getattr(cfg, name):g}")
     for name, table in SWITCHES.items():
-        allowed = tuple(table)
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(map(str, allowed))}")
-    if not cfg.epochs > 0:
-        raise ValueError(f"epochs must be positive, got {cfg.epochs}")
-    positive = ("eval_every", "batch_size", "ghost_bn_splits", "ema_every", "eval_batch_size", "runs", "whiten_samples",
-                "muon_ns_steps")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.workers < 0:
-        raise ValueError(f"workers must be 0 (automatic) or more, got {cfg.workers}")
-    for name in ("subset", "test_subset", "crop_pad", "cutout"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be 0 or more, got {getattr(cfg, name)}")
-    if cfg.width <= 0:
-        raise ValueError(f"width must be positive, got {cfg.width}")
+        if getattr(cfg, name) not in tuple(table):
+            raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(map(str, table))}")
+    for names, ok, rule in (
+            (("epochs", "width", "lr", "muon_lr", "bias_lr_scale", "whiten_eps", "bn_eps", "celu_alpha", "head_scale"),
+             lambda v: v > 0, "be positive"),
+            (("eval_every", "batch_size", "ghost_bn_splits", "ema_every", "eval_batch_size", "runs", "whiten_samples",
+              "muon_ns_steps"), lambda v: v >= 1, "be at least 1"),
+            (("workers", "subset", "test_subset", "crop_pad", "cutout", "whiten_bias_epochs", "weight_decay", "lr_start",
+              "lr_final", "brightness", "contrast", "muon_weight_decay"), lambda v: v >= 0, "be 0 or more"),
+            (("momentum", "muon_momentum", "ema_momentum", "label_smoothing"), lambda v: 0 <= v < 1, "be in [0, 1)"),
+            (("bn_momentum", "tta_unsure_frac"), lambda v: 0 <= v <= 1, "be in [0, 1]"),
+            (("target_acc",), lambda v: 0 < v <= 1, "be in (0, 1]")):
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise ValueError(f"{name} must {rule}, got {getattr(cfg, name):g}")
     if cfg.batch_size % cfg.ghost_bn_splits:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by ghost_bn_splits {cfg.ghost_bn_splits}")
     check_batch_fits(image_counts(cfg)[0], cfg)
-    if cfg.cutout > IMAGE_SIDE:
-        raise ValueError(f"cutout {cfg.cutout} is larger than the {IMAGE_SIDE}-pixel image")
-    if cfg.crop_pad >= IMAGE_SIDE:
-        raise ValueError(f"crop_pad {cfg.crop_pad} must be below {IMAGE_SIDE} (reflect padding needs it)")
-    if not 0 <= cfg.tta_unsure_frac <= 1:
-        raise ValueError(f"tta_unsure_frac is a fraction in [0, 1], got {cfg.tta_unsure_frac}")
-    if cfg.whiten_bias_epochs < 0:
-        raise ValueError(f"whiten_bias_epochs must be 0 or more, got {cfg.whiten_bias_epochs}")
-    if not 0 <= cfg.lr_peak_frac <= cfg.lr_final_frac <= 1:
+    if max(cfg.cutout, cfg.crop_pad + 1) > IMAGE_SIDE:
+        raise ValueError(f"cutout {cfg.cutout} and crop_pad {cfg.crop_pad} must be under the {IMAGE_SIDE}-pixel image's side")
+    if not cfg.lr_peak_frac <= cfg.lr_final_frac <= 1 or cfg.lr_peak_frac < 0:
         raise ValueError("need 0 <= lr_peak_frac <= lr_final_frac <= 1")
-    if not 0 <= cfg.label_smoothing < 1:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    if not 0 < cfg.target_acc <= 1:
-        raise ValueError(f"target_acc is a fraction in (0, 1], got {cfg.target_acc}")
-    for f in dataclasses.fields(cfg):  # nan or inf in any number would only show up as a diverged run
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{f.name} must be a finite number, got {value}")
-    for name in ("lr", "muon_lr", "bias_lr_scale", "whiten_eps", "bn_eps", "celu_alpha", "head_scale"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{name} must be positive, got {getattr(cfg, name):g}")
-    for name in ("weight_decay", "lr_start", "lr_final", "brightness", "contrast", "muon_weight_decay"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be 0 or more, got {getattr(cfg, name):g}")
-    for name in ("momentum", "muon_momentum", "ema_momentum"):
-        if not 0 <= getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {getattr(cfg, name):g}")
-    if not 0 <= cfg.bn_momentum <= 1:
-        raise ValueError(f"bn_momentum must be in [0, 1], got {cfg.bn_momentum:g}")
     if cfg.ema_warmup and cfg.ema_mode != "average":
         raise ValueError(f"ema_warmup shapes the average's first blends; ema_mode {cfg.ema_mode} has its own "
                          f"ramp: drop --ema-warmup or use --ema-mode average")
@@ -1615,8 +1561,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return make_config(args.preset, **overrides_from_args(args))
 
 def check_run(cfg: Config, n_train: int, world: int) -> None:
-    """check_config, and the checks that need the run's data (which may hold fewer images than the
-    config names) and its process count."""
+    """check_config, and the checks that need the run's data (maybe fewer images than named) and process count."""
     check_config(cfg)
     check_batch_fits(n_train, cfg)
     check_world(cfg, world)
@@ -1645,18 +1590,14 @@ def default_out_path(root: Path = Path("runs"), prefix: str = "") -> Path:
 _RESERVED: dict[Path, tuple] = {}  # outputs this process reserved: absolute path -> _identity of what it wrote last
 
 def _identity(path: Path) -> tuple | None:
-    try:
+    with contextlib.suppress(OSError):
         st = os.stat(path)
         return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns  # an inode number alone may be reused
-    except OSError:
-        return None
 
 def reserve(path: Path, flag: str, folder: bool = False, numbered: bool = False) -> Path:
-    """Every tool's check of an output, before any work: create `path` exclusively (an empty file,
-    or with folder an empty folder) so no other process can take it; write_atomic later replaces
-    it only if it is still ours. ValueError, saying what to do, if it exists or cannot be created;
-    with numbered, the first free of path, <stem>-1<suffix>, -2, ... Our stale temporaries in its
-    folder are removed first."""
+    """Every tool's check of an output before any work: `path` created exclusively (empty file or folder; numbered:
+    the first free of path, <stem>-1<suffix>, ...), which write_atomic replaces only while still ours. ValueError,
+    saying what to do, if taken or unwritable. Our stale temporaries in its folder are swept first."""
     path = first = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1711,20 +1652,17 @@ def save_chart(fig, path: Path) -> Path:
     return path
 
 def write_with_fallback(path: Path, write, what: str, warn=print) -> Path | None:
-    """write(path); if that fails (a full disk: torch.save's RuntimeError too; a folder gone or
-    read-only; the file taken), write(a new file in the temp folder) and say where. Returns the
-    path written, or None, said in one line, when that fails too."""
+    """write(path); if that fails (a full disk, where torch.save raises RuntimeError; a folder gone or read-only;
+    the file taken), write(a new file in the temp folder) and say where. The path written, or None (said)."""
     try:
         write(Path(path))
         return Path(path)
     except (OSError, RuntimeError) as e:
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
         try:
-            fd, other = tempfile.mkstemp(prefix=f"speedrun-{timestamp()}-", suffix=f"-{Path(path).name}")
-            os.close(fd)
-            _RESERVED[Path(other)] = _identity(Path(other))
-            write(Path(other))
-        except (OSError, RuntimeError) as e2:
+            other = reserve(Path(tempfile.gettempdir()) / f"speedrun-{timestamp()}-{Path(path).name}", what, numbered=True)
+            write(other)
+        except (OSError, RuntimeError, ValueError) as e2:
             warn(f"error: could not write {what} {path} ({reason}), nor in {tempfile.gettempdir()} ({e2}); free some space")
             return None
         warn(f"warning: could not write {what} {path} ({reason}); wrote it to {other} instead")
@@ -1737,10 +1675,9 @@ def sigterm_as_interrupt():
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
-    try:
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread, where only the main thread may set handlers
         previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread, where only the main thread may set handlers
-        previous = None
     try:
         yield
     finally:
@@ -1764,8 +1701,7 @@ class PartialResult:
         return write
 
 def check_outputs(args: argparse.Namespace) -> Path:
-    """The --out path (a new timestamped one by default) and --save, reserved before any data is
-    read (only rank 0 writes)."""
+    """The --out path (default: a new timestamped one) and --save, reserved before any data is read, by rank 0."""
     if int(os.environ.get("RANK", 0)):
         return args.out
     out = reserve(args.out, "--out") if args.out else default_out_path()
@@ -1775,9 +1711,8 @@ def check_outputs(args: argparse.Namespace) -> Path:
 
 def stop_early(error: BaseException, parser: argparse.ArgumentParser, ctx: Distributed, cfg: Config | None,
                partial: PartialResult) -> int:
-    """What main does when its runs stop before the end: a bad request or data (ValueError,
-    DataError, RuntimeError) exits with status 2 and its message; an interrupt exits with 130 and
-    says which finished runs were kept; anything else is re-raised after saying the same."""
+    """What main does when its runs stop early: a bad request or data (ValueError, DataError, RuntimeError) exits
+    with status 2 and its message; an interrupt with 130, saying which finished runs were kept; else re-raise."""
     release_outputs()
     if isinstance(error, (ValueError, DataError, RuntimeError)):
         rank = ctx.rank if ctx.active else int(os.environ.get("RANK", 0))
@@ -1786,12 +1721,9 @@ def stop_early(error: BaseException, parser: argparse.ArgumentParser, ctx: Distr
         parser.exit(2, f"{where}error: {error}{kept}\n")
     if isinstance(error, KeyboardInterrupt):
         if ctx.rank == 0:
-            if partial.runs:
-                message = (f"interrupted: {partial.runs} of {cfg.runs} runs finished; they are saved in {partial.path} "
-                           f"(marked \"complete\": false)")
-            else:
-                message = "interrupted before any run finished; nothing was written"
-            parser.exit(130, message + "\n")
+            parser.exit(130, f"interrupted: {partial.runs} of {cfg.runs} runs finished; they are saved in {partial.path} "
+                             f"(marked \"complete\": false)\n" if partial.runs else
+                             "interrupted before any run finished; nothing was written\n")
         return 130
     if partial.runs:
         _warn(f"{plural(partial.runs, 'finished run')} saved in {partial.path} before this error:")
@@ -1884,12 +1816,10 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 def cpu_model() -> str:
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 def environment(device: torch.device) -> dict:
@@ -1917,20 +1847,15 @@ def synchronize(device: torch.device) -> None:
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     """The dtype of the images on the device and of autocast: cfg.precision, where 'auto' is fp16
     on CUDA (its tensor cores) and fp32 elsewhere."""
-    name = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
-    return PRECISIONS[name]
+    return PRECISIONS[cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")]
 
 def autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, enabled=False) if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 def seed_everything(seed: int, device: torch.device) -> torch.Generator:
     """Seeds torch's global generators (model init) and returns the augmentation generator."""
     torch.manual_seed(seed)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
+    return torch.Generator(device=device).manual_seed(seed)
 
 def prepare_device(cfg: Config, device: torch.device) -> torch.dtype:
     """On CUDA: make `device` the current one and set cuDNN's kernel choice (benchmarked, or
@@ -2053,11 +1978,7 @@ class Progress:
         self.log(f"  step {step} of {self.total}: {rate:,.0f} images/s, training ends in about {format_duration(eta)}")
 
 def format_duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 def format_epoch_row(row: dict, first: bool = False) -> str:
     def pct(v):  # an epoch that was not evaluated (eval_every) shows a dash
@@ -2345,10 +2266,9 @@ def leave_distributed() -> None:
 def local_positions(n_batches: int, cfg: Config, ctx: Distributed) -> torch.Tensor:
     """Positions, in the epoch's shuffled order, of the images this process trains on, batch by batch.
 
-    Each process takes whole ghost-BN groups of every global batch: with S groups per batch
-    (image p of a batch is in group p % S) and W processes, process r takes groups
-    r*S/W .. (r+1)*S/W - 1, in an order that keeps their group numbers modulo S/W. So every
-    group normalises exactly the images it would normalise in a single process."""
+    Each process takes whole ghost-BN groups of every global batch: with S groups per batch (image p of a batch is in
+    group p % S) and W processes, process r takes groups r*S/W .. (r+1)*S/W - 1, in an order that keeps their group
+    numbers modulo S/W. So every group normalises exactly the images it would normalise in a single process."""
     b, s, w = cfg.batch_size, cfg.ghost_bn_splits, ctx.world
     pos = torch.arange(n_batches * b)
     return pos if w == 1 else pos.view(n_batches, b // s, w, s // w)[:, :, ctx.rank].reshape(-1)
@@ -2468,12 +2388,11 @@ class RunsProgress:
 
 def run_jobs(jobs: list, devices: list[str], on_result, url: str = CIFAR10_URL, threads: int | None = None,
              keep=(), log=silent, data: DeviceData | None = None) -> dict:
-    """Run each (config, seed) of `jobs`: in this process when `devices` has one entry, else in
-    one worker process per entry, each taking the next job from a shared queue. Calls
-    on_result(index, result, device) here as each run ends, in finishing order. result['model']
-    is the evaluated network: always in this process, from workers only for indices in `keep`
-    (else None). A failed or dead worker stops them all and raises RuntimeError.
-    Returns {'data_load_s', 'warmup_s'}: the most that any one device spent on each."""
+    """Run each (config, seed) of `jobs`: in this process when `devices` has one entry, else in one worker process per
+    entry, each taking the next job from a shared queue. Calls on_result(index, result, device) here as each run ends,
+    in finishing order. result['model'] is the evaluated network: always in this process, from workers only for indices
+    in `keep` (else None). A failed or dead worker stops them all and raises RuntimeError. Returns {'data_load_s',
+    'warmup_s'}: the most that any one device spent on each."""
     if len(devices) == 1:
         previous = torch.get_num_threads()
         if threads:
