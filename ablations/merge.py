@@ -23,7 +23,7 @@ REPORTS = {"grid": grid.REPORT, "optimizers": optimizers.REPORT}
 
 def merge(out: Path, sources: list[Path], log=print) -> dict:
     """Union of the sources' rows into `out`; returns the summary."""
-    out = Path(out)
+    out = study.open_folder(out, "merge into")
     folders = ([out] if (out / "results.csv").exists() else []) + [Path(s) for s in sources]
     definition, sessions, rows, seen, repeats = None, [], [], set(), 0
     for folder in dict.fromkeys(folders):
@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         merge(args.out, args.shards, log=speedrun.log_lines(args.quiet))
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a read-only or full folder
+        speedrun.release_outputs()
         p.exit(2, f"error: {e}\n")
     return 0
 

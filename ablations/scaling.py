@@ -383,7 +383,6 @@ def check_request(args, cfg: speedrun.Config, procs: list[int]) -> None:
     if args.warmup_steps < 0:
         raise ValueError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
     speedrun.check_process_devices(cfg.device, max(procs), fewer="lower --max-procs/--procs")
-    speedrun.refuse_existing(args.out, "--out", folder=True)
 
 
 def main(argv=None) -> int:
@@ -403,9 +402,10 @@ def main(argv=None) -> int:
         modes = list(MODES) if args.mode == "both" else [args.mode]
         n_train = speedrun.image_counts(cfg)[0]
         plan, skipped = plan_cases(cfg, procs, modes, n_train)  # never empty: P=1 runs one global batch
+        out = speedrun.reserve(args.out or Path("runs") / f"scaling-{speedrun.timestamp()}", "--out", folder=True,
+                               numbered=args.out is None)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
-    out = args.out or speedrun.new_path(Path("runs"), f"scaling-{speedrun.timestamp()}")
     command = speedrun.command_line(__file__, argv)
     if device.type == "cpu":
         torch.set_num_threads(1)  # as in each process, so that the environment line says what they use

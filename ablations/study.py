@@ -341,7 +341,8 @@ def read_meta(folder: Path) -> dict:
     path = Path(folder) / "study.json"
     try:
         meta = json.loads(path.read_text())
-        meta["definition"], meta["sessions"]
+        if not isinstance(meta["definition"], dict) or not isinstance(meta["sessions"], list):
+            raise TypeError
     except FileNotFoundError:
         raise StudyError(f"{folder} is not a study folder (no study.json)") from None
     except (ValueError, KeyError, TypeError):
@@ -599,7 +600,22 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 
 def default_study_folder(name: str, root: Path = Path("studies")) -> Path:
-    return speedrun.new_path(root, f"{name}-{speedrun.timestamp()}")
+    return open_folder(None, "--study", root / f"{name}-{speedrun.timestamp()}")
+
+
+def open_folder(folder: Path | None, flag: str, default: Path | None = None) -> Path:
+    """The folder a study writes into: `folder` if it holds a study (resumed; our stale temporaries
+    in it removed), else reserved new (`default`, numbered, when folder is None). A folder or file
+    there that is not a study is refused: a study never writes into a stranger's folder."""
+    if folder is None:
+        return speedrun.reserve(default, flag, folder=True, numbered=True)
+    folder = Path(folder)
+    if (folder / "study.json").is_file():
+        speedrun.remove_stale_temporaries(folder, speedrun._warn)
+        return folder
+    if folder.exists() or folder.is_symlink():
+        raise StudyError(f"{flag} {folder} exists and is not a study folder (no study.json); choose a new folder")
+    return speedrun.reserve(folder, flag, folder=True)
 
 
 def base_config(args) -> speedrun.Config:
@@ -636,17 +652,20 @@ def main(parser, make_study, name, script: str, argv=None) -> int:
             if speedrun.pick_device(cfg.device).type == "cpu" and cfg.subset == 0:
                 log("warning: a full CPU run takes hours, and a study is many runs; try e.g. "
                     "--subset 5000 --test-subset 1000 --width 0.25 --epochs 2")
-            folder = args.study or default_study_folder(name(args) if callable(name) else name)
+            folder = open_folder(args.study, "--study") if args.study else \
+                default_study_folder(name(args) if callable(name) else name)
             seeds = list(range(cfg.seed, cfg.seed + cfg.runs))
             argv_used = [script, *(sys.argv[1:] if argv is None else argv)]
             run_study(study, folder, seeds, cfg, shard=shard, max_runs=args.max_runs, threads=args.threads,
                       argv=argv_used, url=args.data_url, log=log)
-        except (ValueError, RuntimeError, speedrun.DataError) as e:
-            failed_run = isinstance(e, RuntimeError) and folder is not None and (folder / "results.csv").exists()
+        except (ValueError, RuntimeError, OSError, speedrun.DataError) as e:  # OSError: e.g. the disk filled up
+            speedrun.release_outputs()
+            failed_run = isinstance(e, (RuntimeError, OSError)) and folder is not None and (folder / "results.csv").exists()
             resume = f"; finished runs are saved in {folder}; after fixing this, resume with: {resume_command(argv_used, folder)}" \
                 if failed_run else ""
             parser.exit(2, f"error: {e}{resume}\n")
         except KeyboardInterrupt:
+            speedrun.release_outputs()
             if folder is None or not (folder / "study.json").exists():
                 parser.exit(130, "interrupted before the study started; nothing was written\n")
             parser.exit(130, f"interrupted: finished runs are saved in {folder}; resume with: "

@@ -59,7 +59,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here (never overwritten)")
     args = p.parse_args(argv)
     try:
-        speedrun.refuse_existing(args.out, "--out")
         if args.tta_unsure_frac is not None and not 0 <= args.tta_unsure_frac <= 1:
             raise ValueError(f"--tta-unsure-frac {args.tta_unsure_frac:g}: give a fraction from 0 to 1")
         if args.test_subset < 0:
@@ -67,11 +66,14 @@ def main(argv=None) -> int:
         missing = [str(w) for w in args.weights if not w.is_file()]
         if missing:
             raise ValueError(f"no such weights file: {', '.join(missing)}; write one with speedrun.py --save PATH")
+        if args.out:
+            speedrun.reserve(args.out, "--out")
         device = speedrun.pick_device(args.device)
         arrays = speedrun.load_cifar10(args.data_dir, quiet=True)
         results = [evaluate(w, arrays, device, args.precision, args.test_subset, args.tta_unsure_frac)
                    for w in args.weights]
     except (ValueError, speedrun.DataError) as e:
+        speedrun.release_outputs()
         p.exit(2, f"error: {e}\n")
     rows = [[Path(r["weights"]).name, r["device"], r["precision"], r["tta"], f"{r['tta_unsure_frac']:g}",
              f"{100 * r['plain_acc']:.2f}",

@@ -98,10 +98,24 @@ def result_files(folder: Path) -> list[Path]:
     return paths
 
 
+def read_result(path: Path) -> dict:
+    """A result file, checked to be what the trainer writes; ValueError naming the file if not."""
+    try:
+        result = json.loads(path.read_text())
+        speedrun.Config(**result["config"])
+        runs, _ = result["runs"], result["environment"]["device"]
+        if not isinstance(runs, list) or any(r["final_acc"] is None for r in runs if not r.get("diverged")):
+            raise ValueError("a run neither finished nor diverged")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a result speedrun.py writes ({type(e).__name__}: {e}); move it out of the "
+                         f"results folder") from None
+    return result
+
+
 def rows(folder: Path) -> list[dict]:
     groups: dict[tuple, list] = {}
     for path in result_files(folder):
-        result = json.loads(path.read_text())
+        result = read_result(path)
         preset = preset_of(result, path.name)
         cfg = speedrun.Config(**result["config"])
         env = result["environment"]

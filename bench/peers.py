@@ -435,8 +435,7 @@ def main(argv=None, make_peer=None) -> int:
             raise ValueError(f"--runs must be at least 1, got {runs}")
         if seed < 0:
             raise ValueError(f"--seed must be 0 or more, got {seed}")
-        out = args.out or speedrun.default_out_path(prefix="peers-")
-        speedrun.refuse_existing(out, "--out")
+        out = speedrun.reserve(args.out, "--out") if args.out else speedrun.default_out_path(prefix="peers-")
         airbench_dir = (args.airbench_dir or out.with_name(f"{out.stem}-airbench")).resolve()
         device = speedrun.pick_device(device_name)
         names = [n.strip() for n in args.presets.split(",") if n.strip()]
@@ -450,6 +449,7 @@ def main(argv=None, make_peer=None) -> int:
         read_s = time.perf_counter() - t0
         prepared = prepare_airbench_data(airbench_dir, *arrays)
     except (ValueError, speedrun.DataError, PeerError) as e:
+        speedrun.release_outputs()
         parser.exit(2, f"error: {e}\n")
 
     trainers, on_device = {}, {}  # one copy of the data on the device per compute dtype

@@ -87,13 +87,16 @@ def report(stats: pstats.Stats, top: int) -> list[str]:
 
 def main(argv=None) -> int:
     parser, args, cfg, device = _common.parse_args(__doc__.split("\n\n")[0], add_flags, argv)
-    prof_path = args.prof or speedrun.new_path(Path("traces"), f"cprofile-{speedrun.timestamp()}", ".prof")
     if args.top < 1:
         parser.exit(2, f"error: --top must be at least 1, got {args.top}\n")
     try:
-        for path, flag in ((args.prof, "--prof"), (args.out, "--out"), (args.save, "--save")):
-            speedrun.refuse_existing(path, flag)
+        prof_path = speedrun.reserve(args.prof or Path("traces") / f"cprofile-{speedrun.timestamp()}.prof", "--prof",
+                                     numbered=args.prof is None)
+        for path, flag in ((args.out, "--out"), (args.save, "--save")):
+            if path is not None:
+                speedrun.reserve(path, flag)
     except ValueError as e:
+        speedrun.release_outputs()
         parser.exit(2, f"error: {e}\n")
     if cfg.workers != 1:  # cProfile sees this process only: keep every run in it
         if cfg.workers > 1:

@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     if min(workers) < 0 or args.timed_epochs < 1:
         parser.exit(2, "error: --loader-workers must be 0 or more and --timed-epochs at least 1\n")
     try:
-        speedrun.refuse_existing(args.json, "--json")
+        if args.json is not None:
+            speedrun.reserve(args.json, "--json")
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     data = _common.load_data(parser, cfg, device, args)

@@ -216,7 +216,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--seconds must be positive, got {args.seconds}")
         if args.peak_size < 0:
             raise ValueError(f"--peak-size must be positive (or 0 for the default), got {args.peak_size}")
-        speedrun.refuse_existing(args.json, "--json")
+        if args.json is not None:
+            speedrun.reserve(args.json, "--json")
         runs = None  # (seconds, epochs, what) of each measured run
         source = ""
         if args.result is not None:

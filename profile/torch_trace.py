@@ -189,14 +189,14 @@ def write_traces(prof, trace_dir: Path) -> tuple[Path, Path]:
 
 def main(argv=None) -> int:
     parser, args, cfg, device = _common.parse_args(__doc__.split("\n\n")[0], add_flags, argv, uses=())
-    trace_dir = args.trace_dir or speedrun.new_path(Path("traces"), f"trace-{speedrun.timestamp()}")
-    try:
-        speedrun.refuse_existing(trace_dir, "--trace-dir", folder=True)
-    except ValueError as e:
-        parser.exit(2, f"error: {e}\n")
     for name, least in (("trace_steps", 1), ("trace_warmup", 0), ("trace_eval_images", 0)):
         if getattr(args, name) < least:
             parser.exit(2, f"error: --{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}\n")
+    try:
+        trace_dir = speedrun.reserve(args.trace_dir or Path("traces") / f"trace-{speedrun.timestamp()}", "--trace-dir",
+                                     folder=True, numbered=args.trace_dir is None)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
     data = _common.load_data(parser, cfg, device, args)
     n_train, n_test = data.train_x.shape[0], data.test_x.shape[0]
     if args.trace_steps * cfg.batch_size > n_train:

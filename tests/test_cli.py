@@ -97,7 +97,7 @@ def test_cli_error_exits_2_with_message():
     (["--batch-size", "ten"], "argument --batch-size: batch_size takes a whole number, not 'ten'"),
     (["--epochs", "ten"], "argument --epochs: epochs takes a number, not 'ten'"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    (["--set", "ema=false"], "every config field has its own flag: --ghost-bn-splits 1, not --set ghost_bn_splits=1"),
+    (["--set", "ema=false"], "unrecognized arguments: --set ema=false (see --help)"),
 ])
 def test_bad_flags_are_one_line_errors_not_the_usage(argv, message):
     proc = run_cli(*argv)
@@ -170,11 +170,13 @@ def test_json_result_has_every_field_and_saved_weights_reproduce_the_accuracy(re
     assert json.loads(out.read_text()) == result
 
 
-def test_default_out_path_is_new(tmp_path):
+def test_default_out_paths_are_reserved_so_runs_started_in_the_same_second_never_share_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(speedrun, "timestamp", lambda: "20260101-120000")
     a = speedrun.default_out_path(tmp_path)
-    a.write_text("{}")
     b = speedrun.default_out_path(tmp_path)
-    assert a != b and not b.exists()
+    assert a != b and a.exists() and b.exists(), "each path is created when it is chosen"
+    speedrun.release_outputs()
+    assert list(tmp_path.iterdir()) == [], "an output never written is removed when the command ends"
 
 
 def test_each_switch_accepts_exactly_its_tables_choices_and_help_lists_them(monkeypatch):
@@ -190,10 +192,11 @@ def test_each_switch_accepts_exactly_its_tables_choices_and_help_lists_them(monk
 
 def test_a_new_output_path_never_names_an_existing_file_or_folder_and_existing_ones_are_refused(tmp_path):
     (tmp_path / "study").mkdir()
-    assert speedrun.new_path(tmp_path, "study") == tmp_path / "study-1"
+    assert speedrun.reserve(tmp_path / "study", "--study", folder=True, numbered=True) == tmp_path / "study-1"
     (tmp_path / "run.prof").write_text("keep")
-    assert speedrun.new_path(tmp_path, "run", ".prof") == tmp_path / "run-1.prof"
+    assert speedrun.reserve(tmp_path / "run.prof", "--prof", numbered=True) == tmp_path / "run-1.prof"
     with pytest.raises(ValueError, match="--prof .* already exists"):
-        speedrun.refuse_existing(tmp_path / "run.prof", "--prof")
-    speedrun.refuse_existing(None, "--out")
-    speedrun.refuse_existing(tmp_path / "new.json", "--out")
+        speedrun.reserve(tmp_path / "run.prof", "--prof")
+    assert (tmp_path / "run.prof").read_text() == "keep"
+    speedrun.release_outputs()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.prof", "study"]

@@ -1,6 +1,10 @@
 """Reading CIFAR-10: both official formats, archives, downloads, checksums, the cache."""
 import hashlib
+import os
+import re
 import threading
+import time
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -156,18 +160,34 @@ def test_atomic_write_leaves_old_file_when_writer_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
 
 
-# -- downloads, from a server on 127.0.0.1 ----------------------------------------------------
+# -- downloads, from servers on 127.0.0.1 (never the real hosts: DOWNLOAD_SOURCES is emptied) --
+
+@pytest.fixture(autouse=True)
+def no_real_hosts(monkeypatch):
+    monkeypatch.setattr(speedrun, "DOWNLOAD_SOURCES", (), raising=False)
+
 
 class _Server:
-    def __init__(self, body: bytes, claimed_length=None):
-        body_, length = body, claimed_length or len(body)
+    """Serves `body` at its url, announcing claimed_length bytes; with chunk_delay_s, in 1 kB
+    pieces that far apart (a slow host). `hits` counts the requests."""
+
+    def __init__(self, body: bytes, claimed_length=None, chunk_delay_s=0.0):
+        body_, length, server = body, claimed_length or len(body), self
+        self.hits = 0
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
+                server.hits += 1
                 self.send_response(200)
                 self.send_header("Content-Length", str(length))
                 self.end_headers()
-                self.wfile.write(body_)
+                try:
+                    for i in range(0, len(body_), 1024 if chunk_delay_s else len(body_) or 1):
+                        self.wfile.write(body_[i:i + (1024 if chunk_delay_s else len(body_))])
+                        self.wfile.flush()
+                        time.sleep(chunk_delay_s)
+                except OSError:  # the client dropped this source
+                    pass
                 self.close_connection = True
 
             def log_message(self, *args):
@@ -186,6 +206,13 @@ class _Server:
         self.httpd.server_close()
 
 
+def dead_url():
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/cifar-10-python.tar.gz"
+
+
 def test_download_is_checksummed_then_extracted_and_read(tmp_path, capsys):
     arrays = fake_arrays(3)
     archive = make_archive(tmp_path / "build", "py", arrays)
@@ -199,33 +226,89 @@ def test_download_is_checksummed_then_extracted_and_read(tmp_path, capsys):
     assert "downloading" in capsys.readouterr().err
 
 
-def test_download_with_wrong_checksum_is_discarded(tmp_path):
+def test_download_with_wrong_checksum_is_discarded(tmp_path, capsys):
     archive = make_archive(tmp_path / "build", "py", fake_arrays())
     data = tmp_path / "data"
     data.mkdir()
-    with _Server(archive.read_bytes()) as server, pytest.raises(speedrun.DataError, match="fails its MD5 check; it was discarded"):
+    with _Server(archive.read_bytes()) as server, pytest.raises(speedrun.DataError, match="could not download"):
         speedrun.load_cifar10(data, url=server.url, archive_md5={archive.name: "f" * 32}, expect_sizes=SIZES, quiet=True)
+    assert "served other bytes" in capsys.readouterr().err
     assert list(data.iterdir()) == []
 
 
-def test_truncated_download_is_discarded(tmp_path):
+def test_truncated_download_is_discarded(tmp_path, capsys):
     archive = make_archive(tmp_path / "build", "py", fake_arrays())
     body = archive.read_bytes()
     data = tmp_path / "data"
     data.mkdir()
     with _Server(body[: len(body) // 2], claimed_length=len(body)) as server, \
-            pytest.raises(speedrun.DataError, match="truncated|could not download"):
+            pytest.raises(speedrun.DataError, match="could not download"):
         speedrun.load_cifar10(data, url=server.url, archive_md5={archive.name: md5(archive)}, expect_sizes=SIZES, quiet=True)
+    assert "dropped" in capsys.readouterr().err
     assert list(data.iterdir()) == []
 
 
 def test_no_network_says_where_to_put_the_archive(tmp_path):
-    import socket
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with pytest.raises(speedrun.DataError, match=r"Download it by hand and put it at .*cifar-10-python.tar.gz"):
-        speedrun.load_cifar10(tmp_path, url=f"http://127.0.0.1:{port}/x.tar.gz", expect_sizes=SIZES, quiet=True)
+        speedrun.load_cifar10(tmp_path, url=dead_url(), expect_sizes=SIZES, quiet=True)
+
+
+def test_sources_are_tried_in_order_untrusted_bytes_are_dropped_and_the_first_good_source_wins(tmp_path, capsys):
+    archive = make_archive(tmp_path / "build", "py", fake_arrays())
+    body, good_md5 = archive.read_bytes(), md5(archive)
+    data = tmp_path / "data"
+    data.mkdir()
+    other = bytearray(body)
+    other[-10] ^= 1
+    with _Server(body, chunk_delay_s=0.05) as slow, _Server(bytes(other)) as wrong, \
+            _Server(body[:len(body) // 2], claimed_length=len(body)) as truncated, _Server(body) as good, \
+            _Server(body) as spare:
+        urls = [dead_url(), slow.url, wrong.url, truncated.url, good.url, spare.url]
+        t0 = time.monotonic()
+        speedrun.download(urls, data / archive.name, good_md5, quiet=True, min_speed=100e3, grace_s=0.3, deadline_s=5)
+        assert time.monotonic() - t0 < 5, "the slow source was dropped after its grace, not waited for"
+    assert md5(data / archive.name) == good_md5
+    assert [p.name for p in data.iterdir()] == [archive.name], "nothing untrusted is kept"
+    assert (slow.hits, wrong.hits, truncated.hits, good.hits, spare.hits) == (1, 1, 1, 1, 0)
+    err = capsys.readouterr().err
+    assert err.count("note: dropped") == 4 and "below 100 kB/s" in err and "served other bytes" in err
+    assert "truncated" in err or "IncompleteRead" in err
+
+
+def test_the_last_source_is_not_dropped_for_speed_but_has_a_deadline(tmp_path, capsys):
+    archive = make_archive(tmp_path / "build", "py", fake_arrays())
+    data = tmp_path / "data"
+    data.mkdir()
+    with _Server(archive.read_bytes(), chunk_delay_s=0.05) as slow:
+        speedrun.download(slow.url, data / archive.name, md5(archive), quiet=True, min_speed=1e9, grace_s=0.1)
+        assert md5(data / archive.name) == md5(archive), "slow but alone: kept going"
+        (data / archive.name).unlink()
+        with pytest.raises(speedrun.DataError, match="could not download"):
+            speedrun.download(slow.url, data / archive.name, md5(archive), quiet=True, deadline_s=0.3)
+    assert "past its deadline" in capsys.readouterr().err and list(data.iterdir()) == []
+
+
+def test_each_source_shows_its_speed_and_time_left(tmp_path, capsys):
+    archive = make_archive(tmp_path / "build", "py", fake_arrays())
+    with _Server(archive.read_bytes(), chunk_delay_s=0.01) as server:
+        speedrun.download(server.url, tmp_path / archive.name, md5(archive))
+    assert re.search(r"downloading .*: [\d.]+/[\d.]+ MB, [\d.]+ MB/s, ETA \d+ s", capsys.readouterr().err)
+
+
+def test_the_real_hosts_come_after_the_users_urls_with_the_official_one_last(monkeypatch, tmp_path):
+    monkeypatch.undo()  # the real DOWNLOAD_SOURCES; nothing is fetched: urlopen is replaced
+    tried = []
+
+    def urlopen(url, timeout):
+        tried.append((url, timeout))
+        raise OSError("no network here")
+
+    monkeypatch.setattr(speedrun.urllib.request, "urlopen", urlopen)
+    with pytest.raises(speedrun.DataError):
+        speedrun.download(["http://a/x", speedrun.CIFAR10_URL, "http://b/x"], tmp_path / "x.tar.gz", None, quiet=True)
+    assert [u for u, _ in tried] == ["http://a/x", "http://b/x", *speedrun.DOWNLOAD_SOURCES]
+    assert tried[-1][0] == speedrun.CIFAR10_URL and "air-example-data" in tried[2][0]
+    assert all(t <= 10 for _, t in tried), "a short connect timeout: no network fails within seconds"
 
 
 # -- issue 13: pickle checksums, the cache's digest, unwritable and mistyped folders, leftovers --
@@ -311,23 +394,61 @@ def test_default_data_folder_is_created(tmp_path, monkeypatch):
     assert home.is_dir()
 
 
-def test_stale_temporary_files_are_removed_and_fresh_ones_kept(tmp_path, capsys):
+def test_the_sweep_removes_only_our_own_stale_temporaries_never_other_programs_files(tmp_path, capsys):
     import os
-    import time
     arrays = fake_arrays(6)
     sums = md5_sums(write_python_folder(tmp_path / "cifar-10-batches-py", arrays))
-    stale = tmp_path / ".cifar-10-python.tar.gz.abc123.part"
+    stale = tmp_path / ".speedrun-4242-abc123_x.part"  # a killed run's download or cache write
     stale.write_bytes(b"\0" * 1000)
-    stale_dir = tmp_path / ".extract-xyz"
-    stale_dir.mkdir()
-    fresh = tmp_path / ".cifar10-uint8.npz.def456.part"  # perhaps another run writing right now
+    stale_dir = tmp_path / ".speedrun-4242-k9w2yz1q.part"  # a killed run's extraction
+    (stale_dir / "cifar-10-batches-py").mkdir(parents=True)
+    fresh = tmp_path / ".speedrun-4343-def456gh.part"  # perhaps another run writing right now
     fresh.write_bytes(b"\0")
+    theirs = [tmp_path / ".ubuntu-24.04.iso.part", tmp_path / ".extract-my-photos", tmp_path / ".speedrun-notes.part"]
+    theirs[0].write_bytes(b"iso")
+    theirs[1].mkdir()
+    (theirs[1] / "photo.jpg").write_bytes(b"jpg")
+    theirs[2].write_text("mine, not speedrun's")
     old = time.time() - 2 * speedrun.STALE_S
-    os.utime(stale, (old, old))
-    os.utime(stale_dir, (old, old))
+    for p in (stale, stale_dir, *theirs):
+        os.utime(p, (old, old))
     speedrun.load_cifar10(tmp_path, py_md5=sums, expect_sizes=SIZES)
     assert not stale.exists() and not stale_dir.exists() and fresh.exists()
+    assert all(p.exists() for p in theirs) and (theirs[1] / "photo.jpg").read_bytes() == b"jpg"
     assert f"removed {stale}" in capsys.readouterr().err
+    assert speedrun.remove_stale_temporaries(tmp_path, print, older_than_s=0) == [fresh], "the age is a parameter"
+
+
+def test_every_temporary_this_project_makes_has_the_name_the_sweep_knows(tmp_path, monkeypatch):
+    import tempfile
+    made = []
+    real_mkstemp, real_mkdtemp = tempfile.mkstemp, tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkstemp", lambda **kw: made.append(real_mkstemp(**kw)[1]) or (os.open(made[-1], 0), made[-1]))
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made.append(real_mkdtemp(**kw)) or made[-1])
+    archive = make_archive(tmp_path / "build", "py", fake_arrays())
+    speedrun.load_cifar10(tmp_path / "build", archive_md5={archive.name: md5(archive)}, expect_sizes=SIZES, py_md5={})
+    speedrun.save_json({"a": 1}, tmp_path / "r.json")
+    assert len(made) >= 3  # the extraction folder, the cache, the result
+    assert all(speedrun.TEMP_NAME.fullmatch(Path(m).name) for m in made), made
+
+
+def test_a_fifo_in_a_data_folder_is_refused_by_name_without_blocking(tmp_path):
+    import os
+    for kind, name in (("py", "data_batch_1"), ("bin", "data_batch_1.bin")):
+        root = tmp_path / kind
+        folder = (write_python_folder if kind == "py" else write_binary_folder)(root / f"cifar-10-batches-{kind}", fake_arrays())
+        (folder / name).unlink()
+        os.mkfifo(folder / name)  # opening it for reading would block forever
+        with pytest.raises(speedrun.DataError, match=f"{name} is not a regular file"):
+            speedrun.load_cifar10(root, expect_sizes=SIZES)
+
+
+def test_a_symlink_loop_as_the_data_folder_is_said_plainly(tmp_path):
+    import os
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    with pytest.raises(speedrun.DataError, match="symbolic link") as err:
+        speedrun.load_cifar10(tmp_path / "loop", expect_sizes=SIZES)
+    assert "does not exist" not in str(err.value)
 
 
 def test_bad_binary_archive_does_not_promise_a_re_download(tmp_path):

@@ -100,6 +100,7 @@ def test_processes_need_a_device_each_and_are_told_what_to_do(monkeypatch):
     joined = []
     monkeypatch.setattr(speedrun.dist, "init_process_group", lambda backend, **k: joined.append(backend))
     monkeypatch.setattr(speedrun, "process_group", lambda: speedrun.Distributed(0, 4))
+    monkeypatch.setattr(speedrun.dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), [mine] * len(out)))
     assert speedrun.init_distributed(speedrun.make_config(device="cuda")).world == 4 and joined == ["nccl"]
 
 
@@ -118,11 +119,11 @@ def test_runs_spread_over_worker_processes(real_data_dir, tmp_path):
 
 
 def test_a_failing_worker_is_reported(tmp_path):
-    (tmp_path / "nothing").mkdir()  # an empty data folder, and no network
-    bad = subprocess.run([sys.executable, "speedrun.py", "--data-dir", str(tmp_path / "nothing"), "--data-url",
-                          "http://127.0.0.1:9/none.tar.gz", *TINY, "--runs", "2", "--workers", "2"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert bad.returncode == 2 and "error: the worker on cpu failed in run" in bad.stderr and "could not download" in bad.stderr
+    (tmp_path / "bad").mkdir()  # a damaged archive: refused, never downloaded again (with or without a network)
+    (tmp_path / "bad" / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
+    bad = subprocess.run([sys.executable, "speedrun.py", "--data-dir", str(tmp_path / "bad"), *TINY, "--runs", "2",
+                          "--workers", "2"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "error: the worker on cpu failed in run" in bad.stderr and "has MD5" in bad.stderr
 
 
 def test_whitening_bias_freezes_by_gradient_under_torchrun(real_data_dir, tmp_path):

@@ -61,7 +61,7 @@ def test_tta_only_for_the_least_confident_images():
     torch.testing.assert_close(half[unsure], full[unsure])
     torch.testing.assert_close(half[sure], plain[sure])
     torch.testing.assert_close(speedrun.predict(net, x, tiny_config(tta="flip", tta_unsure_frac=0.0), cpu, f32), plain)
-    with pytest.raises(ValueError, match="tta_unsure_frac is a fraction"):
+    with pytest.raises(ValueError, match=r"tta_unsure_frac must be in \[0, 1\]"):
         speedrun.make_config(tta_unsure_frac=1.5)
 
 

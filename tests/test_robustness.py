@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def test_a_result_that_cannot_be_written_at_the_end_goes_to_a_fallback(tmp_path,
 
     def run_many_then_break_the_folder(*args, **kwargs):
         result = real_run_many(*args, **kwargs)
-        (tmp_path / "results").rmdir()
+        shutil.rmtree(tmp_path / "results")
         (tmp_path / "results").write_text("the folder became a file during the run")
         return result
 

@@ -156,12 +156,12 @@ def test_max_procs_means_powers_of_two_and_itself_and_one_is_always_measured():
 
 def test_a_failing_job_exits_non_zero_with_the_rank_s_error(tmp_path):
     out = tmp_path / "out"
-    (tmp_path / "nothing").mkdir()  # an empty data folder, and no network
-    proc = run_scaling("--procs", "1,2", "--steps", "1", *TINY, "--data-dir", tmp_path / "nothing",
-                       "--data-url", "http://127.0.0.1:9/none.tar.gz", "--out", out, timeout=120)
+    (tmp_path / "bad").mkdir()  # a damaged archive: refused, never downloaded again (with or without a network)
+    (tmp_path / "bad" / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
+    proc = run_scaling("--procs", "1,2", "--steps", "1", *TINY, "--data-dir", tmp_path / "bad", "--out", out, timeout=120)
     assert proc.returncode == 1
     assert "error: the 1-process job failed (torchrun exit status 1):" in proc.stderr
-    assert "rank 0: DataError: could not download http://127.0.0.1:9/none.tar.gz" in proc.stderr
+    assert f"rank 0: DataError: {tmp_path / 'bad' / 'cifar-10-python.tar.gz'} has MD5" in proc.stderr
     assert not out.exists(), "nothing is written when a job fails"
 
 
@@ -189,7 +189,7 @@ def test_a_non_empty_out_folder_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         scaling.main(["--device", "cpu", "--procs", "1", "--out", str(tmp_path)])
     assert exit_.value.code == 2
-    assert f"error: --out {tmp_path} already exists and is not an empty folder" in capsys.readouterr().err
+    assert f"error: --out {tmp_path} already exists; choose another path" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["old.txt"]
 
 
