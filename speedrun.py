@@ -1855,7 +1855,9 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def seed_everything(seed: int, device: torch.device) -> torch.Generator:
     """Seeds torch's global generators (model init) and returns the augmentation generator."""
     torch.manual_seed(seed)
-    return torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
 
 def prepare_device(cfg: Config, device: torch.device) -> torch.dtype:
     """On CUDA: make `device` the current one and set cuDNN's kernel choice (benchmarked, or
