@@ -1508,8 +1508,8 @@ presets (each sets these fields; the flags override them):
 {presets_text()}
 
 data: CIFAR-10 is read from --data-dir (default $CIFAR10_HOME, else ~/.cache/cifar10): a cache a
-previous run wrote, the official extracted folders or archives, else a download (170 MB) from --data-url,
-then {', then '.join(DOWNLOAD_SOURCES)} (the official host). Every file is checksummed.
+previous run wrote, the official extracted folders or archives, else a download (170 MB; every file is
+checksummed) from --data-url, then, the official host last:{''.join(chr(10) + '  ' + u for u in DOWNLOAD_SOURCES)}
 
 output: one row per epoch, a verdict, and a JSON result (--out, default a new file under runs/).
 
