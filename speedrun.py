@@ -1079,6 +1079,8 @@ def load_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL, qui
     `data_dir` must exist; the default folder is created. Temporary files left by a killed run are removed first."""
     root = _data_root(data_dir)
     remove_stale_temporaries(root, _warn)
+    for name in (CACHE_NAME, *ARCHIVE_MD5):  # a FIFO or folder in their place is refused, never replaced
+        _check_md5(root / name, None)
     cache = root / CACHE_NAME
     if cache.is_file():
         try:
@@ -1855,9 +1857,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def seed_everything(seed: int, device: torch.device) -> torch.Generator:
     """Seeds torch's global generators (model init) and returns the augmentation generator."""
     torch.manual_seed(seed)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
+    return torch.Generator(device=device).manual_seed(seed)
 
 def prepare_device(cfg: Config, device: torch.device) -> torch.dtype:
     """On CUDA: make `device` the current one and set cuDNN's kernel choice (benchmarked, or
