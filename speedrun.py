@@ -1168,6 +1168,8 @@ def load_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL, qui
     `data_dir` must exist; the default folder is created. Temporary files left by a killed run are removed first."""
     root = _data_root(data_dir)
     remove_stale_temporaries(root, _warn)
+    for name in (CACHE_NAME, *ARCHIVE_MD5):  # a FIFO or folder in their place is refused, never replaced
+        _check_md5(root / name, None)
     cache = root / CACHE_NAME
     if cache.is_file():
         try:
@@ -1607,8 +1609,8 @@ presets (each sets these fields; the flags override them):
 {presets_text()}
 
 data: CIFAR-10 is read from --data-dir (default $CIFAR10_HOME, else ~/.cache/cifar10): a cache a
-previous run wrote, the official extracted folders or archives, else a download (170 MB) from --data-url,
-then {', then '.join(DOWNLOAD_SOURCES)} (the official host). Every file is checksummed.
+previous run wrote, the official extracted folders or archives, else a download (170 MB; every file is
+checksummed) from --data-url, then, the official host last:{''.join(chr(10) + '  ' + u for u in DOWNLOAD_SOURCES)}
 
 output: one row per epoch, a verdict, and a JSON result (--out, default a new file under runs/).
 

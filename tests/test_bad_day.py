@@ -139,19 +139,7 @@ def test_merge_refuses_an_output_folder_that_is_not_a_study(tmp_path, capsys):
     assert (tmp_path / "mine" / "summary.json").read_text() == "{}"
 
 
-# -- 4. the ledger refuses a results folder that is missing or holds no result ----------------------
-
-@pytest.mark.parametrize("make", ["typo", "empty"])
-def test_ledger_refuses_a_missing_or_empty_results_folder_and_leaves_the_readme(tmp_path, capsys, make):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"{ledger.START}\nkeep\n{ledger.END}\n{ledger.STUDIES_START}\nkeep\n{ledger.STUDIES_END}\n")
-    results = tmp_path / "results"
-    if make == "empty":
-        results.mkdir()
-    with pytest.raises(SystemExit) as stop:
-        ledger.main(["--results", str(results), "--readme", str(readme)])
-    assert stop.value.code == 2 and f"--results {results}" in capsys.readouterr().err
-    assert readme.read_text().count("keep") == 2
+# -- 4. the ledger refuses a results folder that is missing or holds no result: tests/test_ledger.py ----
 
 
 # -- 5. a full disk at the end: the weights go to a fallback, and never exit 1 with a traceback -----
@@ -274,9 +262,9 @@ def test_ledger_names_a_result_that_is_not_the_trainers(tmp_path, capsys, damage
            "null accuracy": {**good, "runs": [{**good["runs"][0], "final_acc": None}]}}[damage]
     (results / "bad.json").write_text(json.dumps(bad))
     readme = tmp_path / "README.md"
-    readme.write_text(f"{ledger.START}\n{ledger.END}\n{ledger.STUDIES_START}\n{ledger.STUDIES_END}\n")
+    readme.write_text("<!-- ledger:accuracy -->\n<!-- /ledger:accuracy -->\n")
     with pytest.raises(SystemExit) as stop:
-        ledger.main(["--results", str(results), "--readme", str(readme)])
+        ledger.main(["--results", str(results), "--pages", str(readme)])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and f"{results / 'bad.json'}: not a result speedrun.py writes" in err
     assert len(err.strip().splitlines()) == 1

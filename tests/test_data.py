@@ -2,6 +2,7 @@
 import hashlib
 import os
 import re
+import stat
 import threading
 import time
 from pathlib import Path
@@ -441,6 +442,12 @@ def test_a_fifo_in_a_data_folder_is_refused_by_name_without_blocking(tmp_path):
         os.mkfifo(folder / name)  # opening it for reading would block forever
         with pytest.raises(speedrun.DataError, match=f"{name} is not a regular file"):
             speedrun.load_cifar10(root, expect_sizes=SIZES)
+    for name in (speedrun.CACHE_NAME, "cifar-10-python.tar.gz"):  # never skipped, then replaced by a download
+        os.mkfifo(tmp_path / name)
+        with pytest.raises(speedrun.DataError, match=f"{name} is not a regular file"):
+            speedrun.load_cifar10(tmp_path, url=dead_url(), expect_sizes=SIZES, quiet=True)
+        assert stat.S_ISFIFO(os.stat(tmp_path / name).st_mode)
+        os.unlink(tmp_path / name)
 
 
 def test_a_symlink_loop_as_the_data_folder_is_said_plainly(tmp_path):
