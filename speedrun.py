@@ -23,8 +23,8 @@ archives, download, checksums, safe unpickler, atomic writes) and onto the devic
 checks, argument parsing, paths, results and weights, how the command line ends (errors,
 interrupts, partial results), devices (choice, synchronisation, autocast, seeds, determinism,
 warm-up, memory layout), result metrics and printed reports, and the helpers the tools share
-(output paths, charts, logs, tables); C. numerics (Part I's arithmetic in faster kernels:
-ghost BN in channels_last, batched Newton-Schulz; the summary of many runs: mean, spread,
+(output paths, tables; the rest is in speedrun_tools.py); C. numerics (Part I's arithmetic in
+faster kernels: ghost BN in channels_last, batched Newton-Schulz; the summary of many runs: mean, spread,
 Student-t interval and test); D. several processes (torchrun helpers, worker pool). A reader
 can stop at the Appendices banner.
 Each switch's choices are one table beside the code it switches (NETWORKS, OPTIMIZERS,
@@ -54,7 +54,6 @@ import os
 import pickle
 import platform
 import queue
-import shlex
 import shutil
 import signal
 import sys
@@ -1607,11 +1606,6 @@ def new_path(root: Path, stem: str, suffix: str = "") -> Path:
         path, k = Path(root) / f"{stem}-{k}{suffix}", k + 1
     return path
 
-def command_line(script: str | Path, argv: list[str] | None = None) -> str:
-    """How a tool was started, to paste again: 'python SCRIPT ARGS', the script relative to here."""
-    return shlex.join(["python", os.path.relpath(Path(script).resolve(), Path.cwd()),
-                       *(sys.argv[1:] if argv is None else map(str, argv))])
-
 def default_out_path(root: Path = Path("runs"), prefix: str = "") -> Path:
     """A new file root/<prefix><time>.json (with -1, -2, ... if that exists already)."""
     return new_path(root, prefix + timestamp(), ".json")
@@ -1626,27 +1620,6 @@ def refuse_existing(path: Path | None, flag: str, folder: bool = False) -> None:
     if not Path(path).is_dir() or any(Path(path).iterdir()):
         raise ValueError(f"{flag} {path} already exists and is not an empty folder; "
                          f"choose another (results are never overwritten)")
-
-def pyplot():
-    """matplotlib.pyplot drawing to files (the Agg backend), or None: matplotlib is optional."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-def no_chart(what: str, how: str = "rerun") -> str:
-    """The line a tool prints where matplotlib is missing: no chart, and how to get `what`."""
-    return f"no chart: matplotlib is not installed (pip install matplotlib, then {how} to get {what})"
-
-def save_chart(fig, path: Path) -> Path:
-    """The figure, laid out, as a PNG at `path` (written atomically); the figure is then closed."""
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    pyplot().close(fig)
-    return path
 
 def fallback_path(path: Path) -> Path:
     """Where a result that cannot be written at `path` goes instead: a new file in the temp folder."""
@@ -1831,12 +1804,6 @@ def environment(device: torch.device) -> dict:
     return dict(device=str(device), device_name=name, torch=torch.__version__, python=sys.version.split()[0],
                 cuda=torch.version.cuda, time=datetime.datetime.now().isoformat(timespec="seconds"))
 
-def machine_line(env: dict) -> str:
-    """One line for a report, from environment(): e.g. 'GPU NVIDIA H100 80GB HBM3 (CUDA 13.0), torch
-    2.11.0+cu130, Python 3.11.7' or 'CPU AMD EPYC (2 cores, 2 torch threads), torch 2.13.0+cpu, ...'."""
-    where = f"GPU {env['device_name']} (CUDA {env['cuda']})" if env["device"].startswith("cuda") else env["device_name"]
-    return f"{where}, torch {env['torch']}, Python {env['python']}"
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -1936,10 +1903,6 @@ def classification_metrics(pred: torch.Tensor, target: torch.Tensor, classes: in
 
 def silent(*args, **kwargs):
     """The log of a run that prints nothing (train() then keeps no progress line either)."""
-
-def log_lines(quiet: bool = False):
-    """The log of a tool: print, each line flushed at once (also through a pipe), or nothing when quiet."""
-    return silent if quiet else (lambda *args, **kwargs: print(*args, **kwargs, flush=True))
 
 def markdown_table(columns, rows) -> list[str]:
     """The lines of a Markdown table: the header of `columns`, then one line per row of cells."""

@@ -15,9 +15,9 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ablations import study  # noqa: E402
-import speedrun  # noqa: E402
+from ablations import study
+import speedrun
+import speedrun_tools
 
 DEFAULT_X, DEFAULT_Y = "batch_size=256,512,1024", "lr=0.5,1.0,2.0"
 
@@ -89,7 +89,7 @@ def heatmaps(folder: Path, summary: dict, plt) -> list[Path]:
                 ax.text(j, i, "—" if g is None else f"{g:.2f}", ha="center", va="center", color="w", fontsize=8)
         fig.colorbar(im, ax=ax)
         ax.set_title(title, fontsize=9)
-        paths.append(speedrun.save_chart(fig, folder / name))
+        paths.append(speedrun_tools.save_chart(fig, folder / name))
     return paths
 
 

@@ -43,13 +43,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-import speedrun  # noqa: E402
+import speedrun
+import speedrun_tools
+
 
 MODES = ("strong", "weak")
-CHART_NOTICE = speedrun.no_chart("scaling.png")
+CHART_NOTICE = speedrun_tools.no_chart("scaling.png")
 CPU_NOTICE = ("CPU processes use 1 thread each and share this machine's cores: the numbers show the "
               "machinery (gloo, DDP), not how GPUs scale")
 COLUMNS = ("mode", "P", "global batch", "per-rank batch", "step ms", "images/s", "epoch s", "speed-up",
@@ -305,7 +304,7 @@ def markdown_report(report: dict) -> str:
 
 def hardware_line(env: dict, settings: dict) -> str:
     gpus = f"{settings['visible_gpus']} visible GPU(s), " if settings["device_type"] == "cuda" else ""
-    return gpus + speedrun.machine_line(env)
+    return gpus + speedrun_tools.machine_line(env)
 
 
 def draw_chart(path: Path, rows: list[dict], plt) -> Path:
@@ -336,7 +335,7 @@ def draw_chart(path: Path, rows: list[dict], plt) -> Path:
     ax_split.tick_params(axis="x", labelsize=8)
     ax_split.legend(fontsize=8)
     fig.suptitle("time per training step against processes")
-    return speedrun.save_chart(fig, path)
+    return speedrun_tools.save_chart(fig, path)
 
 
 def write_reports(folder: Path, report: dict, log=print) -> list[Path]:
@@ -346,7 +345,7 @@ def write_reports(folder: Path, report: dict, log=print) -> list[Path]:
     text = markdown_report(report)
     speedrun.write_atomic(folder / "scaling.md", lambda tmp: tmp.write_text(text))
     paths = [folder / "scaling.json", folder / "scaling.md"]
-    plt = speedrun.pyplot()
+    plt = speedrun_tools.pyplot()
     if plt is None:
         log(CHART_NOTICE)
         return paths
@@ -391,7 +390,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.worker is not None:
         return run_worker(args.worker)
-    log = speedrun.log_lines(args.quiet)
+    log = speedrun_tools.log_lines(args.quiet)
     try:
         cfg = speedrun.config_from_args(args)
         device = speedrun.pick_device(cfg.device)
@@ -406,7 +405,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     out = args.out or speedrun.new_path(Path("runs"), f"scaling-{speedrun.timestamp()}")
-    command = speedrun.command_line(__file__, argv)
+    command = speedrun_tools.command_line(__file__, argv)
     if device.type == "cpu":
         torch.set_num_threads(1)  # as in each process, so that the environment line says what they use
     env = speedrun.environment(device)

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-import speedrun  # the scripts that import this module put the repository root on sys.path
+import speedrun
+import speedrun_tools
 
 CSV_COLUMNS = ("variant", "seed", "final_acc", "time_to_target_s", "epochs_to_target", "timed_s",
                "acc_by_epoch", "seconds_by_epoch", "device_name", "finished", "diverged_epoch")
@@ -39,7 +40,7 @@ OLD_CSV_COLUMNS = CSV_COLUMNS[:-1]
 # Config fields that say where or how often to run, not what a variant is.
 UNSTORED_FIELDS = ("data_dir", "device", "seed", "runs", "workers")
 DEFAULT_RUNS = 5
-PLOT_NOTICE = speedrun.no_chart("the plots", how="rerun, or run merge.py on the folder,")
+PLOT_NOTICE = speedrun_tools.no_chart("the plots", how="rerun, or run merge.py on the folder,")
 
 
 class StudyError(ValueError):
@@ -512,7 +513,7 @@ def write_reports(folder: Path, definition: dict, rows: list[dict], sessions: li
     speedrun.write_atomic(folder / "summary.md", lambda tmp: tmp.write_text(text))
     if not rows:
         return summary
-    plt = speedrun.pyplot()
+    plt = speedrun_tools.pyplot()
     if plt is None:
         log(PLOT_NOTICE)
     charts = draw_charts(folder, summary, plt, report) if plt else []
@@ -544,7 +545,7 @@ def draw_charts(folder: Path, summary: dict, plt, report: Report = Report()) -> 
     ax.invert_yaxis()
     ax.set_xlabel("final EMA+TTA test accuracy, % (95% CI)")
     ax.set_title(summary["title"])
-    paths.append(speedrun.save_chart(fig, folder / "accuracy.png"))
+    paths.append(speedrun_tools.save_chart(fig, folder / "accuracy.png"))
 
     # time bars: time-to-target (runs that reached it) and the whole budget's timed seconds
     fig, (ax_target, ax_budget) = plt.subplots(1, 2, sharey=True, figsize=(10, 0.45 * len(ran) + 1.5))
@@ -559,7 +560,7 @@ def draw_charts(folder: Path, summary: dict, plt, report: Report = Report()) -> 
     ax_budget.set_xlabel("timed s for the whole budget (95% CI)")
     ax_target.invert_yaxis()
     fig.suptitle(summary["title"])
-    paths.append(speedrun.save_chart(fig, folder / "time.png"))
+    paths.append(speedrun_tools.save_chart(fig, folder / "time.png"))
 
     # accuracy curves against epoch and against timed seconds
     curves = report.curves(summary) if report.curves else ran
@@ -572,7 +573,7 @@ def draw_charts(folder: Path, summary: dict, plt, report: Report = Report()) -> 
         ax.set_ylabel("EMA+TTA test accuracy, % (mean over seeds)")
         ax.set_title(summary["title"])
         ax.legend(fontsize=7)
-        paths.append(speedrun.save_chart(fig, folder / name))
+        paths.append(speedrun_tools.save_chart(fig, folder / name))
 
     if report.charts:
         paths += report.charts(folder, summary, plt)
@@ -620,7 +621,7 @@ def main(parser, make_study, name, script: str, argv=None) -> int:
     `name` (a string, or a function of the parsed arguments) names the default study folder;
     `script` is how the command is written in the summary."""
     args = parser.parse_args(argv)
-    log = speedrun.log_lines(args.quiet)
+    log = speedrun_tools.log_lines(args.quiet)
     folder = argv_used = None
     with speedrun.sigterm_as_interrupt():
         try:

@@ -13,11 +13,9 @@ study). Every variant runs with the same seeds; differences from the reference a
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ablations import study  # noqa: E402
-import speedrun  # noqa: E402
+from ablations import study
+import speedrun
 
 TIME_ONLY_NOTE = ("fp32 and no_channels_last change speed, not the maths (beyond rounding); on a CPU, fp32 is "
                   "what precision auto already picks, so that variant repeats the full recipe there")

@@ -18,14 +18,12 @@ import dataclasses
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-import speedrun  # noqa: E402
+import speedrun
+import speedrun_tools
+
 
 CELLS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
 
@@ -98,7 +96,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     env = speedrun.environment(torch.device("cpu"))
-    print(f"{speedrun.machine_line(env)}; batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats per cell\n")
+    print(f"{speedrun_tools.machine_line(env)}; batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats per cell\n")
     print("\n".join(table(measure(presets, args.batch_size, args.steps, args.repeats, precisions), args.batch_size)))
     return 0
 

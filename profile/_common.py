@@ -1,23 +1,21 @@
 """What the profile/ scripts share: the trainer's command line, data loading with clear errors,
-a one-line description of the machine, and the optional bar chart (output paths, the "never
-overwrite" check and matplotlib's import are speedrun's, shared with every tool).
+a one-line description of the machine, and the optional bar chart (output paths and the "never
+overwrite" check are speedrun's, matplotlib's import is speedrun_tools', shared with every tool).
 
 This folder must never get an __init__.py: it would shadow the standard library's `profile`
-module, which cProfile imports. The scripts run as `python profile/NAME.py`, so this module
-puts the repository root on sys.path to import speedrun.
+module, which cProfile imports. The scripts run as `python profile/NAME.py` and import this
+module by name; speedrun comes from the installed package (`pip install -e .`, README).
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import torch
+
+import speedrun
+import speedrun_tools
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-import speedrun  # noqa: E402
 
 
 def parse_args(description: str, add_flags, argv=None, uses=("out", "save")):
@@ -48,7 +46,7 @@ def load_data(parser, cfg, device, args):
 
 
 def describe_machine(device: torch.device) -> str:
-    return speedrun.machine_line(speedrun.environment(device))
+    return speedrun_tools.machine_line(speedrun.environment(device))
 
 
 def write_text(path: Path, text: str) -> None:
@@ -58,9 +56,9 @@ def write_text(path: Path, text: str) -> None:
 def bar_chart(path: Path, labels, values, title: str, xlabel: str) -> str:
     """Horizontal bars, largest at the top, written atomically as a PNG. Returns the line to print:
     where the chart went, or how to get one when matplotlib (optional) is missing."""
-    plt = speedrun.pyplot()
+    plt = speedrun_tools.pyplot()
     if plt is None:
-        return speedrun.no_chart(path.name)
+        return speedrun_tools.no_chart(path.name)
     pairs = sorted(zip(values, labels))
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(pairs) + 1.5))
     bars = ax.barh([p[1] for p in pairs], [p[0] for p in pairs], color="tab:blue")
@@ -70,4 +68,4 @@ def bar_chart(path: Path, labels, values, title: str, xlabel: str) -> str:
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
     ax.set_xlim(0, max(values, default=1.0) * 1.15 or 1.0)
-    return f"chart written to {speedrun.save_chart(fig, path)}"
+    return f"chart written to {speedrun_tools.save_chart(fig, path)}"

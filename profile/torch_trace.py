@@ -31,6 +31,8 @@ from pathlib import Path
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
+import speedrun_tools
+
 import _common
 from _common import speedrun
 
@@ -210,7 +212,7 @@ def main(argv=None) -> int:
     chrome, board = write_traces(prof, trace_dir)
 
     tta = f"{cfg.tta} TTA" if cfg.tta != "none" else "no TTA"
-    lines = [_common.describe_machine(device), f"command: {speedrun.command_line(__file__, argv)}",
+    lines = [_common.describe_machine(device), f"command: {speedrun_tools.command_line(__file__, argv)}",
              f"profiled window: whitening init ({min(cfg.whiten_samples, n_train) if cfg.whiten else 0} images), "
              f"augmentation of one epoch ({n_train} images), {args.trace_steps} training steps of {cfg.batch_size}, "
              f"evaluation of {eval_images} test images ({tta}); 'run est.' = one timed run of {speedrun.plural(cfg.epochs, 'epoch')} "
@@ -219,7 +221,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     _common.write_text(trace_dir / "breakdown.txt", text + "\n")
-    record = dict(device=str(device), machine=_common.describe_machine(device), command=speedrun.command_line(__file__, argv),
+    record = dict(device=str(device), machine=_common.describe_machine(device), command=speedrun_tools.command_line(__file__, argv),
                   window_wall_s=wall_s, window_us=times_us, run_factors=factors,
                   add_up_tolerance=ADD_UP_TOLERANCE, labels=CATEGORIES)
     speedrun.save_json(record, trace_dir / "breakdown.json")

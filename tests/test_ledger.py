@@ -2,15 +2,11 @@
 files that are not full-scale runs of a preset."""
 import dataclasses
 import json
-import sys
 
 import pytest
 
-from helpers import ROOT
 import speedrun
-
-sys.path.insert(0, str(ROOT / "bench"))
-import ledger  # noqa: E402
+from bench import ledger
 
 
 def result_file(folder, name, preset, accs, device="cpu", **changes):

@@ -1,0 +1,56 @@
+"""What the tools around the trainer share and the trainer itself does not use: how a tool was
+started, its log, the optional charts (matplotlib), a one-line description of the machine, and
+the parts of a tool's --help that speedrun's parser cannot know (its own examples and defaults).
+
+The trainer stays speedrun.py; profile/, ablations/ and bench/ import both modules.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import speedrun
+
+
+def command_line(script: str | Path, argv: list[str] | None = None) -> str:
+    """How a tool was started, to paste again: 'python SCRIPT ARGS', the script relative to here."""
+    return shlex.join(["python", os.path.relpath(Path(script).resolve(), Path.cwd()),
+                       *(sys.argv[1:] if argv is None else map(str, argv))])
+
+
+def log_lines(quiet: bool = False):
+    """The log of a tool: print, each line flushed at once (also through a pipe), or nothing when quiet."""
+    return speedrun.silent if quiet else (lambda *args, **kwargs: print(*args, **kwargs, flush=True))
+
+
+def machine_line(env: dict) -> str:
+    """One line for a report, from speedrun.environment(): e.g. 'GPU NVIDIA H100 80GB HBM3 (CUDA 13.0),
+    torch 2.11.0+cu130, Python 3.11.7' or 'CPU AMD EPYC (2 cores, 2 torch threads), torch 2.13.0+cpu, ...'."""
+    where = f"GPU {env['device_name']} (CUDA {env['cuda']})" if env["device"].startswith("cuda") else env["device_name"]
+    return f"{where}, torch {env['torch']}, Python {env['python']}"
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (the Agg backend), or None: matplotlib is optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def no_chart(what: str, how: str = "rerun") -> str:
+    """The line a tool prints where matplotlib is missing: no chart, and how to get `what`."""
+    return f"no chart: matplotlib is not installed (pip install matplotlib, then {how} to get {what})"
+
+
+def save_chart(fig, path: Path) -> Path:
+    """The figure, laid out, as a PNG at `path` (written atomically); the figure is then closed."""
+    fig.tight_layout()
+    speedrun.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    pyplot().close(fig)
+    return path
