@@ -35,8 +35,6 @@ import speedrun_tools
 
 CSV_COLUMNS = ("variant", "seed", "final_acc", "time_to_target_s", "epochs_to_target", "timed_s",
                "acc_by_epoch", "seconds_by_epoch", "device_name", "finished", "diverged_epoch")
-# The header before diverged runs were recorded; such a file is read, and rewritten with the new header before appending.
-OLD_CSV_COLUMNS = CSV_COLUMNS[:-1]
 # Config fields that say where or how often to run, not what a variant is.
 UNSTORED_FIELDS = ("data_dir", "device", "seed", "runs", "workers")
 DEFAULT_RUNS = 5
@@ -139,10 +137,10 @@ def _per_epoch(text: str) -> list[float | None]:
     return [None if x == "-" else float(x) for x in text.split()]
 
 
-def _parse_row(cells: list[str], where: str, columns=CSV_COLUMNS) -> dict:
-    if len(cells) != len(columns):
-        raise StudyError(f"{where} has {len(cells)} fields, expected {len(columns)}: the file is damaged")
-    raw = {"diverged_epoch": "", **dict(zip(columns, cells))}
+def _parse_row(cells: list[str], where: str) -> dict:
+    if len(cells) != len(CSV_COLUMNS):
+        raise StudyError(f"{where} has {len(cells)} fields, expected {len(CSV_COLUMNS)}: the file is damaged")
+    raw = dict(zip(CSV_COLUMNS, cells))
     try:
         opt = lambda text, kind: kind(text) if text != "" else None  # noqa: E731
         return dict(variant=raw["variant"], seed=int(raw["seed"]), final_acc=opt(raw["final_acc"], float),
@@ -161,7 +159,6 @@ class ResultsFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.old_format = False  # set by read(): the file has the header without diverged_epoch
 
     def read(self, repair: bool = False, log=print) -> list[dict]:
         if not self.path.exists():
@@ -177,11 +174,10 @@ class ResultsFile:
         lines = list(csv.reader(io.StringIO(data.decode("utf-8"))))
         if not lines:
             return []
-        if tuple(lines[0]) not in (CSV_COLUMNS, OLD_CSV_COLUMNS):
+        if tuple(lines[0]) != CSV_COLUMNS:
             raise StudyError(f"{self.path} does not start with the header of a study's results.csv "
                              f"({','.join(CSV_COLUMNS)}); is this the right folder?")
-        self.old_format = tuple(lines[0]) == OLD_CSV_COLUMNS
-        return [_parse_row(cells, f"{self.path} line {k + 2}", tuple(lines[0])) for k, cells in enumerate(lines[1:])]
+        return [_parse_row(cells, f"{self.path} line {k + 2}") for k, cells in enumerate(lines[1:])]
 
     def _ensure_header(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -296,8 +292,6 @@ def run_study(study: Study, folder: Path, seeds: list[int], base: speedrun.Confi
         sessions = meta["sessions"]
     results = ResultsFile(folder / "results.csv")
     rows = results.read(repair=True, log=log)
-    if results.old_format:
-        results.write_all(rows)  # the new header (with diverged_epoch) before anything is appended
     known = {v.name for v in study.variants}
     strangers = sorted({r["variant"] for r in rows} - known)
     if strangers:

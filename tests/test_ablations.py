@@ -396,17 +396,6 @@ def test_epochs_left_unevaluated_by_eval_every_round_trip_and_are_left_out_of_th
     assert study.mean_curves([row, other]) == dict(epoch=[3], acc=[pytest.approx(0.92)], seconds=[3.0])
 
 
-def test_a_results_file_of_the_old_format_is_read_and_upgraded_before_appending(tmp_path):
-    path = tmp_path / "results.csv"
-    path.write_text(",".join(study.OLD_CSV_COLUMNS) + "\nfull,0,0.5,,,1.5,0.25 0.5,0.75 1.5,cpu,now\n")
-    results = study.ResultsFile(path)
-    assert results.read()[0]["final_acc"] == 0.5 and results.old_format
-    rows = results.read()
-    results.write_all(rows)
-    results.append(fake_row("full", 1, 0.25))
-    assert [r["seed"] for r in study.ResultsFile(path).read()] == [0, 1]
-
-
 def test_accuracy_and_time_intervals_never_go_below_zero():
     rows = [fake_row("x", s, a, t) for s, (a, t) in enumerate([(0.0, 0.1), (0.01, 0.1), (0.3, 9.0)])]
     stats = study.variant_stats(rows, None, 0.005)
