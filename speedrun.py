@@ -1517,11 +1517,11 @@ output: one row per epoch, a verdict, and a JSON result (--out, default a new fi
 
 {timing}"""
 
-def build_parser(description: str | None = None, outputs: bool = True) -> argparse.ArgumentParser:
+def build_parser(description: str | None = None, outputs: bool = True, epilog: str | None = None) -> argparse.ArgumentParser:
     """The trainer's flags: --preset, one flag per Config field, and (with outputs) --out and
     --save. The profile/, ablations/ and bench/ scripts start from this parser and add their own."""
     p = _Parser(description=description or __doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog(),
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog or help_epilog(),
                 usage="%(prog)s [--preset NAME] [--runs N] [--device DEVICE] [FLAG ...]  (--help lists every flag)")
     p.add_argument("--preset", default="davidnet", metavar="NAME",
                    help=f"named set of defaults, one of {', '.join(PRESETS)} (what each sets is listed at the end); "

@@ -6,7 +6,9 @@ The trainer stays speedrun.py; profile/, ablations/ and bench/ import both modul
 """
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -54,3 +56,28 @@ def save_chart(fig, path: Path) -> Path:
     speedrun.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     pyplot().close(fig)
     return path
+
+
+def tool_parser(doc: str, outputs: bool = False) -> argparse.ArgumentParser:
+    """speedrun's parser (--preset and a flag per Config field) for a tool: the tool's docstring as
+    its description (first paragraph) and epilog (its examples and the rest), then what each preset
+    sets; speedrun's --out and --save only where the tool writes a result and weights as speedrun does."""
+    description, _, rest = doc.strip().partition("\n\n")
+    epilog = f"{rest.rstrip()}\n\npresets (each sets these fields; the flags override them):\n{speedrun.presets_text()}"
+    return speedrun.build_parser(description, outputs=outputs, epilog=epilog)
+
+
+def tool_defaults(parser: argparse.ArgumentParser, **defaults) -> None:
+    """The tool's own defaults for the trainer's flags (e.g. runs=5 for a study), in force and shown
+    by --help (where speedrun's help would show the Config's)."""
+    parser.set_defaults(**defaults)
+    for action in parser._actions:
+        if action.dest in defaults and action.help:
+            action.help = re.sub(r"\(default: [^)]*\)$", f"(default: {defaults[action.dest]})", action.help)
+
+
+def hide_flags(parser: argparse.ArgumentParser, *dests: str) -> None:
+    """Leave inherited flags that the tool refuses out of its --help (the refusal says why)."""
+    for action in parser._actions:
+        if action.dest in dests:
+            action.help = argparse.SUPPRESS

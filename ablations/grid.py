@@ -112,7 +112,7 @@ def make_study(args, base: speedrun.Config) -> study.Study:
 
 
 def build_parser():
-    p = study.build_parser(__doc__.split("\n\n")[0])
+    p = study.build_parser(__doc__)
     p.add_argument("--x", default=DEFAULT_X, metavar="FIELD=V1,V2,...", help=f"columns of the grid (default: {DEFAULT_X})")
     p.add_argument("--y", default=DEFAULT_Y, metavar="FIELD=V1,V2,...", help=f"rows of the grid (default: {DEFAULT_Y})")
     return p

@@ -103,7 +103,7 @@ def make_study(args, base: speedrun.Config) -> study.Study:
 
 
 def build_parser():
-    p = study.build_parser(__doc__.split("\n\n")[0])
+    p = study.build_parser(__doc__)
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS), metavar="A,B,...",
                    help=f"optimizers to compare (default: {','.join(OPTIMIZERS)})")
     p.add_argument("--lr-for", default=None, metavar="OPT=LR,...", help="learning rates given outright, in --lr units")

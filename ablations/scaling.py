@@ -355,7 +355,8 @@ def write_reports(folder: Path, report: dict, log=print) -> list[Path]:
 
 
 def build_parser():
-    parser = speedrun.build_parser(__doc__.split("\n\n")[0], outputs=False)  # --out here is a folder
+    parser = speedrun_tools.tool_parser(__doc__)  # its own --out, a folder
+    speedrun_tools.hide_flags(parser, "runs", "workers")  # each P is one torchrun job of one run's steps
     g = parser.add_argument_group("scaling")
     g.add_argument("--out", type=Path, default=None,
                    help="folder for scaling.json, scaling.md and scaling.png (default: runs/scaling-<timestamp>); "

@@ -579,9 +579,11 @@ def draw_charts(folder: Path, summary: dict, plt, report: Report = Report()) -> 
 # =============================================================================================
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
-    """speedrun's parser (every Config flag) plus the study flags."""
-    p = speedrun.build_parser(description)
+def build_parser(doc: str) -> argparse.ArgumentParser:
+    """speedrun's parser (every Config flag, --runs defaulting to DEFAULT_RUNS: the seeds every
+    variant shares) for the study script of docstring `doc`, plus the study flags."""
+    p = speedrun_tools.tool_parser(doc)
+    speedrun_tools.tool_defaults(p, runs=DEFAULT_RUNS)
     g = p.add_argument_group("study")
     g.add_argument("--study", type=Path, default=None,
                    help="study folder (default: a new studies/<name>-<timestamp>/); rerun with the same folder to resume")
@@ -595,12 +597,6 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 def default_study_folder(name: str, root: Path = Path("studies")) -> Path:
     return speedrun.new_path(root, f"{name}-{speedrun.timestamp()}")
-
-
-def base_config(args) -> speedrun.Config:
-    """The Config of the flags; --runs defaults to DEFAULT_RUNS (seeds shared by every variant)."""
-    cfg = speedrun.config_from_args(args)
-    return cfg if hasattr(args, "runs") else dataclasses.replace(cfg, runs=DEFAULT_RUNS)
 
 
 def resume_command(argv: list[str], folder: Path) -> str:
@@ -619,13 +615,11 @@ def main(parser, make_study, name, script: str, argv=None) -> int:
     folder = argv_used = None
     with speedrun.sigterm_as_interrupt():
         try:
-            if args.out is not None or args.save is not None:
-                raise StudyError("--out and --save belong to speedrun.py; a study writes into its --study folder")
             if args.max_runs is not None and args.max_runs < 0:
                 raise StudyError(f"--max-runs must be 0 or more, got {args.max_runs}")
             if args.threads is not None and args.threads < 1:
                 raise StudyError(f"--threads must be at least 1, got {args.threads}")
-            cfg = base_config(args)
+            cfg = speedrun.config_from_args(args)
             shard = parse_shard(args.shard)
             study = make_study(args, cfg)
             if speedrun.pick_device(cfg.device).type == "cpu" and cfg.subset == 0:
@@ -647,3 +641,19 @@ def main(parser, make_study, name, script: str, argv=None) -> int:
             parser.exit(130, f"interrupted: finished runs are saved in {folder}; resume with: "
                              f"{resume_command(argv_used, folder)}\n")
     return 0
+
+
+def explain(argv=None) -> int:
+    """`python ablations/study.py`: the module runs no study itself; its --help says what it is and
+    which scripts run studies, and anything else is an error that names them."""
+    scripts = "ablations/tricks.py, ablations/grid.py and ablations/optimizers.py"
+    description, rest = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(prog="study.py", description=description, epilog=f"{rest.rstrip()}\n\nthe studies: "
+                                f"{scripts} (each with --help); ablations/merge.py merges their shards.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.parse_args(argv)
+    p.exit(2, f"error: study.py runs no study itself; run {scripts} (see --help)\n")
+
+
+if __name__ == "__main__":
+    sys.exit(explain())

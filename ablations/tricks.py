@@ -102,7 +102,7 @@ def make_study(args, base: speedrun.Config) -> study.Study:
 
 
 def build_parser():
-    p = study.build_parser(__doc__.split("\n\n")[0])
+    p = study.build_parser(__doc__)
     p.add_argument("--mode", choices=("leave-one-out", "cumulative"), default="leave-one-out",
                    help="leave-one-out: each trick off alone; cumulative: tricks added in Page's order (default: leave-one-out)")
     p.add_argument("--variants", default=None, metavar="A,B,...",

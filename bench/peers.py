@@ -360,10 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     """speedrun's parser, whose Config flags apply to every preset (--runs: timed runs of
     each trainer, default 10; --seed: round k seeds every trainer with seed+k), plus this
     benchmark's flags; --presets, several, takes the place of speedrun's --preset."""
-    p = speedrun.build_parser(__doc__.split("\n\n")[0], outputs=False)
-    p.epilog = __doc__.split("\n\n", 2)[-1]
+    p = speedrun_tools.tool_parser(__doc__)
     p.usage = "%(prog)s [--presets A,B,...] [--runs N] [--device DEVICE] [FLAG ...]  (--help lists every flag)"
     p.set_defaults(preset=None)
+    speedrun_tools.tool_defaults(p, runs=10)
+    speedrun_tools.hide_flags(p, "preset", "workers", "target_acc")  # refused below: one line says why
     g = p.add_argument_group("peer comparison")
     g.add_argument("--presets", default="davidnet,airbench94,record", help="comma-separated speedrun presets (default: davidnet,airbench94,record)")
     g.add_argument("--airbench-dir", type=Path, default=None,

@@ -18,18 +18,15 @@ import speedrun_tools
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args(description: str, add_flags, argv=None, uses=("out", "save")):
-    """speedrun's parser plus the script's own flags (add_flags(parser)); returns
-    (parser, args, cfg, device). Bad input exits with status 2 and a one-line message.
-    `uses` names the trainer's output flags (--out, --save) that this script honours;
-    the others are refused, since silently ignoring them would lose the user's file."""
-    parser = speedrun.build_parser(description)
+def parse_args(doc: str, add_flags, argv=None, outputs: bool = False):
+    """speedrun's parser for the script of docstring `doc` plus its own flags (add_flags(parser));
+    returns (parser, args, cfg, device). Bad input exits with status 2 and a one-line message.
+    `outputs`: the script writes speedrun's result (--out) and weights (--save); a script that
+    does not has neither flag, so argparse refuses them rather than the user's file being ignored."""
+    parser = speedrun_tools.tool_parser(doc, outputs=outputs)
     add_flags(parser.add_argument_group("this script's own flags"))
     args = parser.parse_args(argv)
     try:
-        for name in ("out", "save"):
-            if name not in uses and getattr(args, name) is not None:
-                raise ValueError(f"--{name} is not used by this script (its own output flags are listed in --help)")
         cfg = speedrun.config_from_args(args)
         device = speedrun.pick_device(cfg.device)
     except ValueError as e:

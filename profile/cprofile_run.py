@@ -88,7 +88,7 @@ def report(stats: pstats.Stats, top: int) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser, args, cfg, device = _common.parse_args(__doc__.split("\n\n")[0], add_flags, argv)
+    parser, args, cfg, device = _common.parse_args(__doc__, add_flags, argv, outputs=True)
     prof_path = args.prof or speedrun.new_path(Path("traces"), f"cprofile-{speedrun.timestamp()}", ".prof")
     if args.top < 1:
         parser.exit(2, f"error: --top must be at least 1, got {args.top}\n")

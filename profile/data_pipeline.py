@@ -92,7 +92,7 @@ def time_epochs(run_epoch, device, repeats: int) -> tuple[float, int]:
 
 
 def main(argv=None) -> int:
-    parser, args, cfg, device = _common.parse_args(__doc__.split("\n\n")[0], add_flags, argv, uses=())
+    parser, args, cfg, device = _common.parse_args(__doc__, add_flags, argv)
     workers = args.loader_workers if args.loader_workers is not None else [0, min(4, os.cpu_count() or 1)]
     workers = sorted(set(workers))
     if min(workers) < 0 or args.timed_epochs < 1:

@@ -200,7 +200,7 @@ def timed_runs(result: dict, cfg) -> list[tuple[float, int, str]]:
 
 
 def main(argv=None) -> int:
-    parser, args, cfg, device = _common.parse_args(__doc__.split("\n\n")[0], add_flags, argv, uses=())
+    parser, args, cfg, device = _common.parse_args(__doc__, add_flags, argv)
     given = [name for name in ("seconds", "result", "train") if getattr(args, name) not in (None, False)]
     try:
         if len(given) > 1:

@@ -190,7 +190,7 @@ def write_traces(prof, trace_dir: Path) -> tuple[Path, Path]:
 
 
 def main(argv=None) -> int:
-    parser, args, cfg, device = _common.parse_args(__doc__.split("\n\n")[0], add_flags, argv, uses=())
+    parser, args, cfg, device = _common.parse_args(__doc__, add_flags, argv)
     trace_dir = args.trace_dir or speedrun.new_path(Path("traces"), f"trace-{speedrun.timestamp()}")
     try:
         speedrun.refuse_existing(trace_dir, "--trace-dir", folder=True)

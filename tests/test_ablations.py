@@ -131,7 +131,7 @@ def test_shards_split_the_jobs_without_overlap():
     (tricks, ["--shard", "half"], "expected i/n"),
     (tricks, ["--variants", "full,no_magic"], "unknown variant(s) no_magic; choose from full, no_whitening"),
     (tricks, ["--max-runs", "-1"], "--max-runs must be 0 or more"),
-    (tricks, ["--out", "x.json"], "--out and --save belong to speedrun.py"),
+    (tricks, ["--out", "x.json"], "unrecognized arguments: --out"),
     (tricks, ["--subset", "100", "--batch-size", "128", "--ghost-bn-splits", "4"], "100 training images are fewer than one batch of 128"),
     (grid, ["--x", "colour=1,2"], "'colour' is not a field a grid can sweep"),
     (grid, ["--x", "lr=1,2", "--y", "lr=3"], "both sweep lr"),
