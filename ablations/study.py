@@ -261,9 +261,19 @@ def _run_line(k: int, total: int, row: dict, target: float, started: float) -> s
             f"| elapsed {_clock(elapsed)}, ETA {_clock(eta)}")
 
 
+def in_run_progress(log):
+    """What a study shows of a run while it trains: speedrun's progress line inside an epoch ("  step
+    k of n: ...", every 30 s, so only where training is slow), as a single run shows it; not the
+    epoch rows, since each run ends with its one line. Nothing when the study's log is silent."""
+    if log is speedrun.silent:
+        return speedrun.silent
+    return lambda text="", *args, **kwargs: log(text, *args, **kwargs) if str(text).startswith("  step ") else None
+
+
 def execute(jobs: list[tuple[Variant, int]], devices: list[str], on_row, threads: int | None = None,
-            url: str = speedrun.CIFAR10_URL) -> None:
-    """Run the jobs with speedrun.run_jobs, calling on_row(row) here as each finishes (in finishing order)."""
+            url: str = speedrun.CIFAR10_URL, log=speedrun.silent) -> None:
+    """Run the jobs with speedrun.run_jobs, calling on_row(row) here as each finishes (in finishing order).
+    In one process the runs' progress lines go to `log` (worker processes keep theirs)."""
     names = {}
 
     def on_result(index, result, device):
@@ -271,7 +281,8 @@ def execute(jobs: list[tuple[Variant, int]], devices: list[str], on_row, threads
             names[device] = speedrun.environment(torch.device(device))["device_name"]
         on_row(result_row(jobs[index][0].name, result, names[device]))
 
-    speedrun.run_jobs([(v.config, seed) for v, seed in jobs], devices, on_result, url=url, threads=threads)
+    speedrun.run_jobs([(v.config, seed) for v, seed in jobs], devices, on_result, url=url, threads=threads,
+                      log=in_run_progress(log))
 
 
 def run_study(study: Study, folder: Path, seeds: list[int], base: speedrun.Config, shard=(1, 1),
@@ -325,7 +336,7 @@ def run_study(study: Study, folder: Path, seeds: list[int], base: speedrun.Confi
         log(_run_line(count, len(todo), row, target, started))
 
     try:
-        execute(todo, devices, on_row, threads=threads, url=url)
+        execute(todo, devices, on_row, threads=threads, url=url, log=log)
     except BaseException:
         write_reports(folder, definition, rows, sessions + [session], log=speedrun.silent, report=study.report)  # the caller explains
         raise

@@ -4,6 +4,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -418,3 +419,19 @@ def test_interrupt_names_the_folder_and_the_command_that_resumes(tmp_path, monke
     assert folder.startswith("studies/tricks-") and len(err.splitlines()) == 1
     assert err.endswith(f"resume with: python ablations/tricks.py {' '.join(TINY)} {' '.join(PAIR)} --study {folder}")
     assert len(read_csv(tmp_path / folder)) == 1
+
+
+def test_a_study_shows_the_in_run_progress_lines_of_a_single_run_but_not_its_epoch_rows(real_data_dir, tmp_path,
+                                                                                     monkeypatch, capsys):
+    monkeypatch.setattr(speedrun.Progress.__init__, "__defaults__", (0.0,))  # a line every step, not every 30 s
+    assert tricks.main(["--data-dir", str(real_data_dir), *TINY, "--runs", "1", "--variants", "full",
+                        "--study", str(tmp_path / "s")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    progress = [k for k, line in enumerate(lines) if re.match(r"  step \d+ of 8: [\d,]+ images/s, training ends in", line)]
+    finished = next(k for k, line in enumerate(lines) if line.startswith("run 1 of 1: variant full"))
+    assert len(progress) >= 6 and max(progress) < finished  # every step after each epoch's first, before the verdict
+    assert not any(line.lstrip().startswith("epoch  train loss") for line in lines)
+    capsys.readouterr()
+    assert tricks.main(["--data-dir", str(real_data_dir), *TINY, "--runs", "1", "--variants", "full", "--quiet",
+                        "--study", str(tmp_path / "quiet")]) == 0
+    assert capsys.readouterr().out == ""
