@@ -24,6 +24,7 @@ import json
 import os
 import shlex
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -435,11 +436,43 @@ def build_summary(definition: dict, rows: list[dict], sessions: list[dict]) -> d
             entry["runs"] = 0
         variants.append(entry)
     torch_versions = sorted({s["environment"]["torch"] for s in sessions})
+    seeds = sorted({r["seed"] for r in rows})
     return dict(kind=definition["kind"], title=definition["title"], notes=definition["notes"],
-                axes=definition["axes"], runs_total=len(rows), seeds=sorted({r["seed"] for r in rows}),
+                axes=definition["axes"], runs_total=len(rows), seeds=seeds,
                 hardware=sorted({r["device_name"] for r in rows}), torch=torch_versions,
                 commands=[shlex.join(["python", *s["argv"]]) if s["argv"] else "" for s in sessions],
-                variants=variants)
+                scale=study_scale(definition, sessions, seeds), variants=variants)
+
+
+def preset_of(argv: list[str]) -> str:
+    """The --preset a study's command gave (speedrun's default when none)."""
+    for k, arg in enumerate(argv):
+        if arg == "--preset" and k + 1 < len(argv):
+            return argv[k + 1]
+        if arg.startswith("--preset="):
+            return arg.split("=", 1)[1]
+    return "davidnet"
+
+
+def study_scale(definition: dict, sessions: list[dict], seeds: list[int]) -> str:
+    """The size of what ran, for every chart's title: preset, images, epochs, seeds (the device is
+    the summary's hardware), e.g. 'preset cpu, width 0.25, 10,000 training / 10,000 test images, 4 epochs, 5 seeds'."""
+    configs = [v["config"] for v in definition["variants"]]
+    presets = sorted({preset_of(s["argv"]) for s in sessions if s["argv"]}) or ["davidnet"]
+    widths = sorted({c["width"] for c in configs})
+    epochs = sorted({c["epochs"] for c in configs})
+    train = sorted({c["subset"] or speedrun.CIFAR10_SIZES[0] for c in configs})
+    test = sorted({c["test_subset"] or speedrun.CIFAR10_SIZES[1] for c in configs})
+    span = lambda values, fmt="{:g}": fmt.format(values[0]) + ("" if len(values) == 1 else f"-{fmt.format(values[-1])}")  # noqa: E731
+    width = "" if widths == [1.0] else f", width {span(widths)}"
+    return (f"preset {', '.join(presets)}{width}, {span(train, '{:,}')} training / {span(test, '{:,}')} test images, "
+            f"{span(epochs)} epochs, {speedrun.plural(len(seeds), 'seed')}")
+
+
+def chart_title(summary: dict, fig, what: str | None = None) -> str:
+    """A chart's title: the study's (or `what`), then its scale and device, wrapped to the figure's width."""
+    lines = [what or summary["title"], f"{summary.get('scale') or ''}; {'; '.join(summary['hardware'])}"]
+    return "\n".join(textwrap.fill(line, int(12 * fig.get_figwidth())) for line in lines)
 
 
 # =============================================================================================
@@ -528,56 +561,102 @@ def write_reports(folder: Path, definition: dict, rows: list[dict], sessions: li
     return summary
 
 
-def _half_width(ci, mean):
-    return 0.0 if ci is None else ci[1] - mean
+def _errors(values, cis):
+    """matplotlib's asymmetric error bars [[below], [above]] from 95% intervals (cut where the quantity
+    cannot go, e.g. a time below 0 s); none where an interval is missing (a single run)."""
+    below = [0.0 if ci is None or v is None else v - ci[0] for v, ci in zip(values, cis)]
+    above = [0.0 if ci is None or v is None else ci[1] - v for v, ci in zip(values, cis)]
+    return [below, above]
+
+
+def _rows_axis(ax, names):
+    ax.set_yticks(range(len(names)), names)
+    ax.set_ylim(len(names) - 0.5, -0.5)  # the first variant at the top
+    ax.grid(axis="x", color="0.9")
+    ax.set_axisbelow(True)
+
+
+def draw_accuracy(folder: Path, summary: dict, ran: list[dict], plt) -> Path:
+    """accuracy.png: each variant's mean accuracy with its 95% interval (points, not bars: a bar's
+    length from a cut axis would exaggerate), and, where variants have a reference, a forest plot of
+    each one's paired difference from it with its 95% interval and the zero line."""
+    names = [v["name"] for v in ran]
+    paired = any(v.get("delta_acc") and v["delta_acc"]["pairs"] for v in ran)
+    fig, axes = plt.subplots(1, 2 if paired else 1, sharey=True, figsize=(11 if paired else 7, 0.4 * len(ran) + 2.2),
+                             squeeze=False)
+    ax = axes[0][0]
+    means = [100 * v["acc_mean"] for v in ran]
+    cis = [None if v["acc_ci95"] is None else [100 * x for x in v["acc_ci95"]] for v in ran]
+    ax.errorbar(means, range(len(ran)), xerr=_errors(means, cis), fmt="o", color="tab:blue", capsize=3)
+    ax.axvline(100 * ran[0]["target_acc"], color="gray", ls="--", lw=1, label=f"target {100 * ran[0]['target_acc']:g}%")
+    _rows_axis(ax, names)
+    ax.set_xlabel("final EMA+TTA test accuracy, % (mean, 95% CI)")
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)
+    if paired:
+        ax = axes[0][1]
+        deltas = [v.get("delta_acc") if v.get("delta_acc") and v["delta_acc"]["pairs"] else None for v in ran]
+        ys = [k for k, d in enumerate(deltas) if d]
+        values = [100 * deltas[k]["mean"] for k in ys]
+        dcis = [None if deltas[k]["ci95"] is None else [100 * x for x in deltas[k]["ci95"]] for k in ys]
+        ax.errorbar(values, ys, xerr=_errors(values, dcis), fmt="s", color="tab:red", capsize=3)
+        ax.axvline(0, color="black", lw=1)
+        for k, v in enumerate(ran):
+            if deltas[k] is None:
+                ax.text(0, k, " reference" if any(w["reference"] == v["name"] for w in ran) else " no pairs",
+                        va="center", fontsize=8, color="0.3")
+        _rows_axis(ax, names)
+        ax.set_xlabel("Δ accuracy from the reference, points (paired by seed, 95% CI)")
+        low, high = min([0.0, *values, *(c[0] for c in dcis if c)]), max([0.0, *values, *(c[1] for c in dcis if c)])
+        pad = 0.08 * (high - low or 1.0)
+        ax.set_xlim(low - pad, high + pad)
+    fig.suptitle(chart_title(summary, fig), fontsize=10)
+    return speedrun_tools.save_chart(fig, folder / "accuracy.png")
+
+
+def draw_times(folder: Path, summary: dict, ran: list[dict], plt) -> Path:
+    """time.png: timed seconds for the whole budget and, when any variant reached the target, the
+    time-to-target of the runs that did; bars from 0 s with 95% intervals cut at 0."""
+    names = [v["name"] for v in ran]
+    pct = f"{100 * ran[0]['target_acc']:g}%"
+    reached = any(v["runs_reaching_target"] for v in ran)
+    fig, axes = plt.subplots(1, 2 if reached else 1, sharey=True, figsize=(11 if reached else 7, 0.4 * len(ran) + 2.2),
+                             squeeze=False)
+    panels = [("timed_mean_s", "timed_ci95", "tab:green", "timed s for the whole budget (mean, 95% CI)")]
+    if reached:
+        panels.insert(0, ("time_to_target_mean_s", "time_to_target_ci95", "tab:orange",
+                          f"time-to-{pct}, s (mean of the runs reaching it, 95% CI)"))
+    for ax, (key, ci_key, colour, label) in zip(axes[0], panels):
+        values = [v[key] for v in ran]
+        shown = [0.0 if x is None else x for x in values]
+        ax.barh(range(len(ran)), shown, color=colour, xerr=_errors(values, [v[ci_key] for v in ran]), capsize=3)
+        for k, x in enumerate(values):
+            if x is None:
+                ax.text(0, k, " not reached", va="center", fontsize=8)
+        _rows_axis(ax, names)
+        ax.set_xlim(0, None)
+        ax.set_xlabel(label)
+    what = summary["title"] + ("" if reached else f" (no variant reached {pct}: only the budget's time)")
+    fig.suptitle(chart_title(summary, fig, what), fontsize=10)
+    return speedrun_tools.save_chart(fig, folder / "time.png")
 
 
 def draw_charts(folder: Path, summary: dict, plt, report: Report = Report()) -> list[Path]:
     ran = [v for v in summary["variants"] if v["runs"] and v["acc_mean"] is not None]  # not those that all diverged
     if not ran:
         return []
-    names = [v["name"] for v in ran]
-    paths = []
-    # accuracy and time bars, error bars = 95% t-interval half-widths
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(ran) + 1.5))
-    means = [100 * v["acc_mean"] for v in ran]
-    errs = [100 * _half_width(v["acc_ci95"], v["acc_mean"]) for v in ran]
-    ax.barh(names, means, xerr=errs, capsize=3, color="tab:blue")
-    target = 100 * ran[0]["target_acc"]
-    ax.axvline(target, color="gray", ls="--", lw=1)
-    low, high = min(m - e for m, e in zip(means, errs)), max(max(m + e for m, e in zip(means, errs)), target)
-    ax.set_xlim(max(0.0, low - 2), min(100.0, high + 1))
-    ax.invert_yaxis()
-    ax.set_xlabel("final EMA+TTA test accuracy, % (95% CI)")
-    ax.set_title(summary["title"])
-    paths.append(speedrun_tools.save_chart(fig, folder / "accuracy.png"))
-
-    # time bars: time-to-target (runs that reached it) and the whole budget's timed seconds
-    fig, (ax_target, ax_budget) = plt.subplots(1, 2, sharey=True, figsize=(10, 0.45 * len(ran) + 1.5))
-    ax_target.barh(names, [v["time_to_target_mean_s"] or 0.0 for v in ran], capsize=3, color="tab:orange",
-                   xerr=[_half_width(v["time_to_target_ci95"], v["time_to_target_mean_s"]) for v in ran])
-    for k, v in enumerate(ran):
-        if not v["runs_reaching_target"]:
-            ax_target.text(0, k, " not reached", va="center")
-    ax_target.set_xlabel(f"time-to-{100 * ran[0]['target_acc']:g}%, s (mean of runs reaching it, 95% CI)")
-    ax_budget.barh(names, [v["timed_mean_s"] for v in ran], capsize=3, color="tab:green",
-                   xerr=[_half_width(v["timed_ci95"], v["timed_mean_s"]) for v in ran])
-    ax_budget.set_xlabel("timed s for the whole budget (95% CI)")
-    ax_target.invert_yaxis()
-    fig.suptitle(summary["title"])
-    paths.append(speedrun_tools.save_chart(fig, folder / "time.png"))
-
-    # accuracy curves against epoch and against timed seconds
+    paths = [draw_accuracy(folder, summary, ran, plt), draw_times(folder, summary, ran, plt)]
+    # accuracy curves against epoch and against timed seconds; the legend beside the axes, clear of the lines
     curves = report.curves(summary) if report.curves else ran
     for xkey, xlabel, name in (("epoch", "epoch", "curves_epoch.png"), ("seconds", "timed seconds", "curves_seconds.png")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9, 4.8))
         for v in curves:
             ax.plot(v["curves"][xkey], [100 * a for a in v["curves"]["acc"]], marker="o", ms=3, label=v["name"])
         ax.axhline(100 * ran[0]["target_acc"], color="gray", ls="--", lw=1)
+        ax.set_ylim(0, 100)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("EMA+TTA test accuracy, % (mean over seeds)")
-        ax.set_title(summary["title"])
-        ax.legend(fontsize=7)
+        ax.set_title(chart_title(summary, fig), fontsize=10)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         paths.append(speedrun_tools.save_chart(fig, folder / name))
 
     if report.charts:

@@ -435,3 +435,31 @@ def test_a_study_shows_the_in_run_progress_lines_of_a_single_run_but_not_its_epo
     assert tricks.main(["--data-dir", str(real_data_dir), *TINY, "--runs", "1", "--variants", "full", "--quiet",
                         "--study", str(tmp_path / "quiet")]) == 0
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib (optional) is not installed")
+def test_study_charts_cut_time_intervals_at_zero_omit_empty_panels_and_name_their_scale(tmp_path, monkeypatch):
+    import speedrun_tools
+    drawn = {}
+    monkeypatch.setattr(speedrun_tools, "save_chart", lambda fig, path: drawn.setdefault(path.name, fig) and path)
+    base = speedrun.make_config("cpu", subset=2000, epochs=3)
+    the_study = tricks.make_study(tricks.build_parser().parse_args(["--variants", "full,no_tta"]), base)
+    rows = [dict(fake_row(v, s, acc), timed_s=t) for s, (v, acc, t) in
+            enumerate([("full", 0.6, 1.0), ("no_tta", 0.55, 1.0), ("full", 0.62, 40.0), ("no_tta", 0.58, 60.0)])]
+    rows = [dict(r, seed=k // 2) for k, r in enumerate(rows)]  # two seeds, each variant at both: pairs
+    sessions = [dict(argv=["ablations/tricks.py", "--preset", "cpu"], environment=dict(torch="2.13.0+cpu"))]
+    summary = study.build_summary(the_study.definition(), rows, sessions)
+    assert min(summary["variants"][0]["timed_ci95"]) == 0.0  # 2 runs far apart: the t-interval is cut at 0
+    study.draw_charts(tmp_path, summary, speedrun_tools.pyplot())
+    time_fig, acc_fig = drawn["time.png"], drawn["accuracy.png"]
+    (budget,) = time_fig.axes  # nothing reached 94%: no time-to-target panel, and the title says so
+    assert "no variant reached 94%" in " ".join(time_fig._suptitle.get_text().split())
+    lows = [seg[0][0] for c in budget.collections for seg in c.get_segments()]
+    assert lows and min(lows) >= 0.0, "an interval of a time goes below 0 s"
+    means, deltas = acc_fig.axes
+    assert any(list(line.get_xdata()) == [0, 0] for line in deltas.get_lines()), "the forest plot has no zero line"
+    assert not means.patches, "accuracy is drawn as points with intervals, not bars from a cut axis"
+    for fig in drawn.values():
+        title = " ".join((fig._suptitle.get_text() if fig._suptitle else fig.axes[0].get_title()).split())
+        assert all(w in title for w in ("preset cpu", "2,000 training / 2,000 test images", "3 epochs", "2 seeds",
+                                        "CPU (test), with a comma")), title
