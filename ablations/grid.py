@@ -88,7 +88,7 @@ def heatmaps(folder: Path, summary: dict, plt) -> list[Path]:
             for j, g in enumerate(row):
                 ax.text(j, i, "—" if g is None else f"{g:.2f}", ha="center", va="center", color="w", fontsize=8)
         fig.colorbar(im, ax=ax)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(study.chart_title(summary, fig, f"{summary['title']}: {title}"), fontsize=8)
         paths.append(speedrun_tools.save_chart(fig, folder / name))
     return paths
 

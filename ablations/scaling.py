@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,7 @@ import torch.distributed as dist
 
 import speedrun
 import speedrun_tools
+from ablations import study
 
 
 MODES = ("strong", "weak")
@@ -307,9 +309,20 @@ def hardware_line(env: dict, settings: dict) -> str:
     return gpus + speedrun_tools.machine_line(env)
 
 
-def draw_chart(path: Path, rows: list[dict], plt) -> Path:
-    """Throughput and efficiency against P for each mode, and stacked compute/communication bars."""
-    fig, (ax_rate, ax_eff, ax_split) = plt.subplots(1, 3, figsize=(15, 4.5))
+def chart_title(report: dict) -> str:
+    """What the chart measures, then its scale (preset, width, batch, images, steps) and machine."""
+    s, cfg = report["settings"], report["config"]
+    return (f"time per training step against processes\npreset {study.preset_of(shlex.split(report['command']))}, "
+            f"width {cfg['width']:g}, batch {cfg['batch_size']}, {s['n_train']:,} training images, "
+            f"{speedrun.plural(s['steps'], 'timed step')} x {speedrun.plural(s['repeats'], 'repeat')}; "
+            f"{hardware_line(report['environment'], s)}")
+
+
+def draw_chart(path: Path, report: dict, plt) -> Path:
+    """Throughput and efficiency against P for each mode, and stacked compute/communication bars;
+    the legends below the axes, clear of the data."""
+    rows = report["rows"]
+    fig, (ax_rate, ax_eff, ax_split) = plt.subplots(1, 3, figsize=(15, 5.5))
     for mode, color in zip(MODES, ("tab:blue", "tab:orange")):
         mine = [r for r in rows if r["mode"] == mode]
         if not mine:
@@ -323,7 +336,7 @@ def draw_chart(path: Path, rows: list[dict], plt) -> Path:
         ax.set_xticks(all_procs)
         ax.set_xlabel("processes P")
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     ax_eff.axhline(100, color="gray", ls="--", lw=1)
     ax_rate.set_ylim(bottom=0)
     ax_eff.set_ylim(bottom=0)
@@ -333,8 +346,8 @@ def draw_chart(path: Path, rows: list[dict], plt) -> Path:
                  color="tab:red", label="communication (+ waiting)")
     ax_split.set_ylabel("ms per step")
     ax_split.tick_params(axis="x", labelsize=8)
-    ax_split.legend(fontsize=8)
-    fig.suptitle("time per training step against processes")
+    ax_split.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    fig.suptitle(chart_title(report), fontsize=10)
     return speedrun_tools.save_chart(fig, path)
 
 
@@ -350,7 +363,7 @@ def write_reports(folder: Path, report: dict, log=print) -> list[Path]:
         log(CHART_NOTICE)
         return paths
     if report["rows"]:
-        paths.append(draw_chart(folder / "scaling.png", report["rows"], plt))
+        paths.append(draw_chart(folder / "scaling.png", report, plt))
     return paths
 
 
