@@ -227,7 +227,9 @@ def main(argv=None) -> int:
     speedrun.save_json(record, trace_dir / "breakdown.json")
     run_s = [times_us[c] * factors[c] / 1e6 for c in CATEGORIES]
     chart = _common.bar_chart(trace_dir / "breakdown.png", list(CATEGORIES.values()), run_s,
-                              f"Estimated time of one run by category\n{_common.describe_machine(device)}",
+                              f"Estimated time of one run by category\npreset {args.preset}, width {cfg.width:g}, batch "
+                              f"{cfg.batch_size}, {data.train_x.shape[0]:,} training images, {speedrun.plural(cfg.epochs, 'epoch')}\n"
+                              f"{_common.describe_machine(device)}",
                               "seconds per run (estimate)")
     print(f"\n{chart}\ntrace for Perfetto (https://ui.perfetto.dev) or chrome://tracing: {chrome}"
           f"\ntrace for TensorBoard: tensorboard --logdir {board.parent.parent}   (pip install torch-tb-profiler)")
