@@ -14,7 +14,7 @@ import pytest
 from helpers import ROOT
 import speedrun
 from ablations import grid, merge, optimizers, scaling, study, tricks
-from bench import cpu_speed, evaluate, peers
+from bench import cpu_speed, evaluate, peers, pictures
 
 
 def profile_script(name):
@@ -39,6 +39,7 @@ SCRIPTS = {
     "bench/cpu_speed.py": (cpu_speed.main, ()),
     "bench/evaluate.py": (evaluate.main, ()),
     "bench/peers.py": (peers.main, ("--save", "--preset", "--workers", "--target-acc")),
+    "bench/pictures.py": (pictures.main, ("--save", "--runs", "--workers")),
     "profile/cprofile_run.py": ("cprofile_run", ()),
     "profile/torch_trace.py": ("torch_trace", ("--out", "--save")),
     "profile/data_pipeline.py": ("data_pipeline", ("--out", "--save")),
