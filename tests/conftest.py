@@ -11,6 +11,10 @@ import pytest
 
 from helpers import ROOT, speedrun
 
+# The scripts the tests start as child processes (the tools, torchrun's workers) import this checkout
+# too, as the tests themselves do (pyproject.toml's pythonpath), whether or not it is installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
 # How long the test run waits for the first bytes of CIFAR-10 before it skips the real-data tests:
 # long enough for a slow host to answer, short enough that a machine without network moves on.
 FIRST_BYTES_S = 15

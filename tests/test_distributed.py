@@ -40,10 +40,14 @@ def test_two_processes_train_like_one(real_data_dir, tmp_path):
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0), "ranks' weights differ"
     ddp = torch.load(tmp_path / "result.pt", weights_only=False)
     assert ddp["distributed"] == {"world_size": 2, "backend": "gloo", "weights_identical": True}
-    torch.set_num_threads(1)
     cfg = speedrun.make_config(data_dir=str(real_data_dir), subset=512, test_subset=200, width=0.125, epochs=2,
                                batch_size=64, ghost_bn_splits=4, whiten_samples=128, device="cpu", eval_batch_size=100)
-    single = speedrun.train(cfg, log=lambda *a: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process (OMP_NUM_THREADS=1); restored, later tests' numerics depend on it
+    try:
+        single = speedrun.train(cfg, log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
     # Same images, batches and BN groups: only the order of floating-point sums differs.
     for a, b in zip(ddp["epochs"], single["epochs"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-3)
