@@ -22,10 +22,10 @@ Appendices, what the method needs but a reader need not: A. CIFAR-10 files (cach
 archives, download, checksums, safe unpickler, atomic writes) and onto the device; B. config
 checks, argument parsing, paths, results and weights, how the command line ends (errors,
 interrupts, partial results), devices (choice, synchronisation, autocast, seeds, determinism,
-warm-up, memory layout), result metrics and printed reports, and the helpers the tools share
-(output paths, charts, logs, tables); C. statistics (the summary of many runs: mean, spread,
-Student-t interval and test); D. several processes (torchrun helpers, worker pool). A reader
-can stop at the Appendices banner.
+warm-up, memory layout), result metrics and printed reports, and what the tools share with the
+trainer (output paths, tables; their own helpers are in speedrun_tools.py); C. statistics (the
+summary of many runs: mean, spread, Student-t interval and test); D. several processes (torchrun
+helpers, worker pool). A reader can stop at the Appendices banner.
 Each switch's choices are one table beside the code it switches (NETWORKS, OPTIMIZERS,
 LR_SCHEDULES, EMA_KINDS, TTA_MODES, ...); SWITCHES names them all for checks, --help and tools.
 
@@ -57,7 +57,6 @@ import pickle
 import platform
 import queue
 import re
-import shlex
 import shutil
 import signal
 import sys
@@ -1616,11 +1615,11 @@ output: one row per epoch, a verdict, and a JSON result (--out, default a new fi
 
 {timing}"""
 
-def build_parser(description: str | None = None, outputs: bool = True) -> argparse.ArgumentParser:
+def build_parser(description: str | None = None, outputs: bool = True, epilog: str | None = None) -> argparse.ArgumentParser:
     """The trainer's flags: --preset, one flag per Config field, and (with outputs) --out and
     --save. The profile/, ablations/ and bench/ scripts start from this parser and add their own."""
     p = _Parser(description=description or __doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog(),
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog or help_epilog(),
                 usage="%(prog)s [--preset NAME] [--runs N] [--device DEVICE] [FLAG ...]  (--help lists every flag)")
     p.add_argument("--preset", default="davidnet", metavar="NAME",
                    help=f"named set of defaults, one of {', '.join(PRESETS)} (what each sets is listed at the end); "
@@ -1703,10 +1702,6 @@ def timestamp() -> str:
     """The time now as it goes into file names, e.g. 20250101-120000."""
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
-def command_line(script: str | Path, argv: list[str] | None = None) -> str:
-    """How a tool was started, to paste again: 'python SCRIPT ARGS', the script relative to here."""
-    return shlex.join(["python", os.path.relpath(Path(script).resolve(), Path.cwd()),
-                       *(sys.argv[1:] if argv is None else map(str, argv))])
 
 def default_out_path(root: Path = Path("runs"), prefix: str = "") -> Path:
     """A new file root/<prefix><time>.json (-1, -2, ... if taken), reserved."""
@@ -1754,27 +1749,6 @@ def release_outputs() -> None:
         _RESERVED.pop(path)
 
 atexit.register(release_outputs)
-
-def pyplot():
-    """matplotlib.pyplot drawing to files (the Agg backend), or None: matplotlib is optional."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-def no_chart(what: str, how: str = "rerun") -> str:
-    """The line a tool prints where matplotlib is missing: no chart, and how to get `what`."""
-    return f"no chart: matplotlib is not installed (pip install matplotlib, then {how} to get {what})"
-
-def save_chart(fig, path: Path) -> Path:
-    """The figure, laid out, as a PNG at `path` (written atomically); the figure is then closed."""
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    pyplot().close(fig)
-    return path
 
 def write_with_fallback(path: Path, write, what: str, warn=print) -> Path | None:
     """write(path); if that fails (a full disk, where torch.save raises RuntimeError; a folder gone or read-only;
@@ -1957,12 +1931,6 @@ def environment(device: torch.device) -> dict:
     return dict(device=str(device), device_name=name, torch=torch.__version__, python=sys.version.split()[0],
                 cuda=torch.version.cuda, time=datetime.datetime.now().isoformat(timespec="seconds"))
 
-def machine_line(env: dict) -> str:
-    """One line for a report, from environment(): e.g. 'GPU NVIDIA H100 80GB HBM3 (CUDA 13.0), torch
-    2.11.0+cu130, Python 3.11.7' or 'CPU AMD EPYC (2 cores, 2 torch threads), torch 2.13.0+cpu, ...'."""
-    where = f"GPU {env['device_name']} (CUDA {env['cuda']})" if env["device"].startswith("cuda") else env["device_name"]
-    return f"{where}, torch {env['torch']}, Python {env['python']}"
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -2058,10 +2026,6 @@ def classification_metrics(pred: torch.Tensor, target: torch.Tensor, classes: in
 
 def silent(*args, **kwargs):
     """The log of a run that prints nothing (train() then keeps no progress line either)."""
-
-def log_lines(quiet: bool = False):
-    """The log of a tool: print, each line flushed at once (also through a pipe), or nothing when quiet."""
-    return silent if quiet else (lambda *args, **kwargs: print(*args, **kwargs, flush=True))
 
 def markdown_table(columns, rows) -> list[str]:
     """The lines of a Markdown table: the header of `columns`, then one line per row of cells."""
@@ -2456,8 +2420,8 @@ class RunsProgress:
             for line in cpu_lead_in(cfg):
                 log(line)
         (n_train, n_test), n_batches = image_counts(cfg), image_counts(cfg)[0] // cfg.batch_size
-        log(f"{self.preset or 'a custom config'} on {self.device}: {plural(cfg.epochs, 'epoch')} of {n_train:,} "
-            f"training images = {epochs_to_steps(cfg.epochs, n_batches)} steps of {cfg.batch_size}, then an evaluation "
+        log(f"{f'preset {self.preset}' if self.preset else 'a config'} on {self.device}: {plural(cfg.epochs, 'epoch')} "
+            f"of {n_train:,} training images = {epochs_to_steps(cfg.epochs, n_batches)} steps of {cfg.batch_size}, then an evaluation "
             f"on {n_test:,} test images ({cfg.tta} TTA)" + (f"; {plural(cfg.runs, 'run')}" if cfg.runs > 1 else ""))
         if len(self.devices) > 1:
             log(f"{cfg.runs} runs over {len(self.devices)} worker processes ({', '.join(sorted(set(self.devices)))})")

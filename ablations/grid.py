@@ -15,9 +15,9 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ablations import study  # noqa: E402
-import speedrun  # noqa: E402
+from ablations import study
+import speedrun
+import speedrun_tools
 
 DEFAULT_X, DEFAULT_Y = "batch_size=256,512,1024", "lr=0.5,1.0,2.0"
 
@@ -88,8 +88,8 @@ def heatmaps(folder: Path, summary: dict, plt) -> list[Path]:
             for j, g in enumerate(row):
                 ax.text(j, i, "—" if g is None else f"{g:.2f}", ha="center", va="center", color="w", fontsize=8)
         fig.colorbar(im, ax=ax)
-        ax.set_title(title, fontsize=9)
-        paths.append(speedrun.save_chart(fig, folder / name))
+        ax.set_title(study.chart_title(summary, fig, f"{summary['title']}: {title}"), fontsize=8)
+        paths.append(speedrun_tools.save_chart(fig, folder / name))
     return paths
 
 
@@ -112,7 +112,7 @@ def make_study(args, base: speedrun.Config) -> study.Study:
 
 
 def build_parser():
-    p = study.build_parser(__doc__.split("\n\n")[0])
+    p = study.build_parser(__doc__)
     p.add_argument("--x", default=DEFAULT_X, metavar="FIELD=V1,V2,...", help=f"columns of the grid (default: {DEFAULT_X})")
     p.add_argument("--y", default=DEFAULT_Y, metavar="FIELD=V1,V2,...", help=f"rows of the grid (default: {DEFAULT_Y})")
     return p

@@ -13,9 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import speedrun  # noqa: E402
-from ablations import grid, optimizers, study  # noqa: E402
+import speedrun
+import speedrun_tools
+from ablations import grid, optimizers, study
 
 # The reports that a kind of study adds to the shared one (tricks studies add none).
 REPORTS = {"grid": grid.REPORT, "optimizers": optimizers.REPORT}
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     args = p.parse_args(argv)
     try:
-        merge(args.out, args.shards, log=speedrun.log_lines(args.quiet))
+        merge(args.out, args.shards, log=speedrun_tools.log_lines(args.quiet))
     except (ValueError, OSError) as e:  # OSError: a read-only or full folder
         speedrun.release_outputs()
         p.exit(2, f"error: {e}\n")

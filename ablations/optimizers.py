@@ -16,11 +16,9 @@ the curves show each optimizer at its best LR.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ablations import study  # noqa: E402
-import speedrun  # noqa: E402
+from ablations import study
+import speedrun
 
 OPTIMIZERS = tuple(speedrun.OPTIMIZERS)
 ADAPTIVE_STEP_LR = dict(adam=2e-3, adamw=2e-3, rmsprop=2e-4, adagrad=1e-2, adadelta=1.0)
@@ -105,7 +103,7 @@ def make_study(args, base: speedrun.Config) -> study.Study:
 
 
 def build_parser():
-    p = study.build_parser(__doc__.split("\n\n")[0])
+    p = study.build_parser(__doc__)
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS), metavar="A,B,...",
                    help=f"optimizers to compare (default: {','.join(OPTIMIZERS)})")
     p.add_argument("--lr-for", default=None, metavar="OPT=LR,...", help="learning rates given outright, in --lr units")

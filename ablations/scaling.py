@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -43,13 +44,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-import speedrun  # noqa: E402
+import speedrun
+import speedrun_tools
+from ablations import study
+
 
 MODES = ("strong", "weak")
-CHART_NOTICE = speedrun.no_chart("scaling.png")
+CHART_NOTICE = speedrun_tools.no_chart("scaling.png")
 CPU_NOTICE = ("CPU processes use 1 thread each and share this machine's cores: the numbers show the "
               "machinery (gloo, DDP), not how GPUs scale")
 COLUMNS = ("mode", "P", "global batch", "per-rank batch", "step ms", "images/s", "epoch s", "speed-up",
@@ -305,12 +306,23 @@ def markdown_report(report: dict) -> str:
 
 def hardware_line(env: dict, settings: dict) -> str:
     gpus = f"{settings['visible_gpus']} visible GPU(s), " if settings["device_type"] == "cuda" else ""
-    return gpus + speedrun.machine_line(env)
+    return gpus + speedrun_tools.machine_line(env)
 
 
-def draw_chart(path: Path, rows: list[dict], plt) -> Path:
-    """Throughput and efficiency against P for each mode, and stacked compute/communication bars."""
-    fig, (ax_rate, ax_eff, ax_split) = plt.subplots(1, 3, figsize=(15, 4.5))
+def chart_title(report: dict) -> str:
+    """What the chart measures, then its scale (preset, width, batch, images, steps) and machine."""
+    s, cfg = report["settings"], report["config"]
+    return (f"time per training step against processes\npreset {study.preset_of(shlex.split(report['command']))}, "
+            f"width {cfg['width']:g}, batch {cfg['batch_size']}, {s['n_train']:,} training images, "
+            f"{speedrun.plural(s['steps'], 'timed step')} x {speedrun.plural(s['repeats'], 'repeat')}; "
+            f"{hardware_line(report['environment'], s)}")
+
+
+def draw_chart(path: Path, report: dict, plt) -> Path:
+    """Throughput and efficiency against P for each mode, and stacked compute/communication bars;
+    the legends below the axes, clear of the data."""
+    rows = report["rows"]
+    fig, (ax_rate, ax_eff, ax_split) = plt.subplots(1, 3, figsize=(15, 5.5))
     for mode, color in zip(MODES, ("tab:blue", "tab:orange")):
         mine = [r for r in rows if r["mode"] == mode]
         if not mine:
@@ -324,7 +336,7 @@ def draw_chart(path: Path, rows: list[dict], plt) -> Path:
         ax.set_xticks(all_procs)
         ax.set_xlabel("processes P")
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     ax_eff.axhline(100, color="gray", ls="--", lw=1)
     ax_rate.set_ylim(bottom=0)
     ax_eff.set_ylim(bottom=0)
@@ -334,9 +346,9 @@ def draw_chart(path: Path, rows: list[dict], plt) -> Path:
                  color="tab:red", label="communication (+ waiting)")
     ax_split.set_ylabel("ms per step")
     ax_split.tick_params(axis="x", labelsize=8)
-    ax_split.legend(fontsize=8)
-    fig.suptitle("time per training step against processes")
-    return speedrun.save_chart(fig, path)
+    ax_split.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    fig.suptitle(chart_title(report), fontsize=10)
+    return speedrun_tools.save_chart(fig, path)
 
 
 def write_reports(folder: Path, report: dict, log=print) -> list[Path]:
@@ -346,17 +358,18 @@ def write_reports(folder: Path, report: dict, log=print) -> list[Path]:
     text = markdown_report(report)
     speedrun.write_atomic(folder / "scaling.md", lambda tmp: tmp.write_text(text))
     paths = [folder / "scaling.json", folder / "scaling.md"]
-    plt = speedrun.pyplot()
+    plt = speedrun_tools.pyplot()
     if plt is None:
         log(CHART_NOTICE)
         return paths
     if report["rows"]:
-        paths.append(draw_chart(folder / "scaling.png", report["rows"], plt))
+        paths.append(draw_chart(folder / "scaling.png", report, plt))
     return paths
 
 
 def build_parser():
-    parser = speedrun.build_parser(__doc__.split("\n\n")[0], outputs=False)  # --out here is a folder
+    parser = speedrun_tools.tool_parser(__doc__)  # its own --out, a folder
+    speedrun_tools.hide_flags(parser, "runs", "workers")  # each P is one torchrun job of one run's steps
     g = parser.add_argument_group("scaling")
     g.add_argument("--out", type=Path, default=None,
                    help="folder for scaling.json, scaling.md and scaling.png (default: runs/scaling-<timestamp>); "
@@ -390,7 +403,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.worker is not None:
         return run_worker(args.worker)
-    log = speedrun.log_lines(args.quiet)
+    log = speedrun_tools.log_lines(args.quiet)
     try:
         cfg = speedrun.config_from_args(args)
         device = speedrun.pick_device(cfg.device)
@@ -406,7 +419,7 @@ def main(argv=None) -> int:
                                numbered=args.out is None)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
-    command = speedrun.command_line(__file__, argv)
+    command = speedrun_tools.command_line(__file__, argv)
     if device.type == "cpu":
         torch.set_num_threads(1)  # as in each process, so that the environment line says what they use
     env = speedrun.environment(device)

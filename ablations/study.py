@@ -24,22 +24,22 @@ import json
 import os
 import shlex
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-import speedrun  # the scripts that import this module put the repository root on sys.path
+import speedrun
+import speedrun_tools
 
 CSV_COLUMNS = ("variant", "seed", "final_acc", "time_to_target_s", "epochs_to_target", "timed_s",
                "acc_by_epoch", "seconds_by_epoch", "device_name", "finished", "diverged_epoch")
-# The header before diverged runs were recorded; such a file is read, and rewritten with the new header before appending.
-OLD_CSV_COLUMNS = CSV_COLUMNS[:-1]
 # Config fields that say where or how often to run, not what a variant is.
 UNSTORED_FIELDS = ("data_dir", "device", "seed", "runs", "workers")
 DEFAULT_RUNS = 5
-PLOT_NOTICE = speedrun.no_chart("the plots", how="rerun, or run merge.py on the folder,")
+PLOT_NOTICE = speedrun_tools.no_chart("the plots", how="rerun, or run merge.py on the folder,")
 
 
 class StudyError(ValueError):
@@ -138,10 +138,10 @@ def _per_epoch(text: str) -> list[float | None]:
     return [None if x == "-" else float(x) for x in text.split()]
 
 
-def _parse_row(cells: list[str], where: str, columns=CSV_COLUMNS) -> dict:
-    if len(cells) != len(columns):
-        raise StudyError(f"{where} has {len(cells)} fields, expected {len(columns)}: the file is damaged")
-    raw = {"diverged_epoch": "", **dict(zip(columns, cells))}
+def _parse_row(cells: list[str], where: str) -> dict:
+    if len(cells) != len(CSV_COLUMNS):
+        raise StudyError(f"{where} has {len(cells)} fields, expected {len(CSV_COLUMNS)}: the file is damaged")
+    raw = dict(zip(CSV_COLUMNS, cells))
     try:
         opt = lambda text, kind: kind(text) if text != "" else None  # noqa: E731
         return dict(variant=raw["variant"], seed=int(raw["seed"]), final_acc=opt(raw["final_acc"], float),
@@ -160,7 +160,6 @@ class ResultsFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.old_format = False  # set by read(): the file has the header without diverged_epoch
 
     def read(self, repair: bool = False, log=print) -> list[dict]:
         if not self.path.exists():
@@ -176,11 +175,10 @@ class ResultsFile:
         lines = list(csv.reader(io.StringIO(data.decode("utf-8"))))
         if not lines:
             return []
-        if tuple(lines[0]) not in (CSV_COLUMNS, OLD_CSV_COLUMNS):
+        if tuple(lines[0]) != CSV_COLUMNS:
             raise StudyError(f"{self.path} does not start with the header of a study's results.csv "
                              f"({','.join(CSV_COLUMNS)}); is this the right folder?")
-        self.old_format = tuple(lines[0]) == OLD_CSV_COLUMNS
-        return [_parse_row(cells, f"{self.path} line {k + 2}", tuple(lines[0])) for k, cells in enumerate(lines[1:])]
+        return [_parse_row(cells, f"{self.path} line {k + 2}") for k, cells in enumerate(lines[1:])]
 
     def _ensure_header(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -264,9 +262,19 @@ def _run_line(k: int, total: int, row: dict, target: float, started: float) -> s
             f"| elapsed {_clock(elapsed)}, ETA {_clock(eta)}")
 
 
+def in_run_progress(log):
+    """What a study shows of a run while it trains: speedrun's progress line inside an epoch ("  step
+    k of n: ...", every 30 s, so only where training is slow), as a single run shows it; not the
+    epoch rows, since each run ends with its one line. Nothing when the study's log is silent."""
+    if log is speedrun.silent:
+        return speedrun.silent
+    return lambda text="", *args, **kwargs: log(text, *args, **kwargs) if str(text).startswith("  step ") else None
+
+
 def execute(jobs: list[tuple[Variant, int]], devices: list[str], on_row, threads: int | None = None,
-            url: str = speedrun.CIFAR10_URL) -> None:
-    """Run the jobs with speedrun.run_jobs, calling on_row(row) here as each finishes (in finishing order)."""
+            url: str = speedrun.CIFAR10_URL, log=speedrun.silent) -> None:
+    """Run the jobs with speedrun.run_jobs, calling on_row(row) here as each finishes (in finishing order).
+    In one process the runs' progress lines go to `log` (worker processes keep theirs)."""
     names = {}
 
     def on_result(index, result, device):
@@ -274,7 +282,8 @@ def execute(jobs: list[tuple[Variant, int]], devices: list[str], on_row, threads
             names[device] = speedrun.environment(torch.device(device))["device_name"]
         on_row(result_row(jobs[index][0].name, result, names[device]))
 
-    speedrun.run_jobs([(v.config, seed) for v, seed in jobs], devices, on_result, url=url, threads=threads)
+    speedrun.run_jobs([(v.config, seed) for v, seed in jobs], devices, on_result, url=url, threads=threads,
+                      log=in_run_progress(log))
 
 
 def run_study(study: Study, folder: Path, seeds: list[int], base: speedrun.Config, shard=(1, 1),
@@ -295,8 +304,6 @@ def run_study(study: Study, folder: Path, seeds: list[int], base: speedrun.Confi
         sessions = meta["sessions"]
     results = ResultsFile(folder / "results.csv")
     rows = results.read(repair=True, log=log)
-    if results.old_format:
-        results.write_all(rows)  # the new header (with diverged_epoch) before anything is appended
     known = {v.name for v in study.variants}
     strangers = sorted({r["variant"] for r in rows} - known)
     if strangers:
@@ -330,7 +337,7 @@ def run_study(study: Study, folder: Path, seeds: list[int], base: speedrun.Confi
         log(_run_line(count, len(todo), row, target, started))
 
     try:
-        execute(todo, devices, on_row, threads=threads, url=url)
+        execute(todo, devices, on_row, threads=threads, url=url, log=log)
     except BaseException:
         write_reports(folder, definition, rows, sessions + [session], log=speedrun.silent, report=study.report)  # the caller explains
         raise
@@ -430,11 +437,43 @@ def build_summary(definition: dict, rows: list[dict], sessions: list[dict]) -> d
             entry["runs"] = 0
         variants.append(entry)
     torch_versions = sorted({s["environment"]["torch"] for s in sessions})
+    seeds = sorted({r["seed"] for r in rows})
     return dict(kind=definition["kind"], title=definition["title"], notes=definition["notes"],
-                axes=definition["axes"], runs_total=len(rows), seeds=sorted({r["seed"] for r in rows}),
+                axes=definition["axes"], runs_total=len(rows), seeds=seeds,
                 hardware=sorted({r["device_name"] for r in rows}), torch=torch_versions,
                 commands=[shlex.join(["python", *s["argv"]]) if s["argv"] else "" for s in sessions],
-                variants=variants)
+                scale=study_scale(definition, sessions, seeds), variants=variants)
+
+
+def preset_of(argv: list[str]) -> str:
+    """The --preset a study's command gave (speedrun's default when none)."""
+    for k, arg in enumerate(argv):
+        if arg == "--preset" and k + 1 < len(argv):
+            return argv[k + 1]
+        if arg.startswith("--preset="):
+            return arg.split("=", 1)[1]
+    return "davidnet"
+
+
+def study_scale(definition: dict, sessions: list[dict], seeds: list[int]) -> str:
+    """The size of what ran, for every chart's title: preset, images, epochs, seeds (the device is
+    the summary's hardware), e.g. 'preset cpu, width 0.25, 10,000 training / 10,000 test images, 4 epochs, 5 seeds'."""
+    configs = [v["config"] for v in definition["variants"]]
+    presets = sorted({preset_of(s["argv"]) for s in sessions if s["argv"]}) or ["davidnet"]
+    widths = sorted({c["width"] for c in configs})
+    epochs = sorted({c["epochs"] for c in configs})
+    train = sorted({c["subset"] or speedrun.CIFAR10_SIZES[0] for c in configs})
+    test = sorted({c["test_subset"] or speedrun.CIFAR10_SIZES[1] for c in configs})
+    span = lambda values, fmt="{:g}": fmt.format(values[0]) + ("" if len(values) == 1 else f"-{fmt.format(values[-1])}")  # noqa: E731
+    width = "" if widths == [1.0] else f", width {span(widths)}"
+    return (f"preset {', '.join(presets)}{width}, {span(train, '{:,}')} training / {span(test, '{:,}')} test images, "
+            f"{span(epochs)} epochs, {speedrun.plural(len(seeds), 'seed')}")
+
+
+def chart_title(summary: dict, fig, what: str | None = None) -> str:
+    """A chart's title: the study's (or `what`), then its scale and device, wrapped to the figure's width."""
+    lines = [what or summary["title"], f"{summary.get('scale') or ''}; {'; '.join(summary['hardware'])}"]
+    return "\n".join(textwrap.fill(line, int(12 * fig.get_figwidth())) for line in lines)
 
 
 # =============================================================================================
@@ -513,7 +552,7 @@ def write_reports(folder: Path, definition: dict, rows: list[dict], sessions: li
     speedrun.write_atomic(folder / "summary.md", lambda tmp: tmp.write_text(text))
     if not rows:
         return summary
-    plt = speedrun.pyplot()
+    plt = speedrun_tools.pyplot()
     if plt is None:
         log(PLOT_NOTICE)
     charts = draw_charts(folder, summary, plt, report) if plt else []
@@ -523,57 +562,103 @@ def write_reports(folder: Path, definition: dict, rows: list[dict], sessions: li
     return summary
 
 
-def _half_width(ci, mean):
-    return 0.0 if ci is None else ci[1] - mean
+def _errors(values, cis):
+    """matplotlib's asymmetric error bars [[below], [above]] from 95% intervals (cut where the quantity
+    cannot go, e.g. a time below 0 s); none where an interval is missing (a single run)."""
+    below = [0.0 if ci is None or v is None else v - ci[0] for v, ci in zip(values, cis)]
+    above = [0.0 if ci is None or v is None else ci[1] - v for v, ci in zip(values, cis)]
+    return [below, above]
+
+
+def _rows_axis(ax, names):
+    ax.set_yticks(range(len(names)), names)
+    ax.set_ylim(len(names) - 0.5, -0.5)  # the first variant at the top
+    ax.grid(axis="x", color="0.9")
+    ax.set_axisbelow(True)
+
+
+def draw_accuracy(folder: Path, summary: dict, ran: list[dict], plt) -> Path:
+    """accuracy.png: each variant's mean accuracy with its 95% interval (points, not bars: a bar's
+    length from a cut axis would exaggerate), and, where variants have a reference, a forest plot of
+    each one's paired difference from it with its 95% interval and the zero line."""
+    names = [v["name"] for v in ran]
+    paired = any(v.get("delta_acc") and v["delta_acc"]["pairs"] for v in ran)
+    fig, axes = plt.subplots(1, 2 if paired else 1, sharey=True, figsize=(11 if paired else 7, 0.4 * len(ran) + 2.2),
+                             squeeze=False)
+    ax = axes[0][0]
+    means = [100 * v["acc_mean"] for v in ran]
+    cis = [None if v["acc_ci95"] is None else [100 * x for x in v["acc_ci95"]] for v in ran]
+    ax.errorbar(means, range(len(ran)), xerr=_errors(means, cis), fmt="o", color="tab:blue", capsize=3)
+    ax.axvline(100 * ran[0]["target_acc"], color="gray", ls="--", lw=1, label=f"target {100 * ran[0]['target_acc']:g}%")
+    _rows_axis(ax, names)
+    ax.set_xlabel("final EMA+TTA test accuracy, % (mean, 95% CI)")
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)
+    if paired:
+        ax = axes[0][1]
+        deltas = [v.get("delta_acc") if v.get("delta_acc") and v["delta_acc"]["pairs"] else None for v in ran]
+        ys = [k for k, d in enumerate(deltas) if d]
+        values = [100 * deltas[k]["mean"] for k in ys]
+        dcis = [None if deltas[k]["ci95"] is None else [100 * x for x in deltas[k]["ci95"]] for k in ys]
+        ax.errorbar(values, ys, xerr=_errors(values, dcis), fmt="s", color="tab:red", capsize=3)
+        ax.axvline(0, color="black", lw=1)
+        for k, v in enumerate(ran):
+            if deltas[k] is None:
+                ax.text(0, k, " reference" if any(w["reference"] == v["name"] for w in ran) else " no pairs",
+                        va="center", fontsize=8, color="0.3")
+        _rows_axis(ax, names)
+        ax.set_xlabel("Δ accuracy from the reference, points (paired by seed, 95% CI)")
+        low, high = min([0.0, *values, *(c[0] for c in dcis if c)]), max([0.0, *values, *(c[1] for c in dcis if c)])
+        pad = 0.08 * (high - low or 1.0)
+        ax.set_xlim(low - pad, high + pad)
+    fig.suptitle(chart_title(summary, fig), fontsize=10)
+    return speedrun_tools.save_chart(fig, folder / "accuracy.png")
+
+
+def draw_times(folder: Path, summary: dict, ran: list[dict], plt) -> Path:
+    """time.png: timed seconds for the whole budget and, when any variant reached the target, the
+    time-to-target of the runs that did; bars from 0 s with 95% intervals cut at 0."""
+    names = [v["name"] for v in ran]
+    pct = f"{100 * ran[0]['target_acc']:g}%"
+    reached = any(v["runs_reaching_target"] for v in ran)
+    fig, axes = plt.subplots(1, 2 if reached else 1, sharey=True, figsize=(11 if reached else 7, 0.4 * len(ran) + 2.2),
+                             squeeze=False)
+    panels = [("timed_mean_s", "timed_ci95", "tab:green", "timed s for the whole budget (mean, 95% CI)")]
+    if reached:
+        panels.insert(0, ("time_to_target_mean_s", "time_to_target_ci95", "tab:orange",
+                          f"time-to-{pct}, s (mean of the runs reaching it, 95% CI)"))
+    for ax, (key, ci_key, colour, label) in zip(axes[0], panels):
+        values = [v[key] for v in ran]
+        shown = [0.0 if x is None else x for x in values]
+        ax.barh(range(len(ran)), shown, color=colour, xerr=_errors(values, [v[ci_key] for v in ran]), capsize=3)
+        for k, x in enumerate(values):
+            if x is None:
+                ax.text(0, k, " not reached", va="center", fontsize=8)
+        _rows_axis(ax, names)
+        ax.set_xlim(0, None)
+        ax.set_xlabel(label)
+    what = summary["title"] + ("" if reached else f" (no variant reached {pct}: only the budget's time)")
+    fig.suptitle(chart_title(summary, fig, what), fontsize=10)
+    return speedrun_tools.save_chart(fig, folder / "time.png")
 
 
 def draw_charts(folder: Path, summary: dict, plt, report: Report = Report()) -> list[Path]:
     ran = [v for v in summary["variants"] if v["runs"] and v["acc_mean"] is not None]  # not those that all diverged
     if not ran:
         return []
-    names = [v["name"] for v in ran]
-    paths = []
-    # accuracy and time bars, error bars = 95% t-interval half-widths
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(ran) + 1.5))
-    means = [100 * v["acc_mean"] for v in ran]
-    errs = [100 * _half_width(v["acc_ci95"], v["acc_mean"]) for v in ran]
-    ax.barh(names, means, xerr=errs, capsize=3, color="tab:blue")
-    target = 100 * ran[0]["target_acc"]
-    ax.axvline(target, color="gray", ls="--", lw=1)
-    low, high = min(m - e for m, e in zip(means, errs)), max(max(m + e for m, e in zip(means, errs)), target)
-    ax.set_xlim(max(0.0, low - 2), min(100.0, high + 1))
-    ax.invert_yaxis()
-    ax.set_xlabel("final EMA+TTA test accuracy, % (95% CI)")
-    ax.set_title(summary["title"])
-    paths.append(speedrun.save_chart(fig, folder / "accuracy.png"))
-
-    # time bars: time-to-target (runs that reached it) and the whole budget's timed seconds
-    fig, (ax_target, ax_budget) = plt.subplots(1, 2, sharey=True, figsize=(10, 0.45 * len(ran) + 1.5))
-    ax_target.barh(names, [v["time_to_target_mean_s"] or 0.0 for v in ran], capsize=3, color="tab:orange",
-                   xerr=[_half_width(v["time_to_target_ci95"], v["time_to_target_mean_s"]) for v in ran])
-    for k, v in enumerate(ran):
-        if not v["runs_reaching_target"]:
-            ax_target.text(0, k, " not reached", va="center")
-    ax_target.set_xlabel(f"time-to-{100 * ran[0]['target_acc']:g}%, s (mean of runs reaching it, 95% CI)")
-    ax_budget.barh(names, [v["timed_mean_s"] for v in ran], capsize=3, color="tab:green",
-                   xerr=[_half_width(v["timed_ci95"], v["timed_mean_s"]) for v in ran])
-    ax_budget.set_xlabel("timed s for the whole budget (95% CI)")
-    ax_target.invert_yaxis()
-    fig.suptitle(summary["title"])
-    paths.append(speedrun.save_chart(fig, folder / "time.png"))
-
-    # accuracy curves against epoch and against timed seconds
+    paths = [draw_accuracy(folder, summary, ran, plt), draw_times(folder, summary, ran, plt)]
+    # accuracy curves against epoch and against timed seconds; the legend beside the axes, clear of the lines
     curves = report.curves(summary) if report.curves else ran
     for xkey, xlabel, name in (("epoch", "epoch", "curves_epoch.png"), ("seconds", "timed seconds", "curves_seconds.png")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9, 4.8))
         for v in curves:
             ax.plot(v["curves"][xkey], [100 * a for a in v["curves"]["acc"]], marker="o", ms=3, label=v["name"])
         ax.axhline(100 * ran[0]["target_acc"], color="gray", ls="--", lw=1)
+        ax.set_ylim(0, 100)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("EMA+TTA test accuracy, % (mean over seeds)")
-        ax.set_title(summary["title"])
-        ax.legend(fontsize=7)
-        paths.append(speedrun.save_chart(fig, folder / name))
+        ax.set_title(chart_title(summary, fig), fontsize=10)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        paths.append(speedrun_tools.save_chart(fig, folder / name))
 
     if report.charts:
         paths += report.charts(folder, summary, plt)
@@ -585,9 +670,11 @@ def draw_charts(folder: Path, summary: dict, plt, report: Report = Report()) -> 
 # =============================================================================================
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
-    """speedrun's parser (every Config flag) plus the study flags."""
-    p = speedrun.build_parser(description)
+def build_parser(doc: str) -> argparse.ArgumentParser:
+    """speedrun's parser (every Config flag, --runs defaulting to DEFAULT_RUNS: the seeds every
+    variant shares) for the study script of docstring `doc`, plus the study flags."""
+    p = speedrun_tools.tool_parser(doc)
+    speedrun_tools.tool_defaults(p, runs=DEFAULT_RUNS)
     g = p.add_argument_group("study")
     g.add_argument("--study", type=Path, default=None,
                    help="study folder (default: a new studies/<name>-<timestamp>/); rerun with the same folder to resume")
@@ -618,12 +705,6 @@ def open_folder(folder: Path | None, flag: str, default: Path | None = None) -> 
     return speedrun.reserve(folder, flag, folder=True)
 
 
-def base_config(args) -> speedrun.Config:
-    """The Config of the flags; --runs defaults to DEFAULT_RUNS (seeds shared by every variant)."""
-    cfg = speedrun.config_from_args(args)
-    return cfg if hasattr(args, "runs") else dataclasses.replace(cfg, runs=DEFAULT_RUNS)
-
-
 def resume_command(argv: list[str], folder: Path) -> str:
     """The shell command that resumes the study in `folder`: argv (script first) with --study FOLDER."""
     given = any(a == "--study" or a.startswith("--study=") for a in argv)
@@ -636,17 +717,15 @@ def main(parser, make_study, name, script: str, argv=None) -> int:
     `name` (a string, or a function of the parsed arguments) names the default study folder;
     `script` is how the command is written in the summary."""
     args = parser.parse_args(argv)
-    log = speedrun.log_lines(args.quiet)
+    log = speedrun_tools.log_lines(args.quiet)
     folder = argv_used = None
     with speedrun.sigterm_as_interrupt():
         try:
-            if args.out is not None or args.save is not None:
-                raise StudyError("--out and --save belong to speedrun.py; a study writes into its --study folder")
             if args.max_runs is not None and args.max_runs < 0:
                 raise StudyError(f"--max-runs must be 0 or more, got {args.max_runs}")
             if args.threads is not None and args.threads < 1:
                 raise StudyError(f"--threads must be at least 1, got {args.threads}")
-            cfg = base_config(args)
+            cfg = speedrun.config_from_args(args)
             shard = parse_shard(args.shard)
             study = make_study(args, cfg)
             if speedrun.pick_device(cfg.device).type == "cpu" and cfg.subset == 0:
@@ -671,3 +750,19 @@ def main(parser, make_study, name, script: str, argv=None) -> int:
             parser.exit(130, f"interrupted: finished runs are saved in {folder}; resume with: "
                              f"{resume_command(argv_used, folder)}\n")
     return 0
+
+
+def explain(argv=None) -> int:
+    """`python ablations/study.py`: the module runs no study itself; its --help says what it is and
+    which scripts run studies, and anything else is an error that names them."""
+    scripts = "ablations/tricks.py, ablations/grid.py and ablations/optimizers.py"
+    description, rest = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(prog="study.py", description=description, epilog=f"{rest.rstrip()}\n\nthe studies: "
+                                f"{scripts} (each with --help); ablations/merge.py merges their shards.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.parse_args(argv)
+    p.exit(2, f"error: study.py runs no study itself; run {scripts} (see --help)\n")
+
+
+if __name__ == "__main__":
+    sys.exit(explain())

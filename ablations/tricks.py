@@ -13,11 +13,9 @@ study). Every variant runs with the same seeds; differences from the reference a
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ablations import study  # noqa: E402
-import speedrun  # noqa: E402
+from ablations import study
+import speedrun
 
 TIME_ONLY_NOTE = ("fp32 and no_channels_last change speed, not the maths (beyond rounding); on a CPU, fp32 is "
                   "what precision auto already picks, so that variant repeats the full recipe there")
@@ -110,7 +108,7 @@ def make_study(args, base: speedrun.Config) -> study.Study:
 
 
 def build_parser():
-    p = study.build_parser(__doc__.split("\n\n")[0])
+    p = study.build_parser(__doc__)
     p.add_argument("--mode", choices=("leave-one-out", "cumulative"), default="leave-one-out",
                    help="leave-one-out: each trick off alone; cumulative: tricks added in Page's order (default: leave-one-out)")
     p.add_argument("--variants", default=None, metavar="A,B,...",

@@ -2,7 +2,7 @@
 """Training-step speed of each preset on the CPU in fp32 / bf16 and NCHW / channels_last,
 measured side by side in one process, as a markdown table with each cell's ratio to fp32 NCHW.
 
-    python bench/cpu_speed.py                            # every preset, batch 256, 3 timed steps each
+    python bench/cpu_speed.py                            # davidnet, airbench94, record: batch 256, 3 steps
     python bench/cpu_speed.py --presets airbench94 --batch-size 128 --steps 5 --repeats 3
 
 Each cell builds the preset's real network and optimizer (speedrun.TrainingSetup) at the given
@@ -18,14 +18,12 @@ import dataclasses
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-import speedrun  # noqa: E402
+import speedrun
+import speedrun_tools
+
 
 CELLS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
 
@@ -80,12 +78,12 @@ def table(medians: dict, batch_size: int) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", default="davidnet,airbench94,record", help="comma-separated presets (default: all three)")
+    p.add_argument("--presets", default="davidnet,airbench94,record", help="comma-separated presets (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="images per step in every cell (default: 256)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per cell and repeat (default: 3)")
     p.add_argument("--repeats", type=int, default=1, help="rounds over every cell (default: 1)")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated precisions to measure (default: fp32,bf16)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: 0, torch's choice)")
     args = p.parse_args(argv)
     presets = [s.strip() for s in args.presets.split(",") if s.strip()]
     unknown = [s for s in presets if s not in speedrun.PRESETS]
@@ -98,7 +96,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     env = speedrun.environment(torch.device("cpu"))
-    print(f"{speedrun.machine_line(env)}; batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats per cell\n")
+    print(f"{speedrun_tools.machine_line(env)}; batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats per cell\n")
     print("\n".join(table(measure(presets, args.batch_size, args.steps, args.repeats, precisions), args.batch_size)))
     return 0
 

@@ -19,10 +19,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-import speedrun  # noqa: E402
+import speedrun
 
 
 def evaluate(path: Path, arrays, device: torch.device, precision: str, test_subset: int = 0,

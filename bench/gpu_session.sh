@@ -17,11 +17,25 @@
 # machine between calls): a phase run again resumes them. At the end everything under OUT_DIR,
 # the study folders included, is packed into OUT_DIR.tgz, since a device call returns few files.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh accuracy|ablations|ablations-davidnet|compile|profile|peers|tta-check DATA_DIR [OUT_DIR]}
-data=${2:?usage: gpu_session.sh PHASE DATA_DIR [OUT_DIR]}
+usage() {  # the comment above, as the help
+  sed -n '2,/^set -uo pipefail$/p' "$0" | sed '$d' | sed -e 's/^# \{0,1\}//' -e '1s/^/gpu_session.sh: /' \
+    -e '2s/^ *bash /usage: bash /'
+}
+case "${1:-}" in
+  -h|--help) usage; exit 0 ;;
+  ""|-*) usage >&2; echo "error: give a PHASE and a DATA_DIR (the usage is above)" >&2; exit 2 ;;
+esac
+if [ $# -lt 2 ]; then
+  echo "error: give the DATA_DIR after the phase: bash bench/gpu_session.sh $1 DATA_DIR [OUT_DIR] (see --help)" >&2
+  exit 2
+fi
+phase=$1
+data=$2
 out=${3:-runs/gpu-session}
 extra=${EXTRA:-}
 cd "$(dirname "$0")/.."
+# The scripts import speedrun and speedrun_tools from this checkout, installed or not (a bare GPU machine).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python3 - <<'PY'

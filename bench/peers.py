@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import speedrun
+import speedrun_tools
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-import speedrun  # noqa: E402
 
 PEER = "airbench94"
 PEER_PACKAGE = "airbench==0.1.8"
@@ -215,7 +215,7 @@ def make_speedrun_trainer(cfg: speedrun.Config, data: speedrun.DeviceData, devic
     def train_once(seed: int) -> dict:
         speedrun.synchronize(device)
         t0 = time.perf_counter()
-        run = speedrun.train(cfg, data, log=speedrun.log_lines(quiet=True), seed=seed)
+        run = speedrun.train(cfg, data, log=speedrun_tools.log_lines(quiet=True), seed=seed)
         speedrun.synchronize(device)
         wall_s = time.perf_counter() - t0
         run.pop("model", None)
@@ -360,10 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     """speedrun's parser, whose Config flags apply to every preset (--runs: timed runs of
     each trainer, default 10; --seed: round k seeds every trainer with seed+k), plus this
     benchmark's flags; --presets, several, takes the place of speedrun's --preset."""
-    p = speedrun.build_parser(__doc__.split("\n\n")[0], outputs=False)
-    p.epilog = __doc__.split("\n\n", 2)[-1]
+    p = speedrun_tools.tool_parser(__doc__)
     p.usage = "%(prog)s [--presets A,B,...] [--runs N] [--device DEVICE] [FLAG ...]  (--help lists every flag)"
     p.set_defaults(preset=None)
+    speedrun_tools.tool_defaults(p, runs=10)
+    speedrun_tools.hide_flags(p, "preset", "workers", "target_acc")  # refused below: one line says why
     g = p.add_argument_group("peer comparison")
     g.add_argument("--presets", default="davidnet,airbench94,record", help="comma-separated speedrun presets (default: davidnet,airbench94,record)")
     g.add_argument("--airbench-dir", type=Path, default=None,
@@ -458,7 +459,7 @@ def main(argv=None, make_peer=None) -> int:
         on_device.setdefault(dtype, speedrun.device_data(arrays, cfg, device))
         trainers[name] = make_speedrun_trainer(cfg, on_device[dtype], device)
     trainers[PEER] = peer
-    log = speedrun.log_lines(args.quiet)
+    log = speedrun_tools.log_lines(args.quiet)
     log(f"{', '.join(trainers)} on {speedrun.environment(device)['device_name']}: 1 warm-up run each, "
         f"then {runs} interleaved rounds")
     try:
@@ -469,7 +470,7 @@ def main(argv=None, make_peer=None) -> int:
     summary = {name: trainer_summary([r for r in records if r["trainer"] == name]) for name in trainers}
     ratios = {name: compare(records, name) for name in cfgs}
     result = dict(
-        kind="peer comparison", command=speedrun.command_line(__file__, argv),
+        kind="peer comparison", command=speedrun_tools.command_line(__file__, argv),
         environment={**speedrun.environment(device), "cudnn_benchmark": torch.backends.cudnn.benchmark},
         peer=dict(name=PEER, package=PEER_PACKAGE, installed_version=peer_version()),
         timers=TIMERS, comparison_note=COMPARISON_NOTE, ratio_method=RATIO_METHOD, target_acc=TARGET_ACC,

@@ -1,37 +1,32 @@
 """What the profile/ scripts share: the trainer's command line, data loading with clear errors,
-a one-line description of the machine, and the optional bar chart (output paths, the "never
-overwrite" check and matplotlib's import are speedrun's, shared with every tool).
+a one-line description of the machine, and the optional bar chart (output paths and the "never
+overwrite" check are speedrun's, matplotlib's import is speedrun_tools', shared with every tool).
 
 This folder must never get an __init__.py: it would shadow the standard library's `profile`
-module, which cProfile imports. The scripts run as `python profile/NAME.py`, so this module
-puts the repository root on sys.path to import speedrun.
+module, which cProfile imports. The scripts run as `python profile/NAME.py` and import this
+module by name; speedrun comes from the installed package (`pip install -e .`, README).
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import torch
+
+import speedrun
+import speedrun_tools
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-import speedrun  # noqa: E402
 
 
-def parse_args(description: str, add_flags, argv=None, uses=("out", "save")):
-    """speedrun's parser plus the script's own flags (add_flags(parser)); returns
-    (parser, args, cfg, device). Bad input exits with status 2 and a one-line message.
-    `uses` names the trainer's output flags (--out, --save) that this script honours;
-    the others are refused, since silently ignoring them would lose the user's file."""
-    parser = speedrun.build_parser(description)
+def parse_args(doc: str, add_flags, argv=None, outputs: bool = False):
+    """speedrun's parser for the script of docstring `doc` plus its own flags (add_flags(parser));
+    returns (parser, args, cfg, device). Bad input exits with status 2 and a one-line message.
+    `outputs`: the script writes speedrun's result (--out) and weights (--save); a script that
+    does not has neither flag, so argparse refuses them rather than the user's file being ignored."""
+    parser = speedrun_tools.tool_parser(doc, outputs=outputs)
     add_flags(parser.add_argument_group("this script's own flags"))
     args = parser.parse_args(argv)
     try:
-        for name in ("out", "save"):
-            if name not in uses and getattr(args, name) is not None:
-                raise ValueError(f"--{name} is not used by this script (its own output flags are listed in --help)")
         cfg = speedrun.config_from_args(args)
         device = speedrun.pick_device(cfg.device)
     except ValueError as e:
@@ -48,7 +43,7 @@ def load_data(parser, cfg, device, args):
 
 
 def describe_machine(device: torch.device) -> str:
-    return speedrun.machine_line(speedrun.environment(device))
+    return speedrun_tools.machine_line(speedrun.environment(device))
 
 
 def write_text(path: Path, text: str) -> None:
@@ -58,9 +53,9 @@ def write_text(path: Path, text: str) -> None:
 def bar_chart(path: Path, labels, values, title: str, xlabel: str) -> str:
     """Horizontal bars, largest at the top, written atomically as a PNG. Returns the line to print:
     where the chart went, or how to get one when matplotlib (optional) is missing."""
-    plt = speedrun.pyplot()
+    plt = speedrun_tools.pyplot()
     if plt is None:
-        return speedrun.no_chart(path.name)
+        return speedrun_tools.no_chart(path.name)
     pairs = sorted(zip(values, labels))
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(pairs) + 1.5))
     bars = ax.barh([p[1] for p in pairs], [p[0] for p in pairs], color="tab:blue")
@@ -70,4 +65,4 @@ def bar_chart(path: Path, labels, values, title: str, xlabel: str) -> str:
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
     ax.set_xlim(0, max(values, default=1.0) * 1.15 or 1.0)
-    return f"chart written to {speedrun.save_chart(fig, path)}"
+    return f"chart written to {speedrun_tools.save_chart(fig, path)}"

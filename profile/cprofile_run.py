@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+import speedrun_tools
+
 import _common
 from _common import ROOT, speedrun
 
@@ -86,7 +88,7 @@ def report(stats: pstats.Stats, top: int) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser, args, cfg, device = _common.parse_args(__doc__.split("\n\n")[0], add_flags, argv)
+    parser, args, cfg, device = _common.parse_args(__doc__, add_flags, argv, outputs=True)
     if args.top < 1:
         parser.exit(2, f"error: --top must be at least 1, got {args.top}\n")
     try:
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
         if cfg.workers > 1:
             print(f"note: --workers {cfg.workers} ignored; under cProfile all runs stay in this process")
         cfg = dataclasses.replace(cfg, workers=1)
-    log = speedrun.log_lines(args.quiet)
+    log = speedrun_tools.log_lines(args.quiet)
     data = _common.load_data(parser, cfg, device, args)
 
     # torch imports parts of itself lazily on first use (building the first optimizer imports
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
 
     run = result["runs"][-1]
     print(f"\n{_common.describe_machine(device)}")
-    print(f"command: {speedrun.command_line(__file__, argv)}")
+    print(f"command: {speedrun_tools.command_line(__file__, argv)}")
     print(f"data loading (not profiled) {data.load_s:.2f} s; speedrun.run_many under cProfile {wall_s:.2f} s "
           f"(the trainer's own timer: whitening + training {run['whitening_s'] + run['train_s']:.2f} s in the last run; "
           f"cProfile slows Python-heavy code)")

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+import speedrun_tools
+
 import _common
 from _common import speedrun
 
@@ -90,7 +92,7 @@ def time_epochs(run_epoch, device, repeats: int) -> tuple[float, int]:
 
 
 def main(argv=None) -> int:
-    parser, args, cfg, device = _common.parse_args(__doc__.split("\n\n")[0], add_flags, argv, uses=())
+    parser, args, cfg, device = _common.parse_args(__doc__, add_flags, argv)
     workers = args.loader_workers if args.loader_workers is not None else [0, min(4, os.cpu_count() or 1)]
     workers = sorted(set(workers))
     if min(workers) < 0 or args.timed_epochs < 1:
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
         r["images_per_s"] = r["images"] / r["s_per_epoch"]
         r["s_per_50k_epoch"] = FULL_EPOCH / r["images_per_s"]
 
-    lines = [_common.describe_machine(device), f"command: {speedrun.command_line(__file__, argv)}",
+    lines = [_common.describe_machine(device), f"command: {speedrun_tools.command_line(__file__, argv)}",
              f"one epoch = {n} training images in batches of {cfg.batch_size} (crop_pad {cfg.crop_pad}, flip {cfg.flip}, "
              f"cutout {cfg.cutout}); mean of {args.timed_epochs} timed epoch(s) after a warm-up epoch", "",
              f"{'pipeline':<48} {'images/s':>11} {'s/epoch':>9} {'s per 50k':>10}"]
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
                  f"per-sample pipeline ({best['workers']} workers)")
     print("\n".join(lines))
     if args.json is not None:
-        record = dict(machine=_common.describe_machine(device), command=speedrun.command_line(__file__, argv), results=results)
+        record = dict(machine=_common.describe_machine(device), command=speedrun_tools.command_line(__file__, argv), results=results)
         speedrun.save_json(record, args.json)
         print(f"results written to {args.json}")
     return 0

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import speedrun_tools
+
 import _common
 from _common import speedrun
 
@@ -207,7 +209,7 @@ def timed_runs(result: dict, cfg) -> list[tuple[float, int, str]]:
 
 
 def main(argv=None) -> int:
-    parser, args, cfg, device = _common.parse_args(__doc__.split("\n\n")[0], add_flags, argv, uses=())
+    parser, args, cfg, device = _common.parse_args(__doc__, add_flags, argv)
     given = [name for name in ("seconds", "result", "train") if getattr(args, name) not in (None, False)]
     try:
         if len(given) > 1:
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
     if args.train:
         data = _common.load_data(parser, cfg, device, args)
         try:
-            run = speedrun.train(cfg, data, log=speedrun.log_lines(args.quiet))
+            run = speedrun.train(cfg, data, log=speedrun_tools.log_lines(args.quiet))
         except ValueError as e:
             parser.exit(2, f"error: {e}\n")
         runs = [(run["full_budget_s"], cfg.epochs,
@@ -250,7 +252,7 @@ def main(argv=None) -> int:
     peak = measure_peak(device, dtype, size)
 
     unit, scale = ("TFLOP", 1e12) if count["timed_total"] >= 1e13 else ("GFLOP", 1e9)
-    lines = [_common.describe_machine(device), f"command: {speedrun.command_line(__file__, argv)}",
+    lines = [_common.describe_machine(device), f"command: {speedrun_tools.command_line(__file__, argv)}",
              f"one training run: {count['n_train']} training images, {speedrun.plural(count['epochs'], 'epoch')} = "
              f"{speedrun.plural(count['steps'], 'step')} "
              f"of {cfg.batch_size}, width {cfg.width:g}, {count['n_test']} test images x {count['tta_views']} TTA view(s); "

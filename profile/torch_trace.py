@@ -31,6 +31,8 @@ from pathlib import Path
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
+import speedrun_tools
+
 import _common
 from _common import speedrun
 
@@ -188,7 +190,7 @@ def write_traces(prof, trace_dir: Path) -> tuple[Path, Path]:
 
 
 def main(argv=None) -> int:
-    parser, args, cfg, device = _common.parse_args(__doc__.split("\n\n")[0], add_flags, argv, uses=())
+    parser, args, cfg, device = _common.parse_args(__doc__, add_flags, argv)
     for name, least in (("trace_steps", 1), ("trace_warmup", 0), ("trace_eval_images", 0)):
         if getattr(args, name) < least:
             parser.exit(2, f"error: --{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}\n")
@@ -210,7 +212,7 @@ def main(argv=None) -> int:
     chrome, board = write_traces(prof, trace_dir)
 
     tta = f"{cfg.tta} TTA" if cfg.tta != "none" else "no TTA"
-    lines = [_common.describe_machine(device), f"command: {speedrun.command_line(__file__, argv)}",
+    lines = [_common.describe_machine(device), f"command: {speedrun_tools.command_line(__file__, argv)}",
              f"profiled window: whitening init ({min(cfg.whiten_samples, n_train) if cfg.whiten else 0} images), "
              f"augmentation of one epoch ({n_train} images), {args.trace_steps} training steps of {cfg.batch_size}, "
              f"evaluation of {eval_images} test images ({tta}); 'run est.' = one timed run of {speedrun.plural(cfg.epochs, 'epoch')} "
@@ -219,13 +221,15 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     _common.write_text(trace_dir / "breakdown.txt", text + "\n")
-    record = dict(device=str(device), machine=_common.describe_machine(device), command=speedrun.command_line(__file__, argv),
+    record = dict(device=str(device), machine=_common.describe_machine(device), command=speedrun_tools.command_line(__file__, argv),
                   window_wall_s=wall_s, window_us=times_us, run_factors=factors,
                   add_up_tolerance=ADD_UP_TOLERANCE, labels=CATEGORIES)
     speedrun.save_json(record, trace_dir / "breakdown.json")
     run_s = [times_us[c] * factors[c] / 1e6 for c in CATEGORIES]
     chart = _common.bar_chart(trace_dir / "breakdown.png", list(CATEGORIES.values()), run_s,
-                              f"Estimated time of one run by category\n{_common.describe_machine(device)}",
+                              f"Estimated time of one run by category\npreset {args.preset}, width {cfg.width:g}, batch "
+                              f"{cfg.batch_size}, {data.train_x.shape[0]:,} training images, {speedrun.plural(cfg.epochs, 'epoch')}\n"
+                              f"{_common.describe_machine(device)}",
                               "seconds per run (estimate)")
     print(f"\n{chart}\ntrace for Perfetto (https://ui.perfetto.dev) or chrome://tracing: {chrome}"
           f"\ntrace for TensorBoard: tensorboard --logdir {board.parent.parent}   (pip install torch-tb-profiler)")

@@ -7,8 +7,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import speedrun  # noqa: E402
+import speedrun
 
 
 def main(data_dir, out_dir):

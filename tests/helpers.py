@@ -2,7 +2,6 @@
 device data. Imported by name (`from helpers import tiny_config`); conftest.py holds the fixtures."""
 import hashlib
 import pickle
-import sys
 import tarfile
 from pathlib import Path
 
@@ -10,8 +9,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import speedrun  # noqa: E402
+import speedrun
 
 N_PER_BATCH, N_TEST = 4, 6  # images per fake training batch file, and in the fake test batch
 

@@ -4,6 +4,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -142,7 +143,7 @@ def test_shards_split_the_jobs_without_overlap():
     (tricks, ["--shard", "half"], "expected i/n"),
     (tricks, ["--variants", "full,no_magic"], "unknown variant(s) no_magic; choose from full, no_whitening"),
     (tricks, ["--max-runs", "-1"], "--max-runs must be 0 or more"),
-    (tricks, ["--out", "x.json"], "--out and --save belong to speedrun.py"),
+    (tricks, ["--out", "x.json"], "unrecognized arguments: --out"),
     (tricks, ["--subset", "100", "--batch-size", "128", "--ghost-bn-splits", "4"], "100 training images are fewer than one batch of 128"),
     (grid, ["--x", "colour=1,2"], "'colour' is not a field a grid can sweep"),
     (grid, ["--x", "lr=1,2", "--y", "lr=3"], "both sweep lr"),
@@ -407,17 +408,6 @@ def test_epochs_left_unevaluated_by_eval_every_round_trip_and_are_left_out_of_th
     assert study.mean_curves([row, other]) == dict(epoch=[3], acc=[pytest.approx(0.92)], seconds=[3.0])
 
 
-def test_a_results_file_of_the_old_format_is_read_and_upgraded_before_appending(tmp_path):
-    path = tmp_path / "results.csv"
-    path.write_text(",".join(study.OLD_CSV_COLUMNS) + "\nfull,0,0.5,,,1.5,0.25 0.5,0.75 1.5,cpu,now\n")
-    results = study.ResultsFile(path)
-    assert results.read()[0]["final_acc"] == 0.5 and results.old_format
-    rows = results.read()
-    results.write_all(rows)
-    results.append(fake_row("full", 1, 0.25))
-    assert [r["seed"] for r in study.ResultsFile(path).read()] == [0, 1]
-
-
 def test_accuracy_and_time_intervals_never_go_below_zero():
     rows = [fake_row("x", s, a, t) for s, (a, t) in enumerate([(0.0, 0.1), (0.01, 0.1), (0.3, 9.0)])]
     stats = study.variant_stats(rows, None, 0.005)
@@ -440,3 +430,47 @@ def test_interrupt_names_the_folder_and_the_command_that_resumes(tmp_path, monke
     assert folder.startswith("studies/tricks-") and len(err.splitlines()) == 1
     assert err.endswith(f"resume with: python ablations/tricks.py {' '.join(TINY)} {' '.join(PAIR)} --study {folder}")
     assert len(read_csv(tmp_path / folder)) == 1
+
+
+def test_a_study_shows_the_in_run_progress_lines_of_a_single_run_but_not_its_epoch_rows(real_data_dir, tmp_path,
+                                                                                     monkeypatch, capsys):
+    monkeypatch.setattr(speedrun.Progress.__init__, "__defaults__", (0.0,))  # a line every step, not every 30 s
+    assert tricks.main(["--data-dir", str(real_data_dir), *TINY, "--runs", "1", "--variants", "full",
+                        "--study", str(tmp_path / "s")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    progress = [k for k, line in enumerate(lines) if re.match(r"  step \d+ of 8: [\d,]+ images/s, training ends in", line)]
+    finished = next(k for k, line in enumerate(lines) if line.startswith("run 1 of 1: variant full"))
+    assert len(progress) >= 6 and max(progress) < finished  # every step after each epoch's first, before the verdict
+    assert not any(line.lstrip().startswith("epoch  train loss") for line in lines)
+    capsys.readouterr()
+    assert tricks.main(["--data-dir", str(real_data_dir), *TINY, "--runs", "1", "--variants", "full", "--quiet",
+                        "--study", str(tmp_path / "quiet")]) == 0
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib (optional) is not installed")
+def test_study_charts_cut_time_intervals_at_zero_omit_empty_panels_and_name_their_scale(tmp_path, monkeypatch):
+    import speedrun_tools
+    drawn = {}
+    monkeypatch.setattr(speedrun_tools, "save_chart", lambda fig, path: drawn.setdefault(path.name, fig) and path)
+    base = speedrun.make_config("cpu", subset=2000, epochs=3)
+    the_study = tricks.make_study(tricks.build_parser().parse_args(["--variants", "full,no_tta"]), base)
+    rows = [dict(fake_row(v, s, acc), timed_s=t) for s, (v, acc, t) in
+            enumerate([("full", 0.6, 1.0), ("no_tta", 0.55, 1.0), ("full", 0.62, 40.0), ("no_tta", 0.58, 60.0)])]
+    rows = [dict(r, seed=k // 2) for k, r in enumerate(rows)]  # two seeds, each variant at both: pairs
+    sessions = [dict(argv=["ablations/tricks.py", "--preset", "cpu"], environment=dict(torch="2.13.0+cpu"))]
+    summary = study.build_summary(the_study.definition(), rows, sessions)
+    assert min(summary["variants"][0]["timed_ci95"]) == 0.0  # 2 runs far apart: the t-interval is cut at 0
+    study.draw_charts(tmp_path, summary, speedrun_tools.pyplot())
+    time_fig, acc_fig = drawn["time.png"], drawn["accuracy.png"]
+    (budget,) = time_fig.axes  # nothing reached 94%: no time-to-target panel, and the title says so
+    assert "no variant reached 94%" in " ".join(time_fig._suptitle.get_text().split())
+    lows = [seg[0][0] for c in budget.collections for seg in c.get_segments()]
+    assert lows and min(lows) >= 0.0, "an interval of a time goes below 0 s"
+    means, deltas = acc_fig.axes
+    assert any(list(line.get_xdata()) == [0, 0] for line in deltas.get_lines()), "the forest plot has no zero line"
+    assert not means.patches, "accuracy is drawn as points with intervals, not bars from a cut axis"
+    for fig in drawn.values():
+        title = " ".join((fig._suptitle.get_text() if fig._suptitle else fig.axes[0].get_title()).split())
+        assert all(w in title for w in ("preset cpu", "2,000 training / 2,000 test images", "3 epochs", "2 seeds",
+                                        "CPU (test), with a comma")), title

@@ -1,10 +1,5 @@
 """bench/cpu_speed.py measures every cell of its table, each with its ratio to fp32 NCHW."""
-import sys
-
-from helpers import ROOT
-
-sys.path.insert(0, str(ROOT / "bench"))
-import cpu_speed  # noqa: E402
+from bench import cpu_speed
 
 
 def test_cpu_speed_measures_every_cell_with_its_ratio_to_fp32_nchw():

@@ -1,14 +1,13 @@
 """Evaluation: test-time augmentation's views and weights, TTA for the unsure images only, and the metrics."""
 import dataclasses
 import json
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import ROOT, preset_config, tiny_config
+from helpers import preset_config, tiny_config
 import speedrun
 
 
@@ -78,8 +77,7 @@ def test_confusion_matrix_and_macro_metrics_match_a_hand_count():
 
 
 def test_saved_weights_evaluate_to_the_runs_own_plain_and_tta_accuracy(real_data_dir, tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "bench"))
-    import evaluate
+    from bench import evaluate
     cfg = preset_config("airbench94", subset=512, test_subset=500, epochs=1, batch_size=64, eval_batch_size=500,
                         data_dir=str(real_data_dir))
     run = speedrun.train(cfg, log=speedrun.silent)  # lookahead: the evaluated model is the trained one
@@ -106,8 +104,7 @@ def test_saved_weights_evaluate_to_the_runs_own_plain_and_tta_accuracy(real_data
 
 
 def test_evaluating_a_missing_weights_file_says_how_to_make_one(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "bench"))
-    import evaluate
+    from bench import evaluate
     with pytest.raises(SystemExit) as stop:
         evaluate.main([str(tmp_path / "none.pt"), "--device", "cpu"])
     assert stop.value.code == 2 and "speedrun.py --save" in capsys.readouterr().err

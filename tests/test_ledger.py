@@ -7,11 +7,9 @@ import sys
 
 import pytest
 
-from helpers import ROOT
 import speedrun
-
-sys.path.insert(0, str(ROOT / "bench"))
-import ledger  # noqa: E402
+from bench import ledger
+from helpers import ROOT
 
 
 def result_file(folder, name, preset, accs, device="cpu", **changes):

@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, fake_arrays
+from helpers import fake_arrays
 import speedrun
-
-sys.path.insert(0, str(ROOT / "bench"))
-import peers  # noqa: E402
+from bench import peers
 
 TINY = ["--subset", "256", "--test-subset", "128", "--width", "0.125", "--epochs", "1", "--batch-size", "64",
         "--ghost-bn-splits", "4", "--whiten-samples", "128", "--device", "cpu", "--peak-size", "64"]
