@@ -224,13 +224,15 @@ def run_items(items: list[Item], where: Where, deadline_s: float, records: list,
         stopped = False
         rec["status"] = "interrupted (this script was stopped; finished runs kept)"  # until it ends
         with open(where.work / f"{item.name}.log", "a") as log:
-            for argv in item.commands(where):
-                rec["commands"].append(" ".join(argv))
-                rc, stopped = run_limited(argv, log, limit - (time.monotonic() - start), env)
-                rec["exit_status"], rec["seconds"] = rc, time.monotonic() - start
-                if stopped or rc != 0:
-                    break
-        rec["seconds"] = time.monotonic() - start
+            try:
+                for argv in item.commands(where):
+                    rec["commands"].append(" ".join(argv))
+                    rc, stopped = run_limited(argv, log, limit - (time.monotonic() - start), env)
+                    rec["exit_status"] = rc
+                    if stopped or rc != 0:
+                        break
+            finally:
+                rec["seconds"] = time.monotonic() - start
         if stopped:
             rec["status"] = f"stopped at its limit (finished runs kept; exit {rec['exit_status']})"
         elif rec["exit_status"] != 0:
@@ -276,11 +278,11 @@ def pack(work: Path, out: Path, extra_folders: list[Path], part_mib: float = PAR
 
 
 def log_tail(path: Path, lines: int = 4) -> list[str]:
-    """The last lines of a log, without per-step progress lines."""
+    """The last lines of a log, without per-step progress lines and the commands (listed already)."""
     if not path.exists():
         return []
     text = path.read_text(errors="replace").splitlines()
-    return [line for line in text if line.strip() and not line.startswith("  step ")][-lines:]
+    return [line for line in text if line.strip() and not line.startswith(("  step ", "$ "))][-lines:]
 
 
 def status_lines(session: dict) -> list[str]:

@@ -5,7 +5,7 @@
 # for are in bench/gpu_session.py (and --help); the device-time plan is in docs/performance.md.
 #   bash bench/gpu_session.sh DATA_DIR [OUT_DIR] [--items A,B,...] [--deadline S] [--rehearse]
 #   on the device:  bash bench/gpu_session.sh /root/cifar10 $OUT            (call 1: record, peers)
-#                   bash bench/gpu_session.sh /root/cifar10 $OUT --items fulcrum_e1 --deadline 160   (call 2)
+#                   bash bench/gpu_session.sh /root/cifar10 $OUT --items fulcrum_e1 --deadline 150   (call 2)
 #   here:           REHEARSE=1 bash bench/gpu_session.sh ~/.cache/cifar10   (every item tiny, on the CPU)
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -138,3 +138,35 @@ def test_help_and_a_missing_data_dir(tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "already holds status.txt" in refused.stderr
     assert (taken / "status.txt").read_text() == "someone else's" and not (tmp_path / "root").exists()
+
+
+def test_sigterm_to_the_script_stops_the_item_keeps_its_runs_and_still_packs(tmp_path):
+    """The device call's own end (SIGTERM): the item in progress is stopped the clean way, the
+    rest recorded not reached, and the packed files are still written; exit status 130."""
+    started = tmp_path / "started"
+    driver = f"""
+import sys
+sys.path.insert(0, {str(ROOT / 'bench')!r})
+import gpu_session as g
+slow = ("import signal, sys, time\\n"
+        "def kept(*_): open({str(tmp_path / 'kept')!r}, 'w').write('finished runs'); sys.exit(130)\\n"
+        "signal.signal(signal.SIGTERM, kept); open({str(started)!r}, 'w').close(); time.sleep(60)")
+g.ITEMS = [g.Item("slow", "1", 100, "1", "sleeps", lambda w: [[sys.executable, "-c", slow]]),
+           g.Item("after", "2", 10, "1", "never reached", lambda w: [[sys.executable, "-c", "pass"]])]
+g.NAMES = [i.name for i in g.ITEMS]
+sys.exit(g.main([{str(tmp_path)!r}, {str(tmp_path / 'out')!r}, "--root", {str(tmp_path / 'root')!r}]))
+"""
+    proc = subprocess.Popen([PY, "-c", driver], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert started.exists(), proc.communicate(timeout=30)
+    proc.terminate()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert (tmp_path / "kept").read_text() == "finished runs"
+    status = {r["name"]: r["status"] for r in json.loads((tmp_path / "out" / "status.json").read_text())["items"]}
+    assert status == {"slow": "interrupted (this script was stopped; finished runs kept)",
+                      "after": "not reached (this script was stopped)"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.tgz", "status.json", "status.txt"]
+    assert "interrupted: the item in progress was stopped" in err
