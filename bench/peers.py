@@ -236,9 +236,10 @@ def interleaved_schedule(names: list[str], rounds: int) -> list[list[str]]:
     return [[names[(k + i) % m] for i in range(m)] for k in range(rounds)]
 
 
-def run_benchmark(trainers: dict, rounds: int, seed: int, log=print) -> tuple[list[dict], list[dict]]:
+def run_benchmark(trainers: dict, rounds: int, seed: int, log=print, on_round=None) -> tuple[list[dict], list[dict]]:
     """One untimed warm-up run per trainer (seed + rounds, a seed no round uses), then the
-    interleaved rounds. Returns (warm-up records, run records)."""
+    interleaved rounds; on_round(warm-up records, run records) after each finished round.
+    Returns (warm-up records, run records)."""
     warm, runs = [], []
     for name, fn in trainers.items():
         record = dict(trainer=name, seed=seed + rounds, **fn(seed + rounds))
@@ -249,6 +250,8 @@ def run_benchmark(trainers: dict, rounds: int, seed: int, log=print) -> tuple[li
             record = dict(trainer=name, round=k, position=position, seed=seed + k, **trainers[name](seed + k))
             runs.append(record)
             log(f"round {k + 1}/{rounds}  {line_of(record)}")
+        if on_round:
+            on_round(warm, runs)
     return warm, runs
 
 
@@ -426,12 +429,30 @@ def report_lines(result: dict) -> list[str]:
 
 
 def main(argv=None, make_peer=None) -> int:
-    """make_peer(folder, device) -> (seed -> {acc, time_s, wall_s}); default make_airbench94_trainer."""
+    """make_peer(folder, device) -> (seed -> {acc, time_s, wall_s}); default make_airbench94_trainer.
+    The finished rounds are on disk after each round (marked "complete": false until the end), so an
+    interrupt (Ctrl-C, SIGTERM) loses only the round in progress, as speedrun.py's runs do."""
     parser = build_parser()
     args = parser.parse_args(argv)
     make_peer = make_peer or make_airbench94_trainer
+    partial, progress = speedrun.PartialResult(), dict(rounds=0, of=None)
+    with speedrun.sigterm_as_interrupt():
+        try:
+            return run_and_write(parser, args, argv, make_peer, partial, progress)
+        except KeyboardInterrupt:
+            if partial.path is None:
+                speedrun.release_outputs()  # the reserved --out, still empty
+                parser.exit(130, "interrupted before any round finished; no result was written\n")
+            parser.exit(130, f"interrupted: {progress['rounds']} of {progress['of']} rounds finished; they are saved in "
+                             f"{partial.path} (marked \"complete\": false)\n")
+
+
+def run_and_write(parser, args, argv, make_peer, partial: speedrun.PartialResult, progress: dict) -> int:
+    """main's work: check the request, run the rounds (each finished round written through
+    `partial`, counted in progress['rounds'] of progress['of']), then write the whole result."""
     try:
         overrides, runs, seed, device_name, data_dir = split_overrides(args)
+        progress["of"] = runs
         if runs < 1:
             raise ValueError(f"--runs must be at least 1, got {runs}")
         if seed < 0:
@@ -462,27 +483,42 @@ def main(argv=None, make_peer=None) -> int:
     log = speedrun_tools.log_lines(args.quiet)
     log(f"{', '.join(trainers)} on {speedrun.environment(device)['device_name']}: 1 warm-up run each, "
         f"then {runs} interleaved rounds")
-    try:
-        warm, records = run_benchmark(trainers, runs, seed, log=log)
-    except PeerError as e:
-        parser.exit(2, f"error: {e}\n")
 
-    summary = {name: trainer_summary([r for r in records if r["trainer"] == name]) for name in trainers}
-    ratios = {name: compare(records, name) for name in cfgs}
-    result = dict(
-        kind="peer comparison", command=speedrun_tools.command_line(__file__, argv),
-        environment={**speedrun.environment(device), "cudnn_benchmark": torch.backends.cudnn.benchmark},
-        peer=dict(name=PEER, package=PEER_PACKAGE, installed_version=peer_version()),
-        timers=TIMERS, comparison_note=COMPARISON_NOTE, ratio_method=RATIO_METHOD, target_acc=TARGET_ACC,
-        data=dict(n_train=len(arrays[0]), n_test=len(arrays[2]), read_s=read_s, airbench_dir=str(airbench_dir),
-                  airbench_files=prepared),
-        configs={name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()},
-        runs_per_trainer=runs, seed=seed, schedule=interleaved_schedule(list(trainers), runs),
-        warm_up=warm, runs=records, summary=summary, ratios=ratios, targets=check_targets(summary, ratios),
-        flops=achieved_flops(cfgs, summary, device, args.peak_size) if args.flops else None)
+    def result_of(warm: list[dict], records: list[dict], complete: bool) -> dict:
+        summary = {name: trainer_summary([r for r in records if r["trainer"] == name]) for name in trainers}
+        ratios = {name: compare(records, name) for name in cfgs}
+        return dict(
+            kind="peer comparison", command=speedrun_tools.command_line(__file__, argv),
+            environment={**speedrun.environment(device), "cudnn_benchmark": torch.backends.cudnn.benchmark},
+            peer=dict(name=PEER, package=PEER_PACKAGE, installed_version=peer_version()),
+            timers=TIMERS, comparison_note=COMPARISON_NOTE, ratio_method=RATIO_METHOD, target_acc=TARGET_ACC,
+            data=dict(n_train=len(arrays[0]), n_test=len(arrays[2]), read_s=read_s, airbench_dir=str(airbench_dir),
+                      airbench_files=prepared),
+            configs={name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()},
+            runs_per_trainer=runs, seed=seed, schedule=interleaved_schedule(list(trainers), runs),
+            rounds_finished=len(records) // len(trainers), warm_up=warm, runs=records, summary=summary,
+            ratios=ratios, targets=check_targets(summary, ratios),
+            # the peak measurement takes seconds: only once, at the end
+            flops=achieved_flops(cfgs, summary, device, args.peak_size) if args.flops and complete else None,
+            complete=complete)
+
+    write_partial = partial.writer(out)
+
+    def keep_round(warm: list[dict], records: list[dict]) -> None:
+        write_partial(result_of(warm, records, complete=False))
+        progress["rounds"] = len(records) // len(trainers)
+
+    try:
+        warm, records = run_benchmark(trainers, runs, seed, log=log, on_round=keep_round)
+    except PeerError as e:
+        kept = f" ({progress['rounds']} finished rounds saved in {partial.path})" if partial.path else ""
+        parser.exit(2, f"error: {e}{kept}\n")
+
+    result = result_of(warm, records, complete=True)
     log("\n".join(report_lines(result)))
-    speedrun.save_json(result, out)
-    print(f"results written to {out}")
+    written = speedrun.write_with_fallback(partial.path or out, lambda p: speedrun.save_json(result, p), "--out",
+                                          lambda m: print(m, file=sys.stderr))
+    print(f"results written to {written}")
     return 0
 
 

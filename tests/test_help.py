@@ -14,7 +14,7 @@ import pytest
 from helpers import ROOT
 import speedrun
 from ablations import grid, merge, optimizers, scaling, study, tricks
-from bench import cpu_speed, evaluate, peers, pictures
+from bench import cpu_speed, evaluate, gpu_session, peers, pictures
 
 
 def profile_script(name):
@@ -40,6 +40,7 @@ SCRIPTS = {
     "bench/evaluate.py": (evaluate.main, ()),
     "bench/peers.py": (peers.main, ("--save", "--preset", "--workers", "--target-acc")),
     "bench/pictures.py": (pictures.main, ("--save", "--runs", "--workers")),
+    "bench/gpu_session.py": (gpu_session.main, ("--save", "--preset")),
     "profile/cprofile_run.py": ("cprofile_run", ()),
     "profile/torch_trace.py": ("torch_trace", ("--out", "--save")),
     "profile/data_pipeline.py": ("data_pipeline", ("--out", "--save")),
@@ -81,8 +82,9 @@ def test_help_exits_0_with_the_scripts_own_description_and_examples(script, caps
     if script != "speedrun.py":
         assert "python speedrun.py --preset cpu        on a CPU" not in text, "speedrun's examples, not the script's"
         assert "Part I, the method" not in text
-    examples = re.findall(r"^\s+python (\S+\.py)", text, re.M)
-    assert script in examples or script == "ablations/study.py" and "ablations/tricks.py" in text, \
+    examples = re.findall(r"^\s+(?:python|bash) (\S+\.(?:py|sh))", text, re.M)
+    started_as = {"bench/gpu_session.py": "bench/gpu_session.sh"}.get(script, script)  # through its shell entry
+    assert started_as in examples or script == "ablations/study.py" and "ablations/tricks.py" in text, \
         f"{script}'s help gives no example of itself"
 
 
@@ -123,7 +125,7 @@ def test_study_scripts_run_five_seeds_by_default_and_say_so():
 
 def test_gpu_session_help_prints_its_usage_and_a_bare_call_is_refused():
     helped = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), "--help"], capture_output=True, text=True)
-    assert helped.returncode == 0 and "usage: bash bench/gpu_session.sh PHASE DATA_DIR [OUT_DIR]" in helped.stdout
-    assert all(phase in helped.stdout for phase in ("accuracy", "ablations", "compile", "profile", "peers", "tta-check"))
-    bare = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), "accuracy"], capture_output=True, text=True)
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: bash bench/gpu_session.sh")
+    assert all(item in helped.stdout for item in gpu_session.NAMES)
+    bare = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh")], capture_output=True, text=True)
     assert bare.returncode == 2 and "DATA_DIR" in bare.stderr and not bare.stdout

@@ -3,6 +3,7 @@ parser, and the whole loop with a fake peer. Neither airbench nor a GPU is neede
 import json
 import math
 import os
+import signal
 import sys
 import types
 
@@ -223,6 +224,7 @@ def test_benchmark_end_to_end_with_a_fake_peer(real_data_dir, tmp_path, one_thre
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
 
+    assert result["complete"] is True and result["rounds_finished"] == 2
     assert set(result) >= {"kind", "command", "environment", "peer", "timers", "comparison_note", "ratio_method",
                            "target_acc", "data", "configs", "runs_per_trainer", "seed", "schedule", "warm_up", "runs",
                            "summary", "ratios", "targets", "flops"}
@@ -290,3 +292,44 @@ def test_quiet_prints_only_where_the_results_went(real_data_dir, tmp_path, one_t
     assert peers.main(["--presets", "davidnet", "--runs", "1", "--no-flops", "--quiet", "--out", str(out),
                        "--data-dir", str(real_data_dir), *TINY], make_peer=fake_peer) == 0
     assert capsys.readouterr().out.splitlines() == [f"results written to {out}"]
+
+
+def test_sigterm_keeps_the_finished_rounds_marked_incomplete(real_data_dir, tmp_path, one_thread, capsys):
+    """SIGTERM (a time limit's kill) in round 2 of 3: round 1 is on disk, marked "complete": false,
+    exit status 130 with one line that says where; the round in progress is not in the file."""
+    seen = []
+
+    def fake_peer(folder, device):
+        def train_once(seed):
+            seen.append(seed)
+            if seed == 1:  # the warm-up is seed 3, round k is seed k: stop inside round 2
+                os.kill(os.getpid(), signal.SIGTERM)
+            return dict(acc=0.94, time_s=2.0, wall_s=2.5)
+        return train_once
+
+    out, handler = tmp_path / "peers.json", signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        peers.main(["--presets", "davidnet", "--runs", "3", "--no-flops", "--out", str(out),
+                    "--data-dir", str(real_data_dir), *TINY], make_peer=fake_peer)
+    assert stop.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"interrupted: 1 of 3 rounds finished; they are saved in {out} (marked \"complete\": false)"]
+    result = json.loads(out.read_text())
+    assert result["complete"] is False and result["rounds_finished"] == 1
+    assert [(r["trainer"], r["round"]) for r in result["runs"]] == [("davidnet", 0), (peers.PEER, 0)]
+    assert result["summary"]["davidnet"]["runs"] == 1 and result["ratios"]["davidnet"]["full_budget"]["rounds"] == 1
+    assert seen == [3, 0, 1] and signal.getsignal(signal.SIGTERM) is handler  # the old handler is back
+
+
+def test_an_interrupt_before_any_round_writes_no_result(real_data_dir, tmp_path, one_thread, capsys):
+    def fake_peer(folder, device):
+        def train_once(seed):
+            raise KeyboardInterrupt  # Ctrl-C in the warm-up
+        return train_once
+
+    out = tmp_path / "peers.json"
+    with pytest.raises(SystemExit) as stop:
+        peers.main(["--presets", "davidnet", "--runs", "2", "--no-flops", "--out", str(out),
+                    "--data-dir", str(real_data_dir), *TINY], make_peer=fake_peer)
+    assert stop.value.code == 130 and not out.exists()
+    assert "interrupted before any round finished; no result was written" in capsys.readouterr().err
