@@ -2076,7 +2076,7 @@ def format_epoch_row(row: dict, first: bool = False) -> str:
     line = (f"{row['epoch']:>5}  {row['train_loss']:>10.4f}  {100 * row['train_acc']:>9.2f}  "
             f"{pct(row['test_acc']):>8}  {pct(row['tta_acc']):>12}  {row['train_s']:>9.2f}")
     if first:
-        head = f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'test acc':>8}  {'EMA+TTA acc':>12}  {'train s':>9}"
+        head = f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'test acc':>8}  {'eval acc':>12}  {'train s':>9}"
         line = head + "\n" + line
     return line
 

@@ -140,7 +140,7 @@ def test_json_result_has_every_field_and_saved_weights_reproduce_the_accuracy(re
     out, weights = tmp_path / "r.json", tmp_path / "w.pt"
     proc = run_cli("--data-dir", str(real_data_dir), *TINY, "--out", str(out), "--save", str(weights))
     assert proc.returncode == 0, proc.stderr
-    assert "EMA+TTA acc" in proc.stdout and "2 runs: TTA accuracy mean" in proc.stdout
+    assert "eval acc" in proc.stdout and "2 runs: TTA accuracy mean" in proc.stdout
     result = json.loads(out.read_text())
     assert set(result) == {"preset", "config", "environment", "data_load_s", "warmup_s", "runs", "summary", "complete"}
     assert result["complete"] is True and result["preset"] == "davidnet"

@@ -59,7 +59,7 @@ def test_torchrun_cli_rank_zero_alone_writes_results(real_data_dir, tmp_path):
     proc = torchrun("speedrun.py", "--data-dir", real_data_dir, *TINY, "--out", out, "--save", weights)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "w.pt"]
-    assert proc.stdout.count("results written to") == 1 and proc.stdout.count("EMA+TTA acc") == 1
+    assert proc.stdout.count("results written to") == 1 and proc.stdout.count("eval acc") == 1
     assert "2 processes (gloo): global batch 64, 32 images and 2 ghost-BN groups per process" in proc.stdout
     result = json.loads(out.read_text())
     assert result["runs"][0]["distributed"]["weights_identical"] is True
