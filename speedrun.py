@@ -98,10 +98,8 @@ class Config:
     cutout: int = _f(0, "zero a random square of this side in every training image (0 = off)")
     brightness: float = _f(0.0, "after crop and flip, shift each image by a uniform draw from +-this (normalised units; 0 = off)")
     contrast: float = _f(0.0, "then scale each image by 1 + a uniform draw from +-this (0 = off)")
-    resolution_schedule: str = _f("", "side in pixels of each epoch's training images, e.g. 24,24,28,32 (later epochs: the "
-                                      "last; empty: 32 throughout); evaluation stays at 32")
-    resolution_mode: str = _f("downsample", "how an epoch's images reach a smaller side: downsample (bilinear, after "
-                                            "every other augmentation) or crop (a random window of that side)")
+    resolution_schedule: str = _f("", "each epoch's image side in pixels, e.g. 24,28,32 (later epochs: the last; empty: 32)")
+    resolution_mode: str = _f("downsample", "how images reach a smaller side: downsample (bilinear, last) or crop (random window)")
     # -- model
     arch: str = _f("resnet9", "network: Page's ResNet-9, or airbench's three conv-pool-BN-act-conv-BN-act groups without residuals")
     width: float = _f(1.0, "multiplier of every layer's channel count (resnet9 64/128/256/512, airbench 64/256/256 at 1.0)")
@@ -110,8 +108,7 @@ class Config:
     whiten_negatives: bool = _f(False, "also use each whitening filter's negative (twice the channels)")
     whiten_bias_epochs: float = _f(0.0, "give the whitening conv a bias, trained for this many epochs and then frozen (0 = no bias)")
     whiten_bias_init: str = _f("zero", "whitening bias start: zero (airbench94), or PyTorch's default uniform +-1/sqrt(fan-in) (hiverge)")
-    whiten_bias_schedule: str = _f("shared", "whitening bias LR: shared with the weights, on the run's schedule (airbench94), or its "
-                                             "own, the BN biases' LR decaying linearly to 0 over its own steps (hiverge)")
+    whiten_bias_schedule: str = _f("shared", "whitening bias LR: the weights' (airbench94), or own: the BN biases' decaying to 0 (hiverge)")
     whiten_activation: str = _f("same", "airbench network: activation right after the whitening (same: the field activation)")
     whiten_eps: float = _f(1e-2, "eigenvalue regulariser of the whitening filters")
     whiten_samples: int = _f(10000, "training images whose patches estimate the whitening")
@@ -135,11 +132,9 @@ class Config:
     muon_momentum: float = _f(0.6, "optimizer muon: Nesterov momentum of the conv filters")
     muon_ns_steps: int = _f(5, "optimizer muon: Newton-Schulz iterations per step")
     muon_ns_coeffs: str = _f("keller", "optimizer muon: Newton-Schulz quintic coefficients, Keller Jordan's or hiverge's")
-    muon_ns_precision: str = _f("bf16", "optimizer muon: Newton-Schulz dtype on CUDA, bf16 (Keller Jordan's) or fp16 "
-                                        "(hiverge's, 3 more mantissa bits); fp32 on other devices")
+    muon_ns_precision: str = _f("bf16", "optimizer muon: Newton-Schulz dtype on CUDA (fp32 elsewhere): bf16 (Keller's), fp16 (hiverge's)")
     muon_weight_decay: float = _f(0.0, "optimizer muon: decoupled decay of the conv filters, each step times their LR")
-    muon_renorm: str = _f("none", "optimizer muon: rescale each filter bank to Frobenius norm sqrt(filters) before its update: "
-                                  "never, every_step (airbench94_muon), or growing: every 2 + int(15 x step/total) steps (hiverge)")
+    muon_renorm: str = _f("none", "optimizer muon: rescale each bank to norm sqrt(filters): every_step, or growing: every 2+int(15 step/total)")
     weight_decay: float = _f(5e-4, "weight decay, applied as weight_decay*batch_size to the summed loss")
     bias_lr_scale: float = _f(64.0, "BN parameters learn this many times faster, with 1/this of the decay")
     label_smoothing: float = _f(0.2, "label smoothing of the cross-entropy (0 = off)")
@@ -149,27 +144,20 @@ class Config:
     lr_final_frac: float = _f(0.8, "one-cycle: fraction of training at which the LR reaches lr_final, then stays")
     lr_final: float = _f(0.1, "one-cycle: final LR as a fraction of the peak")
     lr_schedule_at: str = _f("end", "step k of 1..T reads the schedule at k steps done (end: Page) or at k-1 (start: airbench)")
-    lr_schedule_epochs: float = _f(0.0, "the LR schedule and Muon's renormalisation rule span this many epochs, the LR then "
-                                        "holding its last value (0 = the whole run)")
+    lr_schedule_epochs: float = _f(0.0, "epochs the LR schedule (and Muon's renorm rule) spans, then holds (0 = the whole run)")
     lr_floor: float = _f(0.0, "the LR never falls below this fraction of its peak")
     ema: bool = _f(True, "keep an exponential moving average (EMA) of the weights and BN statistics")
-    ema_mode: str = _f("average", "average: evaluate the EMA; lookahead: pull the weights back to the EMA at each update, "
-                                  "with decay ramped by (step/total)^3, so that the weights end as the EMA; late_lookahead: "
-                                  "the same with a constant decay, from ema_start_epochs on")
+    ema_mode: str = _f("average", "average: evaluate the EMA; lookahead: weights set to it at each blend, decay x (step/total)^3; "
+                                  "late_lookahead: the same, constant decay, from ema_start_epochs")
     ema_start_epochs: float = _f(0.0, "late_lookahead: the average starts as a copy of the weights after this many epochs")
     ema_momentum: float = _f(0.99, "EMA momentum per training step")
-    ema_every: int = _f(5, "update the EMA every this many steps, with decay ema_momentum**ema_every (average: after "
-                           "batches 0, k, 2k, ... of each epoch, as Page counts; lookahead: every k-th step of the run)")
-    ema_warmup: bool = _f(False, "average: blend the k-th update with decay min(ema_momentum**ema_every, k/(k+1)), so the EMA "
-                                 "starts as the plain mean of the initial weights and the first updates, instead of "
-                                 "keeping the initial weights at full decay as Page does")
+    ema_every: int = _f(5, "blend every k steps at decay ema_momentum**k (average: batches 0, k, ... of an epoch, as Page)")
+    ema_warmup: bool = _f(False, "average: decay at most k/(k+1) at the k-th blend (a plain mean at first; Page: full decay)")
     # -- evaluation
-    tta: str = _f("flip", "test-time augmentation: flip (image + mirror), flip_translate (6 views, weights 1/4, 1/4, "
-                          "1/8 x 4), flip_translate_equal (the 6 views, 1/6 each: hiverge)")
+    tta: str = _f("flip", "test-time augmentation: flip (2 views), flip_translate (6, weighted 1/4, 1/4, 1/8 x 4), _equal (1/6 each)")
     tta_unsure_frac: float = _f(1.0, "give the TTA views only to this fraction of the test images, those the plain view is least sure of")
     target_acc: float = _f(0.94, "test accuracy that stops the clock")
-    eval_every: int = _f(1, "evaluate after every k-th epoch (and always after the last); only the evaluation that "
-                            "reaches the target is timed (see the timing rule)")
+    eval_every: int = _f(1, "evaluate after every k-th epoch and the last; only the one reaching the target is timed")
     eval_batch_size: int = _f(1000, "evaluation batch size")
     # -- speed and reproducibility
     device: str = _f("auto", "auto (CUDA, then Apple MPS, then CPU) | cuda | cuda:N | mps | cpu")
@@ -1893,12 +1881,6 @@ def load_checkpoint(path: str | Path, device="cpu") -> tuple[Network, Config]:
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return model.eval(), cfg
 
-def load_weights(path: str | Path, device="cpu") -> Network:
-    """Rebuild a network saved with --save (weights of the evaluated, EMA model)."""
-    return load_checkpoint(path, device)[0]
-
-# -- devices and environment: choice, synchronisation, autocast, seeds, warm-up, layout ------
-
 def pick_device(name: str = "auto") -> torch.device:
     """The device of name; 'auto' tries CUDA, then MPS, then the CPU. Under torchrun a CUDA
     device without an index is this process's GPU, cuda:LOCAL_RANK."""
@@ -2026,11 +2008,6 @@ def classification_metrics(pred: torch.Tensor, target: torch.Tensor, classes: in
 
 def silent(*args, **kwargs):
     """The log of a run that prints nothing (train() then keeps no progress line either)."""
-
-def markdown_table(columns, rows) -> list[str]:
-    """The lines of a Markdown table: the header of `columns`, then one line per row of cells."""
-    line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"  # noqa: E731
-    return [line(columns), "|" + "---|" * len(columns), *map(line, rows)]
 
 def plural(n, word: str) -> str:
     """e.g. '1 run', '3 runs', '9.9 epochs'."""

@@ -81,3 +81,9 @@ def hide_flags(parser: argparse.ArgumentParser, *dests: str) -> None:
     for action in parser._actions:
         if action.dest in dests:
             action.help = argparse.SUPPRESS
+
+
+def markdown_table(columns, rows) -> list[str]:
+    """The lines of a Markdown table: the header of `columns`, then one line per row of cells."""
+    line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"  # noqa: E731
+    return [line(columns), "|" + "---|" * len(columns), *map(line, rows)]

@@ -52,7 +52,7 @@ def grid_tables(summary: dict) -> list[str]:
                          else f"{v['time_to_target_mean_s']:.2f} ({v['runs_reaching_target']})"),
                         ("mean timed s (whole budget)", lambda v: study.fmt_sec(v["timed_mean_s"]))):
         out += ["", f"{title}, rows {yf}, columns {xf}:", ""]
-        out += speedrun.markdown_table([f"{yf} \\ {xf}", *xs], [[y, *(show(cell[x, y]) if cell[x, y]["runs"] else "—" for x in xs)]
+        out += speedrun_tools.markdown_table([f"{yf} \\ {xf}", *xs], [[y, *(show(cell[x, y]) if cell[x, y]["runs"] else "—" for x in xs)]
                                                                 for y in ys])
     return out
 

@@ -19,6 +19,7 @@ import sys
 
 from ablations import study
 import speedrun
+import speedrun_tools
 
 OPTIMIZERS = tuple(speedrun.OPTIMIZERS)
 ADAPTIVE_STEP_LR = dict(adam=2e-3, adamw=2e-3, rmsprop=2e-4, adagrad=1e-2, adadelta=1.0)
@@ -64,7 +65,7 @@ def best_lr_table(summary: dict) -> list[str]:
              "—" if not v["runs_reaching_target"] else f"{v['time_to_target_mean_s']:.2f}"]
             for v in best_per_optimizer(summary)]
     return ["", "Best learning rate per optimizer (chosen on the same seeds, so its accuracy is optimistic):", "",
-            *speedrun.markdown_table(["optimizer", "lr", "step lr", "acc % mean", "time-to-target s"], rows)]
+            *speedrun_tools.markdown_table(["optimizer", "lr", "step lr", "acc % mean", "time-to-target s"], rows)]
 
 
 # The curves show each optimizer at its best LR.

@@ -280,7 +280,7 @@ def noise_notes(rows: list[dict]) -> list[str]:
 
 
 def scaling_table(rows: list[dict]) -> str:
-    return "\n".join(speedrun.markdown_table(COLUMNS, map(format_cells, rows))) + "\n"
+    return "\n".join(speedrun_tools.markdown_table(COLUMNS, map(format_cells, rows))) + "\n"
 
 
 def markdown_report(report: dict) -> str:

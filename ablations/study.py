@@ -521,7 +521,7 @@ def variant_table(summary: dict) -> list[str]:
         rows.append([v["name"], v["change"], runs, f"{fmt_pct(v['acc_mean'])} ({std})", _range(v["acc_ci95"], 100),
                      f"{100 * v['frac_at_target']:.0f}%", ttt, ett, fmt_sec(v["timed_mean_s"]),
                      format_delta(v.get("delta_acc"), 100), format_delta(v.get("delta_time_to_target_s"), 1)])
-    return speedrun.markdown_table(columns, rows)
+    return speedrun_tools.markdown_table(columns, rows)
 
 
 def summary_markdown(summary: dict, report: Report = Report()) -> str:

@@ -71,7 +71,7 @@ def table(medians: dict, batch_size: int) -> list[str]:
         ratio = medians[preset, "fp32", False] / s if (preset, "fp32", False) in medians else float("nan")
         rows.append([preset, precision, "channels_last" if channels_last else "NCHW", f"{s:.3f}",
                      f"{batch_size / s:,.0f}", f"{ratio:.2f}x"])
-    return speedrun.markdown_table(["preset", "precision", "memory format", "s/step (median)", "images/s",
+    return speedrun_tools.markdown_table(["preset", "precision", "memory format", "s/step (median)", "images/s",
                                     "vs fp32 NCHW"], rows)
 
 

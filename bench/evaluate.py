@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import speedrun
+import speedrun_tools
 
 
 def evaluate(path: Path, arrays, device: torch.device, precision: str, test_subset: int = 0,
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     rows = [[Path(r["weights"]).name, r["device"], r["precision"], r["tta"], f"{r['tta_unsure_frac']:g}",
              f"{100 * r['plain_acc']:.2f}",
              f"{100 * r['tta_acc']:.2f}", f"{100 * r['tta_gain']:+.2f}"] for r in results]
-    print("\n".join(speedrun.markdown_table(["weights", "device", "precision", "TTA", "TTA for", "plain %", "TTA %",
+    print("\n".join(speedrun_tools.markdown_table(["weights", "device", "precision", "TTA", "TTA for", "plain %", "TTA %",
                                              "gain, points"],
                                             rows)))
     if args.out:

@@ -36,11 +36,11 @@ from pathlib import Path
 
 import torch
 
+import speedrun
+import speedrun_tools
+from ablations import study  # its format of a paired difference
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-import speedrun  # noqa: E402
-from ablations import study  # noqa: E402  (its format of a paired difference)
 
 # a generated block: <!-- ledger:NAME --> ... <!-- /ledger:NAME -->; NAME is a key of TABLES (below)
 BLOCK = re.compile(r"<!-- ledger:([\w-]+) -->(.*?)<!-- /ledger:\1 -->", re.S)
@@ -154,7 +154,7 @@ def accuracy_table(folder: Path) -> str:
         cells.append([r["preset"], r["precision"], r["device"], r["torch"], r["runs"], accuracy(r),
                       f"{100 * r['min']:.2f}%", f"{100 * r['max']:.2f}%", f"{100 * r['at_94']:.0f}%", f"{r['epochs']:g}",
                       seconds(r["budget_s"]), to_94, speedrun.format_duration(r["wall_s"])])
-    return "\n".join(speedrun.markdown_table(columns, cells))
+    return "\n".join(speedrun_tools.markdown_table(columns, cells))
 
 
 def headline_table(folder: Path) -> str:
@@ -162,7 +162,7 @@ def headline_table(folder: Path) -> str:
     columns = ["preset", "device", "torch, precision", "runs", "accuracy mean ± std", "time per run (timed budget)"]
     cells = [[r["preset"], r["device"], f"{r['torch']}, {r['precision'].split(',')[0]}", r["runs"], accuracy(r),
               seconds(r["budget_s"])] for r in rows(folder)]
-    return "\n".join(speedrun.markdown_table(columns, cells))
+    return "\n".join(speedrun_tools.markdown_table(columns, cells))
 
 
 def accuracy(r: dict) -> str:
@@ -190,7 +190,7 @@ def study_tables(folder: Path) -> str:
             timed = "—" if v["timed_mean_s"] is None else f"{v['timed_mean_s']:.2f}"
             rows.append([v["name"], v["change"], runs, acc, study.format_delta(v.get("delta_acc"), 100),
                          f"{100 * v['frac_at_target']:.0f}%", timed, study.format_delta(v.get("delta_timed_s"), 1)])
-        parts += speedrun.markdown_table(["variant", "change", "runs", "accuracy % mean ± std", "Δ accuracy, points (95% CI)",
+        parts += speedrun_tools.markdown_table(["variant", "change", "runs", "accuracy % mean ± std", "Δ accuracy, points (95% CI)",
                                           f"at ≥ {target:g}%", "timed s", "Δ timed s (95% CI)"], rows)
         parts.append("")
     return "\n".join(parts).rstrip("\n")
@@ -213,7 +213,7 @@ def cost_table(folder: Path) -> str:
         cpu_cell = "—" if p not in cpu else f"{seconds(cpu[p]['budget_s'])} ({cpu[p]['runs']})" + (
             f", x {budget[p] / budget['record']:.2f}" if "record" in budget else "")
         cells.append([p, f"{images:,}", f"{pflop[p]:.3f}", f"{pflop[p] / pflop['record']:.2f}", cpu_cell])
-    return "\n".join(speedrun.markdown_table(
+    return "\n".join(speedrun_tools.markdown_table(
         ["preset", "training images", "timed PFLOP per run", "x record", "CPU timed budget (runs), x record"], cells))
 
 

@@ -152,7 +152,7 @@ def test_a_full_disk_on_save_writes_the_weights_elsewhere_and_says_where(tmp_pat
     fallback = captured.err.split("wrote it to ")[1].split(" instead")[0]
     assert f"could not write --save {weights} (" in captured.err and "No space left on device" in captured.err
     assert f"results written to {out}, weights to {fallback}" in captured.out
-    assert speedrun.load_weights(fallback)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert speedrun.load_checkpoint(fallback)[0](torch.zeros(1, 3, 32, 32)).shape == (1, 10)
     assert not weights.exists() and [p.name for p in tmp_path.iterdir()] == ["r.json"], "no placeholder, no .part"
     os.unlink(fallback)
 

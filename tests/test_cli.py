@@ -157,7 +157,7 @@ def test_json_result_has_every_field_and_saved_weights_reproduce_the_accuracy(re
     assert s["runs"] == 2 and s["acc_mean"] == pytest.approx(sum(r["final_acc"] for r in result["runs"]) / 2)
     assert {"acc_std", "acc_min", "acc_max", "frac_at_target", "time_to_target_mean_s", "time_to_target_std_s", "p_value"} <= set(s)
     # The saved weights are the evaluated model of the last run: they reproduce its accuracy.
-    model = speedrun.load_weights(weights)
+    model = speedrun.load_checkpoint(weights)[0]
     cfg = speedrun.make_config(**result["config"])
     x, y = speedrun.load_cifar10(real_data_dir)[2:]
     test_x = speedrun.to_device(x[:200], "cpu", torch.float32)

@@ -63,7 +63,7 @@ def test_torchrun_cli_rank_zero_alone_writes_results(real_data_dir, tmp_path):
     assert "2 processes (gloo): global batch 64, 32 images and 2 ghost-BN groups per process" in proc.stdout
     result = json.loads(out.read_text())
     assert result["runs"][0]["distributed"]["weights_identical"] is True
-    model = speedrun.load_weights(weights)  # the saved network rebuilds and evaluates
+    model = speedrun.load_checkpoint(weights)[0]  # the saved network rebuilds and evaluates
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
