@@ -98,7 +98,8 @@ def test_every_docs_page_is_a_titled_page_that_the_ledger_can_read():
 
 def test_sample_output_ends_with_where_the_results_went():
     text = section(README, "## What a run prints")
-    sample = re.search(r"```\n((?:  step [^\n]*\n|  \.\.\.\n)*epoch .*?)```", text, re.S).group(1).splitlines()
+    sample = re.search(r"```\n(preset [^\n]*\n(?:  step [^\n]*\n|  \.\.\.\n)*epoch .*?)```", text, re.S).group(1).splitlines()
+    assert sample[0].startswith("preset cpu on cpu: "), "a run first says what it is about to do"
     assert sample[-2].startswith("time-to-94%:") and sample[-1].startswith("results written to runs/")
 
 

@@ -123,6 +123,23 @@ def test_airbench94_is_keller_jordans_recipe_at_every_step():
     assert setup.steps_per_epoch() == [48] * 9 + [44]
 
 
+def assert_hiverges_groups(groups, training, step, factor, muon_lr, filters, bias_steps, wd):
+    """hiverge's parameter groups at one step, its LRs times `factor`: the head at 0.5415 and the BN
+    biases at 0.0573 (Nesterov SGD, momentum 0.825, weight_decay wd / its LR), Muon's filters at
+    muon_lr (momentum 0.655), the whitening bias at 0.0573 x (1 - step/bias_steps) while it trains."""
+    head, norm = group_of(groups, "head.weight"), group_of(groups, "layer1.0.2.bias")
+    assert head[0] == pytest.approx(0.5415 * factor, rel=1e-12) and head[1] == pytest.approx(wd / 0.5415, rel=1e-12)
+    assert norm[0] == pytest.approx(0.0573 * factor, rel=1e-12) and norm[1] == pytest.approx(wd / 0.0573, rel=1e-12)
+    assert head[2] == norm[2] == 0.825
+    muon = group_of(groups, next(iter(filters)))
+    assert muon[4] == filters and muon[0] == pytest.approx(muon_lr * factor, rel=1e-12) and muon[2] == 0.655
+    if step < bias_steps:
+        bias = group_of(groups, "whiten.bias")
+        assert bias[0] == pytest.approx(0.0573 * (1 - step / bias_steps), rel=1e-12)
+        assert bias[1] == pytest.approx(wd / 0.0573, rel=1e-12)
+    assert ("whiten.bias" in training) == (step < bias_steps)
+
+
 def test_record_is_airbench94_muon_with_hiverges_changes_at_every_step():
     # hiverge's cifar10_speedrun.py of October 2025 (fork ljbuturovic/cifar10-speedrun at 06c6072:
     # 94.02% over 2,000 runs, 1.98 s on an A100), on top of KellerJordan/cifar10-airbench
@@ -142,18 +159,7 @@ def test_record_is_airbench94_muon_with_hiverges_changes_at_every_step():
     filters = {n for n, p in setup.model.named_parameters() if p.ndim == 4 and n != "whiten.weight"}
     assert len(filters) == 6
     for step, (groups, training) in enumerate(steps):
-        decay = 1 - step / total
-        head, norm = group_of(groups, "head.weight"), group_of(groups, "layer1.0.2.bias")
-        assert head[0] == pytest.approx(0.5415 * decay, rel=1e-12) and head[1] == pytest.approx(wd / 0.5415, rel=1e-12)
-        assert norm[0] == pytest.approx(0.0573 * decay, rel=1e-12) and norm[1] == pytest.approx(wd / 0.0573, rel=1e-12)
-        assert head[2] == norm[2] == 0.825
-        muon = group_of(groups, next(iter(filters)))
-        assert muon[4] == filters and muon[0] == pytest.approx(0.205 * decay, rel=1e-12) and muon[2] == 0.655
-        if step < bias_steps:
-            bias = group_of(groups, "whiten.bias")
-            assert bias[0] == pytest.approx(0.0573 * (1 - step / bias_steps), rel=1e-12)
-            assert bias[1] == pytest.approx(wd / 0.0573, rel=1e-12)
-        assert ("whiten.bias" in training) == (step < bias_steps)
+        assert_hiverges_groups(groups, training, step, 1 - step / total, 0.205, filters, bias_steps, wd)
     muon_group = next(g for g in setup.opt.param_groups if g["orthogonalize"])
     assert muon_group["decoupled_wd"] == pytest.approx(wd) and setup.opt.coeffs == (3.4576, -4.7391, 2.0843)
     assert muon_group["ns_steps"] == 3 and setup.opt.ns_dtype == torch.float16
@@ -189,16 +195,7 @@ def test_fulcrum_e1_is_its_recipe_at_every_step():
     assert len(steps) == total and setup.steps_per_epoch() == [32] * 8 + [28]
     filters = {n for n, p in setup.model.named_parameters() if p.ndim == 4 and n != "whiten.weight"}
     for step, (groups, training) in enumerate(steps):
-        factor = max(1 - step / decay_steps, 0.05)
-        head, norm = group_of(groups, "head.weight"), group_of(groups, "layer1.0.2.bias")
-        assert head[0] == pytest.approx(0.5415 * factor, rel=1e-12) and head[1] == pytest.approx(wd / 0.5415, rel=1e-12)
-        assert norm[0] == pytest.approx(0.0573 * factor, rel=1e-12) and norm[1] == pytest.approx(wd / 0.0573, rel=1e-12)
-        assert head[2] == norm[2] == 0.825
-        muon = group_of(groups, next(iter(filters)))
-        assert muon[4] == filters and muon[0] == pytest.approx(0.2255 * factor, rel=1e-12) and muon[2] == 0.655
-        if step < bias_steps:
-            assert group_of(groups, "whiten.bias")[0] == pytest.approx(0.0573 * (1 - step / bias_steps), rel=1e-12)
-        assert ("whiten.bias" in training) == (step < bias_steps)
+        assert_hiverges_groups(groups, training, step, max(1 - step / decay_steps, 0.05), 0.2255, filters, bias_steps, wd)
     assert sum(max(1 - s / decay_steps, 0.05) == 0.05 for s in range(total)) == 25  # the floor holds from step 259
     assert blends == [(264, 0.0)] + [(s, pytest.approx(0.7, rel=1e-12)) for s in range(268, 285, 4)]
     sides = [setup.augment.draw(8, epoch, "cpu").side for epoch in range(9)]
