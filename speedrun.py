@@ -1784,7 +1784,7 @@ class PartialResult:
                 self.path = write_with_fallback(out, lambda p: save_json(partial, p), "--out", _warn)
             else:
                 save_json(partial, self.path)
-            self.runs = len(partial["runs"])
+            self.runs = len(partial["runs"]) if self.path else 0  # None: nowhere could take them (said)
         return write
 
 def check_outputs(args: argparse.Namespace) -> Path:

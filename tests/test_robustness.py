@@ -172,3 +172,12 @@ def test_torchrun_job_with_indivisible_ghost_bn_fails_before_the_banner(monkeypa
     captured = capsys.readouterr()
     assert stop.value.code == 2 and "ghost_bn_splits 1 is not a multiple of the 2 processes" in captured.err
     assert "ghost-BN groups per process" not in captured.out
+
+
+def test_partial_runs_that_nowhere_could_take_are_not_said_to_be_saved(monkeypatch, tmp_path):
+    # a full disk everywhere: write_with_fallback has said so and returns None; the interrupt line then
+    # must not claim "saved in None"
+    monkeypatch.setattr(speedrun, "write_with_fallback", lambda *args, **kwargs: None)
+    partial = speedrun.PartialResult()
+    partial.writer(tmp_path / "r.json")(dict(runs=[{"seed": 0}]))
+    assert partial.path is None and partial.runs == 0
