@@ -170,9 +170,9 @@ class Config:
     workers: int = _f(0, "processes that share the runs: 0 = one per visible CUDA GPU (1 on other devices)")
     deterministic: bool = _f(False, "request deterministic kernels on CUDA (slower); CPU runs are always reproducible")
 
-# Config's areas, as --help, --show-config and docs/switches.md group its fields: the first field of each
-AREAS = {"data": "data_dir", "augmentation": "flip", "model": "arch", "optimisation": "epochs", "evaluation": "tta",
-         "speed and reproducibility": "device"}
+# Config's areas, as --help, --show-config and docs/switches.md group its fields, each at its first field
+AREAS = {"data_dir": "data", "flip": "augmentation", "arch": "model", "epochs": "optimisation", "tta": "evaluation",
+         "device": "speed and reproducibility"}
 
 PRESETS: dict[str, dict] = {
     # Page, "How to train your ResNet" part 8 (94.1% in 10 epochs; 26 s on a V100): the defaults.
@@ -294,7 +294,7 @@ def alternating_flips(augmenter, n: int, epoch: int, device) -> torch.Tensor:
 FLIPS = {"random": random_flips, "alternating": alternating_flips, "none": lambda augmenter, n, epoch, device: None}
 
 def side_of_epoch(cfg: Config, epoch: int) -> int:
-    """The side of epoch `epoch`'s training images (from 0), by resolution_schedule."""
+    """The side of epoch `epoch`'s training images (from 0), by resolution_schedule (epochs past it: its last)."""
     sides = [int(s) for s in cfg.resolution_schedule.split(",")] if cfg.resolution_schedule else [IMAGE_SIDE]
     return sides[min(epoch, len(sides) - 1)]
 
@@ -1509,11 +1509,8 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"cutout {cfg.cutout} and crop_pad {cfg.crop_pad} must be under the {IMAGE_SIDE}-pixel image's side")
     if not cfg.lr_peak_frac <= cfg.lr_final_frac <= 1 or cfg.lr_peak_frac < 0:
         raise ValueError("need 0 <= lr_peak_frac <= lr_final_frac <= 1")
-    try:
-        sides = [int(t) for t in cfg.resolution_schedule.split(",")] if cfg.resolution_schedule else [IMAGE_SIDE]
-    except ValueError:
-        sides = [0]
-    if not all(9 <= side <= IMAGE_SIDE for side in sides):
+    if not re.fullmatch(r"(\d+,)*\d+", cfg.resolution_schedule or "32") or not all(
+            9 <= side_of_epoch(cfg, e) <= IMAGE_SIDE for e in range(cfg.resolution_schedule.count(",") + 1)):
         raise ValueError(f"resolution_schedule {cfg.resolution_schedule!r}: give sides from 9 to {IMAGE_SIDE} "
                          f"separated by commas, e.g. 24,28,32")
     if cfg.ema_start_epochs and cfg.ema_mode != "late_lookahead":
@@ -1622,9 +1619,8 @@ def build_parser(description: str | None = None, outputs: bool = True, epilog: s
     p.add_argument("--show-config", action="store_true", help="print the resolved recipe (the preset and the flags "
                                                              "given), grouped by area, with its step counts; then exit")
     for f in dataclasses.fields(Config):
-        if f.name in AREAS.values():
-            area = next(a for a, first in AREAS.items() if first == f.name)
-            g = p.add_argument_group(f"config fields: {area} (defaults shown are the davidnet preset's)")
+        if f.name in AREAS:
+            g = p.add_argument_group(f"config fields: {AREAS[f.name]} (defaults shown are the davidnet preset's)")
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
@@ -1649,8 +1645,8 @@ def config_lines(cfg: Config, preset: str) -> list[str]:
     where it is not davidnet's default, then the step counts at the config's image count."""
     lines, base = [f"{preset} as resolved ('*': not davidnet's default)"], Config()
     for f in dataclasses.fields(Config):
-        if f.name in AREAS.values():
-            lines.append(next(a for a, first in AREAS.items() if first == f.name))
+        if f.name in AREAS:
+            lines.append(AREAS[f.name])
         value = getattr(cfg, f.name)
         shown = f"{value:.6g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
         mark = " " if value == getattr(base, f.name) else "*"

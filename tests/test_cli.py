@@ -43,7 +43,7 @@ def test_show_config_prints_the_resolved_recipe_by_area_and_its_steps_then_exits
         assert (float(shown) == pytest.approx(value, rel=1e-5)) if isinstance(value, float) else shown == str(value)
         marked = any(line.split()[:2] == [f.name, "*"] for line in out)
         assert marked == (value != getattr(speedrun.Config(), f.name)), f.name
-    assert [line for line in out if not line.startswith(" ")][1:-1] == list(speedrun.AREAS)
+    assert [line for line in out if not line.startswith(" ")][1:-1] == list(speedrun.AREAS.values())
     n = speedrun.image_counts(cfg)[0] // cfg.batch_size
     assert out[-1].startswith(f"steps: {n} batches of {cfg.batch_size}")
     assert f"{speedrun.epochs_to_steps(cfg.epochs, n)} in all" in out[-1]
@@ -77,6 +77,11 @@ def test_flags_override_the_preset():
     (["--batch-size", "500"], "not divisible by ghost_bn_splits"),
     (["--epochs", "0"], "epochs must be positive"),
     (["--preset", "airbench94", "--ema-warmup"], "ema_warmup shapes the average's first blends; ema_mode lookahead"),
+    (["--resolution-schedule", "24,x"], "resolution_schedule '24,x': give sides from 9 to 32"),
+    (["--resolution-schedule", "24,,28"], "resolution_schedule '24,,28': give sides from 9 to 32"),
+    (["--resolution-schedule", "8"], "resolution_schedule '8': give sides from 9 to 32"),
+    (["--lr-floor", "1.5"], r"lr_floor must be in \[0, 1\]"),
+    (["--ema-start-epochs", "2"], "ema_start_epochs applies to --ema-mode late_lookahead only"),
 ])
 def test_bad_input_is_a_clear_error(argv, message):
     with pytest.raises(ValueError, match=message):

@@ -136,7 +136,7 @@ def test_switch_table_gives_each_field_the_choices_of_its_table_in_speedrun():
     assert set(speedrun.SWITCHES) <= set(listed), "a switch's choices are missing from the table"
     # its rows are speedrun's areas, each holding that area's fields in Config's order
     rows = re.findall(r"^\| (\w[\w ]*?) \| (.*) \|$", table, re.M)[1:]
-    fields, areas = [f.name for f in dataclasses.fields(speedrun.Config)], list(speedrun.AREAS)
-    starts = [fields.index(speedrun.AREAS[a]) for a in areas] + [len(fields)]
+    fields, areas = [f.name for f in dataclasses.fields(speedrun.Config)], list(speedrun.AREAS.values())
+    starts = [fields.index(first) for first in speedrun.AREAS] + [len(fields)]
     by_area = {a: fields[starts[k]:starts[k + 1]] for k, a in enumerate(areas)}
     assert {area: re.findall(r"`(\w+)`", cells) for area, cells in rows} == by_area
