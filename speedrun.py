@@ -419,8 +419,7 @@ class Residual(nn.Module):
 def keep_init(module) -> None:
     """PyTorch's default initialisation, as the modules were built."""
 
-# Config.whiten_kernel: the side of the whitened patches; Config.whiten_bias_init -> what it does to the bias
-WHITEN_KERNELS = (2, 3)
+# Config.whiten_bias_init -> what it does to the bias
 WHITEN_BIAS_INITS = {"zero": nn.init.zeros_, "default": keep_init}  # default: PyTorch's uniform +-1/sqrt(fan-in)
 
 def whitening_layer(cfg: Config) -> tuple[nn.Module, int]:
@@ -1471,7 +1470,7 @@ PRECISIONS = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32
 
 # Each Config field that names a choice, and the table its choices come from (by the code it switches).
 SWITCHES = dict(flip=FLIPS, arch=NETWORKS, activation=ACTIVATIONS, whiten_activation=WHITEN_ACTIVATIONS,
-                whiten_kernel=WHITEN_KERNELS, whiten_bias_init=WHITEN_BIAS_INITS,
+                whiten_bias_init=WHITEN_BIAS_INITS,
                 whiten_bias_schedule=WHITEN_BIAS_SCHEDULES, conv_init=CONV_INITS, head_init=HEAD_INITS,
                 optimizer=OPTIMIZERS, muon_ns_coeffs=NS_COEFFICIENTS, muon_ns_precision=NS_PRECISIONS,
                 muon_renorm=MUON_RENORMS, resolution_mode=RESIZES, lr_schedule=LR_SCHEDULES, lr_schedule_at=LR_SCHEDULE_AT, ema_mode=EMA_KINDS, tta=TTA_MODES,
@@ -1498,7 +1497,8 @@ def check_config(cfg: Config) -> None:
              lambda v: v >= 0, "be 0 or more"),
             (("momentum", "muon_momentum", "ema_momentum", "label_smoothing"), lambda v: 0 <= v < 1, "be in [0, 1)"),
             (("bn_momentum", "tta_unsure_frac", "lr_floor"), lambda v: 0 <= v <= 1, "be in [0, 1]"),
-            (("target_acc",), lambda v: 0 < v <= 1, "be in (0, 1]")):
+            (("target_acc",), lambda v: 0 < v <= 1, "be in (0, 1]"),
+            (("whiten_kernel",), lambda v: 1 <= v <= 7, "be from 1 to 7 pixels")):
         for name in names:
             if not ok(getattr(cfg, name)):
                 raise ValueError(f"{name} must {rule}, got {getattr(cfg, name):g}")

@@ -81,6 +81,7 @@ def test_flags_override_the_preset():
     (["--resolution-schedule", "24,,28"], "resolution_schedule '24,,28': give sides from 9 to 32"),
     (["--resolution-schedule", "8"], "resolution_schedule '8': give sides from 9 to 32"),
     (["--lr-floor", "1.5"], r"lr_floor must be in \[0, 1\]"),
+    (["--whiten-kernel", "9"], "whiten_kernel must be from 1 to 7 pixels"),
     (["--ema-start-epochs", "2"], "ema_start_epochs applies to --ema-mode late_lookahead only"),
 ])
 def test_bad_input_is_a_clear_error(argv, message):

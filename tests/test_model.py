@@ -195,3 +195,11 @@ def test_compiled_low_precision_step_has_finite_gradients(preset):
     speedrun.smoothed_cross_entropy(logits, torch.arange(32) % 10, cfg.label_smoothing).backward()
     bad = [n for n, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
     assert not bad, f"non-finite gradients: {bad}"
+
+
+@pytest.mark.parametrize("arch", ["resnet9", "airbench"])
+def test_every_whitening_kernel_from_1_to_7_builds_a_network_that_classifies_32_pixel_images(arch):
+    for k in range(1, 8):
+        cfg = speedrun.make_config(arch=arch, whiten_kernel=k, width=0.125, ghost_bn_splits=1)
+        model = speedrun.build_model(cfg).eval()
+        assert model.whiten.out_channels == 3 * k * k and model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
