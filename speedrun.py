@@ -310,8 +310,8 @@ RESIZES = {"downsample": (False, downsample), "crop": (True, crop_window)}
 
 class EpochAugmenter:
     """Crop, flip, colour jitter (brightness then contrast), cutout, then the epoch's resolution, with
-    choices drawn for the whole training set at once. draw() then apply() lets a process of a distributed run augment
-    only its share while drawing the same numbers as everyone else."""
+    choices drawn for the whole training set at once. draw() then apply() lets a process of a
+    distributed run augment only its share while drawing the same numbers as everyone else."""
 
     def __init__(self, cfg: Config, gen: torch.Generator):
         self.cfg, self.gen, self.first_flips = cfg, gen, None
@@ -724,7 +724,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, cfg: Config, total_steps: int, start: int = 0):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.eval_model = self.model  # what evaluation uses
+        self.eval_model, self.start = self.model, start  # what evaluation uses; late_lookahead's first blend
         self.decay, self.every = cfg.ema_momentum ** cfg.ema_every, cfg.ema_every
         self.warmup, self.updates = cfg.ema_warmup, 0
         # the weights and BN statistics, averaged and live (BN's integer batch count stays 0: GhostBatchNorm never counts)
@@ -753,8 +753,8 @@ class Lookahead(EMA):
     finish() leaves the weights at the average; evaluation uses the trained model itself."""
 
     def __init__(self, model: nn.Module, cfg: Config, total_steps: int, start: int = 0):
-        super().__init__(model, cfg, total_steps)
-        self.eval_model, self.total_steps, self.start = model, total_steps, start  # evaluated: the trained model
+        super().__init__(model, cfg, total_steps, start)
+        self.eval_model, self.total_steps = model, total_steps  # the trained model, which ends as the average
 
     def due(self, step: int, batch: int) -> bool:
         return step % self.every == 0
