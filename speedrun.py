@@ -107,12 +107,12 @@ class Config:
     whiten_kernel: int = _f(3, "side of the whitened patches (3: 27 filters, 2: 12 filters)")
     whiten_negatives: bool = _f(False, "also use each whitening filter's negative (twice the channels)")
     whiten_bias_epochs: float = _f(0.0, "give the whitening conv a bias, trained for this many epochs and then frozen (0 = no bias)")
-    whiten_bias_init: str = _f("zero", "whitening bias start: zero (airbench94), or PyTorch's default uniform +-1/sqrt(fan-in) (hiverge)")
-    whiten_bias_schedule: str = _f("shared", "whitening bias LR: the weights' (airbench94), or own: the BN biases' decaying to 0 (hiverge)")
+    whiten_bias_zero: bool = _f(True, "the whitening bias starts at 0 (airbench94); off: PyTorch's uniform +-1/sqrt(fan-in) (hiverge)")
+    whiten_bias_own_lr: bool = _f(False, "the whitening bias learns at the BN biases' LR, decaying to 0 (hiverge); off: the weights' LR")
     whiten_activation: str = _f("same", "airbench network: activation right after the whitening (same: the field activation)")
     whiten_eps: float = _f(1e-2, "eigenvalue regulariser of the whitening filters")
     whiten_samples: int = _f(10000, "training images whose patches estimate the whitening")
-    conv_init: str = _f("default", "3x3 conv init: PyTorch's default, or dirac (the first in-channels filters start as the identity)")
+    dirac_init: bool = _f(False, "each 3x3 conv's first in-channels filters start as the identity (airbench); off: PyTorch's init")
     activation: str = _f("celu", "activation after each BN")
     celu_alpha: float = _f(0.3, "alpha of CELU")
     ghost_bn_splits: int = _f(16, "ghost batch norm: each training batch is normalised in this many groups (1 = plain BN)")
@@ -121,7 +121,7 @@ class Config:
     bn_eps: float = _f(1e-5, "BN epsilon")
     residual: bool = _f(True, "resnet9: residual blocks after layer1 and layer3 (the airbench network has none)")
     head_scale: float = _f(1 / 16, "multiplier of the logits after the bias-free linear head")
-    head_init: str = _f("default", "head weights: PyTorch's default, or rescaled to standard deviation 1 (unit_std: hiverge)")
+    head_unit_std: bool = _f(False, "head weights rescaled to standard deviation 1 (hiverge); off: PyTorch's init")
     # -- optimisation
     epochs: float = _f(10.0, "training epochs (at most 1,000); a fraction trains ceil(epochs x batches per epoch) steps, the last epoch partial")
     batch_size: int = _f(512, "training batch size")
@@ -143,7 +143,7 @@ class Config:
     lr_peak_frac: float = _f(0.2, "one-cycle: fraction of training at which the LR peaks")
     lr_final_frac: float = _f(0.8, "one-cycle: fraction of training at which the LR reaches lr_final, then stays")
     lr_final: float = _f(0.1, "one-cycle: final LR as a fraction of the peak")
-    lr_schedule_at: str = _f("end", "step k of 1..T reads the schedule at k steps done (end: Page) or at k-1 (start: airbench)")
+    lr_schedule_at_start: bool = _f(False, "step k of 1..T reads the schedule at k-1 steps done (airbench); off: at k (Page)")
     lr_schedule_epochs: float = _f(0.0, "epochs the LR schedule (and Muon's renorm rule) spans, then holds (0 = the whole run)")
     lr_floor: float = _f(0.0, "the LR never falls below this fraction of its peak")
     ema: bool = _f(True, "keep an exponential moving average (EMA) of the weights and BN statistics")
@@ -182,10 +182,10 @@ PRESETS: dict[str, dict] = {
     # its per-step decay 0.0153 x 1024 / that same scale is lr x weight_decay, so weight_decay =
     # 0.0153 / 11.5. 9.9 epochs of 48 batches = 476 steps, the schedule read before each step.
     "airbench94": dict(arch="airbench", whiten_kernel=2, whiten_negatives=True, whiten_bias_epochs=3.0, whiten_eps=5e-4,
-                       whiten_samples=5000, conv_init="dirac", activation="gelu", ghost_bn_splits=1, bn_momentum=0.4,
+                       whiten_samples=5000, dirac_init=True, activation="gelu", ghost_bn_splits=1, bn_momentum=0.4,
                        bn_eps=1e-12, head_scale=1 / 9, epochs=9.9, batch_size=1024, momentum=0.85, lr=1.5,
                        weight_decay=0.0153 / 11.5, lr_start=0.2, lr_peak_frac=0.23, lr_final_frac=1.0, lr_final=0.07,
-                       lr_schedule_at="start", ema_mode="lookahead", ema_momentum=0.95, flip="alternating", crop_pad=2,
+                       lr_schedule_at_start=True, ema_mode="lookahead", ema_momentum=0.95, flip="alternating", crop_pad=2,
                        tta="flip_translate", eval_batch_size=2000),
     # The record line: airbench94_muon (Keller Jordan: 94.01% over 200 runs, 2.59 s on an A100) with
     # hiverge's changes (cifar10_speedrun.py of October 2025, fork ljbuturovic/cifar10-speedrun at
@@ -195,13 +195,13 @@ PRESETS: dict[str, dict] = {
     # muon_weight_decay (decoupled) for the filters. 7.65 epochs of 32 batches = 245 steps, the
     # whitening bias trained for ceil(0.2 x 32) = 7 of them.
     "record": dict(arch="airbench", whiten_kernel=2, whiten_negatives=True, whiten_bias_epochs=0.2,
-                   whiten_bias_init="default", whiten_bias_schedule="own", whiten_activation="gelu", whiten_eps=5e-4,
-                   whiten_samples=960, conv_init="dirac", activation="silu", ghost_bn_splits=1, bn_momentum=1 - 0.5566,
-                   bn_eps=1e-12, head_scale=1 / 256, head_init="unit_std", epochs=7.65, batch_size=1536,
+                   whiten_bias_zero=False, whiten_bias_own_lr=True, whiten_activation="gelu", whiten_eps=5e-4,
+                   whiten_samples=960, dirac_init=True, activation="silu", ghost_bn_splits=1, bn_momentum=1 - 0.5566,
+                   bn_eps=1e-12, head_scale=1 / 256, head_unit_std=True, epochs=7.65, batch_size=1536,
                    optimizer="muon", momentum=0.825, lr=0.5415 * 1536, bias_lr_scale=0.0573 / 0.5415,
                    weight_decay=1.0418e-6 / 0.5415, muon_lr=0.205, muon_momentum=0.655, muon_ns_steps=3,
                    muon_ns_coeffs="hiverge", muon_ns_precision="fp16", muon_weight_decay=1.0418e-6 * 1536,
-                   muon_renorm="growing", label_smoothing=0.09, lr_schedule="linear", lr_schedule_at="start",
+                   muon_renorm="growing", label_smoothing=0.09, lr_schedule="linear", lr_schedule_at_start=True,
                    ema=False, flip="alternating", crop_pad=2, brightness=0.1399, contrast=0.1308,
                    tta="flip_translate_equal", tta_unsure_frac=0.25, eval_batch_size=2000),
     # A small copy for a laptop CPU: minutes, not hours; it shows the machinery, not 94%. No EMA: over
@@ -416,12 +416,6 @@ class Residual(nn.Module):
     def forward(self, x):
         return x + self.body(x)
 
-def keep_init(module) -> None:
-    """PyTorch's default initialisation, as the modules were built."""
-
-# Config.whiten_bias_init -> what it does to the bias
-WHITEN_BIAS_INITS = {"zero": nn.init.zeros_, "default": keep_init}  # default: PyTorch's uniform +-1/sqrt(fan-in)
-
 def whitening_layer(cfg: Config) -> tuple[nn.Module, int]:
     """The frozen whitening conv (filled by init_whitening) and its channel count; the identity
     and 3 channels when whitening is off. Its bias, if any, trains for whiten_bias_epochs."""
@@ -431,8 +425,8 @@ def whitening_layer(cfg: Config) -> tuple[nn.Module, int]:
     c_out = 3 * k * k * (2 if cfg.whiten_negatives else 1)
     conv = nn.Conv2d(3, c_out, k, padding=(k - 1) // 2, bias=cfg.whiten_bias_epochs > 0)
     conv.weight.requires_grad_(False)
-    if conv.bias is not None:
-        WHITEN_BIAS_INITS[cfg.whiten_bias_init](conv.bias)
+    if conv.bias is not None and cfg.whiten_bias_zero:
+        nn.init.zeros_(conv.bias)
     return conv, c_out
 
 def trainable_whiten_bias(model: Network) -> nn.Parameter | None:
@@ -529,19 +523,14 @@ def dirac_filters(model: Network) -> None:
         if isinstance(m, nn.Conv2d) and m is not model.whiten and m.kernel_size == (3, 3):
             nn.init.dirac_(m.weight[:min(m.in_channels, m.out_channels)])
 
-@torch.no_grad()
-def unit_std_head(model: Network) -> None:
-    model.head.weight.div_(model.head.weight.std())
-
-# Config.conv_init and Config.head_init -> what each does to the built network
-CONV_INITS = {"default": keep_init, "dirac": dirac_filters}
-HEAD_INITS = {"default": keep_init, "unit_std": unit_std_head}
-
 def build_model(cfg: Config, device: torch.device | str = "cpu") -> Network:
     """The network of cfg.arch with its initialisation switches, on the device in its memory layout."""
     model = NETWORKS[cfg.arch](cfg)
-    CONV_INITS[cfg.conv_init](model)
-    HEAD_INITS[cfg.head_init](model)
+    if cfg.dirac_init:
+        dirac_filters(model)
+    if cfg.head_unit_std:
+        with torch.no_grad():
+            model.head.weight.div_(model.head.weight.std())
     model = model.to(device)
     if uses_channels_last(cfg, torch.device(device)):
         model = model.to(memory_format=torch.channels_last)
@@ -565,15 +554,14 @@ def one_cycle(cfg: Config, t: int, total: int) -> float:
     knots = [0, int(round(cfg.lr_peak_frac * total, 9)), int(round(cfg.lr_final_frac * total, 9)), total]
     return float(np.interp(t, knots, [cfg.lr_start, 1.0, cfg.lr_final, cfg.lr_final]))
 
-# Config.lr_schedule -> the LR factor at step t of total; Config.lr_schedule_at -> steps counted before reading it
+# Config.lr_schedule -> the LR factor at step t of total
 LR_SCHEDULES = {"onecycle": one_cycle, "linear": lambda cfg, t, total: max(0.0, 1.0 - t / total),
                 "constant": lambda cfg, t, total: 1.0}
-LR_SCHEDULE_AT = {"end": 1, "start": 0}
 
 def lr_factor(cfg: Config, step: int, total: int, schedule: str | None = None) -> float:
     """The multiplier of the peak LR, by cfg.lr_schedule (or `schedule`) over `total` steps, for the
-    step that has `step` steps done before it, read at step + LR_SCHEDULE_AT[cfg.lr_schedule_at]."""
-    return LR_SCHEDULES[schedule or cfg.lr_schedule](cfg, step + LR_SCHEDULE_AT[cfg.lr_schedule_at], total)
+    step that has `step` steps done before it, read at step + 1 (at step: lr_schedule_at_start)."""
+    return LR_SCHEDULES[schedule or cfg.lr_schedule](cfg, step if cfg.lr_schedule_at_start else step + 1, total)
 
 # Config.muon_ns_coeffs -> the Newton-Schulz quintic's (a, b, c): Keller Jordan's, and hiverge's retuned ones
 NS_COEFFICIENTS = {"keller": (3.4445, -4.7750, 2.0315), "hiverge": (3.4576, -4.7391, 2.0843)}
@@ -692,17 +680,15 @@ def whiten_bias_apart(groups: list[dict], model: Network, cfg: Config, bias_step
     rest = [dict(g, params=[p for p in g["params"] if p is not bias]) for g in groups]
     return [*rest, lr_group([bias], cfg, cfg.bias_lr_scale, decay_over=max(1, bias_steps))]
 
-# Config.whiten_bias_schedule -> the parameter groups with the whitening bias placed (shared: airbench94)
-WHITEN_BIAS_SCHEDULES = {"shared": lambda groups, model, cfg, bias_steps: groups, "own": whiten_bias_apart}
-
 def build_optimizer(model: nn.Module, cfg: Config, total_steps: int, bias_steps: int) -> torch.optim.Optimizer:
     """The weights' group, the BN parameters' at bias_lr_scale, the whitening bias placed by
-    whiten_bias_schedule, then cfg.optimizer's maker, which may regroup them (Muon's does)."""
+    whiten_bias_own_lr, then cfg.optimizer's maker, which may regroup them (Muon's does)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     bn = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
     groups = [lr_group([p for p in trainable if id(p) not in bn], cfg),
               lr_group([p for p in trainable if id(p) in bn], cfg, cfg.bias_lr_scale)]
-    groups = WHITEN_BIAS_SCHEDULES[cfg.whiten_bias_schedule](groups, model, cfg, bias_steps)
+    if cfg.whiten_bias_own_lr:
+        groups = whiten_bias_apart(groups, model, cfg, bias_steps)
     groups = [g for g in groups if g["params"]]
     return OPTIMIZERS[cfg.optimizer](groups, cfg, total_steps)
 
@@ -1470,11 +1456,9 @@ PRECISIONS = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32
 
 # Each Config field that names a choice, and the table its choices come from (by the code it switches).
 SWITCHES = dict(flip=FLIPS, arch=NETWORKS, activation=ACTIVATIONS, whiten_activation=WHITEN_ACTIVATIONS,
-                whiten_bias_init=WHITEN_BIAS_INITS,
-                whiten_bias_schedule=WHITEN_BIAS_SCHEDULES, conv_init=CONV_INITS, head_init=HEAD_INITS,
                 optimizer=OPTIMIZERS, muon_ns_coeffs=NS_COEFFICIENTS, muon_ns_precision=NS_PRECISIONS,
-                muon_renorm=MUON_RENORMS, resolution_mode=RESIZES, lr_schedule=LR_SCHEDULES, lr_schedule_at=LR_SCHEDULE_AT, ema_mode=EMA_KINDS, tta=TTA_MODES,
-                precision=PRECISIONS, compile_mode=COMPILE_MODES)
+                muon_renorm=MUON_RENORMS, resolution_mode=RESIZES, lr_schedule=LR_SCHEDULES, ema_mode=EMA_KINDS,
+                tta=TTA_MODES, precision=PRECISIONS, compile_mode=COMPILE_MODES)
 
 def check_config(cfg: Config) -> None:
     for f in dataclasses.fields(cfg):  # nan or inf in any number would only show up as a diverged run
@@ -1535,6 +1519,21 @@ def make_config(preset: str = "davidnet", **overrides) -> Config:
     cfg = dataclasses.replace(Config(), **{**PRESETS[preset], **overrides})
     check_config(cfg)
     return cfg
+
+# Fields that were switch tables and are now plain, as results, studies and weights written before name them
+RENAMED_FIELDS = {"lr_schedule_at": ("lr_schedule_at_start", {"end": False, "start": True}),
+                  "whiten_bias_init": ("whiten_bias_zero", {"zero": True, "default": False}),
+                  "whiten_bias_schedule": ("whiten_bias_own_lr", {"shared": False, "own": True}),
+                  "conv_init": ("dirac_init", {"default": False, "dirac": True}),
+                  "head_init": ("head_unit_std", {"default": False, "unit_std": True})}
+
+def upgrade_config(config: dict) -> dict:
+    """A stored config in today's fields (KeyError for an old field's unknown value)."""
+    config = dict(config)
+    for old, (new, values) in RENAMED_FIELDS.items():
+        if old in config:
+            config[new] = values[config.pop(old)]
+    return config
 
 # -- argument parsing ------------------------------------------------------------------------
 
@@ -1869,7 +1868,7 @@ def load_checkpoint(path: str | Path, device="cpu") -> tuple[Network, Config]:
     """The network saved with --save (weights of the evaluated, EMA model), and its config."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = dataclasses.replace(Config(), **blob["config"])
+        cfg = dataclasses.replace(Config(), **upgrade_config(blob["config"]))
         model = build_model(cfg, device)  # in the run's memory layout on that device
         model.load_state_dict(blob["state_dict"])
     except Exception as e:  # truncated, empty, another tool's file, an unknown field, other shapes

@@ -350,6 +350,8 @@ def read_meta(folder: Path) -> dict:
         meta = json.loads(path.read_text())
         if not isinstance(meta["definition"], dict) or not isinstance(meta["sessions"], list):
             raise TypeError
+        for variant in meta["definition"]["variants"]:  # studies written before a field went plain
+            variant["config"] = speedrun.upgrade_config(variant["config"])
     except FileNotFoundError:
         raise StudyError(f"{folder} is not a study folder (no study.json)") from None
     except (ValueError, KeyError, TypeError):

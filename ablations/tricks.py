@@ -45,7 +45,7 @@ def leave_one_out(base: speedrun.Config) -> tuple[list[study.Variant], list[str]
         ("random_flip", "random flips instead of alternating", dict(flip="random")),
         ("no_whitening_bias", "no trained whitening bias", dict(whiten_bias_epochs=0.0)),
         ("no_whitening_negatives", "whitening filters without their negatives", dict(whiten_negatives=False)),
-        ("default_init", "PyTorch's conv init instead of identity (dirac)", dict(conv_init="default")),
+        ("default_init", "PyTorch's conv init instead of identity (dirac)", dict(dirac_init=False)),
         ("no_colour_jitter", "no brightness and contrast jitter", dict(brightness=0.0, contrast=0.0)),
         ("no_muon_renorm", "Muon without renormalising the filters", dict(muon_renorm="none")),
         ("no_crop", "no random crop", dict(crop_pad=0)),

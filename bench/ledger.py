@@ -102,6 +102,7 @@ def read_result(path: Path) -> dict:
     """A result file, checked to be what the trainer writes; ValueError naming the file if not."""
     try:
         result = json.loads(path.read_text())
+        result["config"] = speedrun.upgrade_config(result["config"])  # results written before a field went plain
         speedrun.Config(**result["config"])
         runs, _ = result["runs"], result["environment"]["device"]
         if not isinstance(runs, list) or any(r["final_acc"] is None for r in runs if not r.get("diverged")):

@@ -192,7 +192,7 @@ def config_of_result(result: dict):
     """The Config stored in a speedrun JSON result; ValueError when it is not one."""
     if not isinstance(result.get("config"), dict) or not isinstance(result.get("runs"), list) or not result["runs"]:
         raise ValueError("not a speedrun result: expected 'config' and a non-empty 'runs' list")
-    return speedrun.make_config("davidnet", **result["config"])
+    return speedrun.make_config("davidnet", **speedrun.upgrade_config(result["config"]))
 
 
 def timed_runs(result: dict, cfg) -> list[tuple[float, int, str]]:

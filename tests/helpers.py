@@ -1,5 +1,6 @@
 """What the tests share: tiny CIFAR-10-shaped data in the official file formats, tiny configs and
 device data. Imported by name (`from helpers import tiny_config`); conftest.py holds the fixtures."""
+import dataclasses
 import hashlib
 import pickle
 import tarfile
@@ -94,3 +95,18 @@ def correlated_images(n=300, seed=0):
     x = torch.randn(n, 3, 40, 40, generator=g)
     x = torch.nn.functional.avg_pool2d(x, 5, stride=1)[..., :32, :32]
     return x + 0.5 * x.mean(1, keepdim=True)
+
+
+# How results, studies and weights stored these fields before five switch tables became yes/no
+# fields (written out here, not derived from speedrun's translation, which the tests check)
+FIELDS_WRITTEN_BEFORE = {
+    "davidnet": dict(lr_schedule_at="end", whiten_bias_init="zero", whiten_bias_schedule="shared", conv_init="default",
+                     head_init="default"),
+    "record": dict(lr_schedule_at="start", whiten_bias_init="default", whiten_bias_schedule="own", conv_init="dirac",
+                   head_init="unit_std")}
+
+
+def config_written_before(cfg: speedrun.Config, preset: str) -> dict:
+    """cfg (of `preset`) as a result of the time stored it: the old fields in place of today's."""
+    today = ("lr_schedule_at_start", "whiten_bias_zero", "whiten_bias_own_lr", "dirac_init", "head_unit_std")
+    return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in today}, **FIELDS_WRITTEN_BEFORE[preset]}

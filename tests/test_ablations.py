@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import ROOT
+from helpers import FIELDS_WRITTEN_BEFORE, ROOT
 import speedrun
 from ablations import grid, merge, optimizers, study, tricks
 
@@ -79,7 +79,7 @@ def test_leave_one_out_covers_the_tricks_of_airbench94_and_the_record():
     airbench = speedrun.make_config("airbench94")
     changes = {v.name: changed_fields(airbench, v.config) for v in tricks.leave_one_out(airbench)[0][1:]}
     assert changes["no_whitening_bias"] == dict(whiten_bias_epochs=0.0) and changes["random_flip"] == dict(flip="random")
-    assert changes["default_init"] == dict(conv_init="default") and changes["flip_tta"] == dict(tta="flip")
+    assert changes["default_init"] == dict(dirac_init=False) and changes["flip_tta"] == dict(tta="flip")
     assert changes["no_whitening_negatives"] == dict(whiten_negatives=False) and changes["no_ema"] == dict(ema=False)
     assert "plain_bn" not in changes and "no_colour_jitter" not in changes, "airbench94 has neither trick"
     record = speedrun.make_config("record")
@@ -292,6 +292,22 @@ def test_resume_after_an_interruption_reruns_nothing(full_study, real_data_dir, 
     assert [accuracy_fields(r) for r in rows] == [accuracy_fields(r) for r in read_csv(full_study[0])]
     tricks.main(argv)
     assert "0 to run now" in capsys.readouterr().out and read_csv(folder) == rows
+
+
+def test_a_study_written_before_the_switch_tables_went_plain_resumes_with_nothing_to_rerun(full_study, real_data_dir,
+                                                                                           tmp_path, capsys):
+    folder = tmp_path / "old"
+    shutil.copytree(full_study[0], folder)
+    meta = json.loads((folder / "study.json").read_text())
+    for variant in meta["definition"]["variants"]:  # davidnet's tricks, in the fields of the time
+        for name in ("lr_schedule_at_start", "whiten_bias_zero", "whiten_bias_own_lr", "dirac_init", "head_unit_std"):
+            del variant["config"][name]
+        variant["config"].update(FIELDS_WRITTEN_BEFORE["davidnet"])
+    (folder / "study.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    tricks.main(["--data-dir", str(real_data_dir), *TINY, *PAIR, "--study", str(folder)])
+    assert "0 to run now" in capsys.readouterr().out
+    assert read_csv(folder) == read_csv(full_study[0])
 
 
 def test_a_folder_of_another_study_is_refused(full_study, tmp_path, capsys):

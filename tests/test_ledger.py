@@ -9,7 +9,7 @@ import pytest
 
 import speedrun
 from bench import ledger
-from helpers import ROOT
+from helpers import ROOT, config_written_before
 
 
 def result_file(folder, name, preset, accs, device="cpu", **changes):
@@ -119,6 +119,21 @@ def test_a_result_of_an_earlier_recipe_of_a_preset_gets_a_row_named_for_it(tmp_p
     result_file(tmp_path, "neither.json", "record", [0.9402], epochs=7.6)
     with pytest.raises(ValueError, match="changed: epochs"):
         ledger.rows(tmp_path)
+
+
+@pytest.mark.parametrize("preset", ["davidnet", "record"])
+def test_a_result_written_before_the_switch_tables_went_plain_reads_as_todays_recipe(tmp_path, preset):
+    result_file(tmp_path, "old.json", preset, [0.9401])
+    data = json.loads((tmp_path / "old.json").read_text())
+    data["config"] = config_written_before(speedrun.make_config(preset), preset)
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    result = ledger.read_result(tmp_path / "old.json")
+    assert speedrun.Config(**result["config"]) == speedrun.make_config(preset)
+    assert [r["preset"] for r in ledger.rows(tmp_path)] == [preset]
+    data["config"]["conv_init"] = "orthogonal"  # not a value the old field ever had
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="old.json: not a result speedrun.py writes"):
+        ledger.read_result(tmp_path / "old.json")
 
 
 def test_a_field_that_acts_only_on_cuda_does_not_split_or_refuse_cpu_runs(tmp_path):

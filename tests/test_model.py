@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import correlated_images, preset_config
+from helpers import config_written_before, correlated_images, preset_config
 import speedrun
 
 
@@ -148,7 +148,7 @@ def test_activation_after_the_whitening_can_differ_from_the_others():
 
 
 def test_dirac_init_passes_the_first_channels_through():
-    cfg = preset_config("airbench94", conv_init="dirac")
+    cfg = preset_config("airbench94", dirac_init=True)
     model = speedrun.build_model(cfg)
     conv = model.layer2[1][0]  # 64 -> 64 at width 1/8: 32 -> 32 channels
     x = torch.randn(2, conv.in_channels, 8, 8)
@@ -156,7 +156,7 @@ def test_dirac_init_passes_the_first_channels_through():
     widening = model.layer1[0][0]  # 24 -> 8: the first 8 filters pass input channels 0..7 through
     z = torch.randn(2, widening.in_channels, 8, 8)
     torch.testing.assert_close(widening(z), z[:, :widening.out_channels])
-    default = speedrun.build_model(preset_config("airbench94", conv_init="default")).layer2[1][0]
+    default = speedrun.build_model(preset_config("airbench94", dirac_init=False)).layer2[1][0]
     assert not torch.allclose(default(x)[:, :conv.in_channels], x)
 
 
@@ -176,6 +176,16 @@ def test_each_arch_builds_its_own_network_and_weights_rebuild_it(tmp_path):
         again = speedrun.load_checkpoint(path)[0]
         assert type(again) is kind
         assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_weights_saved_before_the_switch_tables_went_plain_load_with_todays_fields(tmp_path):
+    cfg = speedrun.make_config("record", width=0.125)
+    model = speedrun.build_model(cfg)
+    speedrun.save_weights(model, cfg, tmp_path / "new.pt")
+    blob = torch.load(tmp_path / "new.pt", weights_only=True)
+    torch.save(dict(blob, config=config_written_before(cfg, "record")), tmp_path / "old.pt")
+    again, again_cfg = speedrun.load_checkpoint(tmp_path / "old.pt")
+    assert again_cfg == cfg and all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("preset", ["airbench94", "davidnet"])  # the two networks (record's is airbench94's)

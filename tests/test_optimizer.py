@@ -134,7 +134,7 @@ def test_one_cycle_schedule_is_piecewise_linear_in_steps():
     assert all(a <= b for a, b in zip(ys[:19], ys[1:20])) and all(a >= b for a, b in zip(ys[19:], ys[20:]))
     linear = speedrun.make_config(lr_schedule="linear")
     assert [speedrun.lr_factor(linear, k, 10) for k in (0, 4, 9)] == [0.9, 0.5, 0.0]
-    at_start = speedrun.make_config(lr_schedule="linear", lr_schedule_at="start")
+    at_start = speedrun.make_config(lr_schedule="linear", lr_schedule_at_start=True)
     assert [speedrun.lr_factor(at_start, k, 10) for k in (0, 5, 9)] == [1.0, 0.5, pytest.approx(0.1)]
     assert speedrun.lr_factor(speedrun.make_config(lr_schedule="constant"), 7, 10) == 1.0
 

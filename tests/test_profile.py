@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import ROOT, tiny_config
+from helpers import ROOT, config_written_before, tiny_config
 import speedrun
 
 PROFILE_DIR = ROOT / "profile"
@@ -209,6 +209,7 @@ def test_flops_takes_time_and_epochs_from_a_speedrun_result():
         dict(time_to_target_s=2.5, epochs_to_target=2, full_budget_s=3.3),
         dict(time_to_target_s=None, epochs_to_target=None, full_budget_s=3.3)])
     assert flops.config_of_result(result) == cfg
+    assert flops.config_of_result(dict(result, config=config_written_before(cfg, "davidnet"))) == cfg
     (s1, e1, _), (s2, e2, _) = flops.timed_runs(result, cfg)
     assert (s1, e1) == (2.5, 2) and (s2, e2) == (pytest.approx(3.3), 3)
     with pytest.raises(ValueError, match="not a speedrun result"):
