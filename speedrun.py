@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """speedrun.py: train a network on CIFAR-10 to 94% test accuracy, and time it: Page's ResNet-9
-("DavidNet", the default), Keller Jordan's airbench94, or the record line (airbench94_muon + hiverge).
+("DavidNet", the default), Keller Jordan's airbench94, the record line (airbench94_muon + hiverge)
+and the frontier after it, Fulcrum's progressive-resolution E1.
 
     python speedrun.py                 # one run of the default preset, `davidnet`
     python speedrun.py --runs 20       # seeds 0..19, with mean, spread and a t-test
@@ -11,23 +12,18 @@
 Part I, the method, in reading order:
   1. configuration and presets      every choice of a run is a Config field; presets name sets of them
   2. data on the device             CIFAR-10, normalised, kept on the device for the whole run
-  3. augmentation                   crop, flip, colour jitter, cutout of a whole epoch at once
+  3. augmentation                   crop, flip, colour jitter, cutout, resolution: a whole epoch at once
   4. model                          frozen patch whitening, ghost batch norm, a class per network
   5. optimizer, schedule, loss, EMA Nesterov SGD or Muon, one-cycle or linear LR, EMA or lookahead
-  6. one run                        timer, step, epoch, train()
+  6. one run                        step, epoch, train()
   7. evaluation                     EMA weights and test-time augmentation
-  8. many seeds                     runs with consecutive seeds, their mean, spread and t-test
-  9. main                           the command line's run
-Appendices, what the method needs but a reader need not: A. CIFAR-10 files (cache, folders,
-archives, download, checksums, safe unpickler, atomic writes) and onto the device; B. config
-checks, argument parsing, paths, results and weights, how the command line ends (errors,
-interrupts, partial results), devices (choice, synchronisation, autocast, seeds, determinism,
-warm-up, memory layout), result metrics and printed reports, and what the tools share with the
-trainer (output paths, tables; their own helpers are in speedrun_tools.py); C. statistics (the
-summary of many runs: mean, spread, Student-t interval and test); D. several processes (torchrun
-helpers, worker pool). A reader can stop at the Appendices banner.
-Each switch's choices are one table beside the code it switches (NETWORKS, OPTIMIZERS,
-LR_SCHEDULES, EMA_KINDS, TTA_MODES, ...); SWITCHES names them all for checks, --help and tools.
+Appendices, the plumbing a reader of the method may skip: A. CIFAR-10 files (cache, download,
+checksums, safe unpickler, atomic writes); B. config checks, arguments, results and weights, how a
+command ends, devices (timer, synchronisation, autocast, seeds, warm-up, memory layout), metrics and
+reports (the tools' own helpers are in speedrun_tools.py); C. statistics of many runs (mean, spread,
+Student-t interval and test); D. several processes (torchrun, worker pool); E. the command line
+(runs over consecutive seeds, main). Each switch's choices are one table beside the code it
+switches (NETWORKS, OPTIMIZERS, LR_SCHEDULES, EMA_KINDS, TTA_MODES, ...); SWITCHES names them all.
 
 Timing rule. time_to_target_s = whitening init + every training step (augmentation included)
 up to the end of the first epoch whose evaluated (EMA + TTA) accuracy reaches the target, +
@@ -79,9 +75,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-# =============================================================================================
-# 1. Configuration and presets
-# =============================================================================================
+# ===== 1. Configuration and presets ============================================================
 
 def _f(default, help_text):
     return field(default=default, metadata={"help": help_text})
@@ -170,10 +164,6 @@ class Config:
     workers: int = _f(0, "processes that share the runs: 0 = one per visible CUDA GPU (1 on other devices)")
     deterministic: bool = _f(False, "request deterministic kernels on CUDA (slower); CPU runs are always reproducible")
 
-# Config's areas, as --help, --show-config and docs/switches.md group its fields, each at its first field
-AREAS = {"data_dir": "data", "flip": "augmentation", "arch": "model", "epochs": "optimisation", "tta": "evaluation",
-         "device": "speed and reproducibility"}
-
 PRESETS: dict[str, dict] = {
     # Page, "How to train your ResNet" part 8 (94.1% in 10 epochs; 26 s on a V100): the defaults.
     "davidnet": {},
@@ -220,11 +210,8 @@ PRESETS["fulcrum_e1"] = dict(PRESETS["record"], epochs=8.875, whiten_samples=500
                              ema_momentum=0.7 ** (1 / 4), tta="flip_translate", tta_unsure_frac=1.0)
 # From Python, make_config(preset, **fields) (Appendix B) gives a preset's Config with fields replaced, checked.
 
-# =============================================================================================
-# 2. Data on the device: normalised once, resident for the whole run
-# =============================================================================================
+# ===== 2. Data on the device: normalised once, resident for the whole run ======================
 
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 IMAGE_SIDE = 32  # pixels
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # of the training images, per channel (RGB)
@@ -247,9 +234,7 @@ def to_device(images: np.ndarray, device, dtype) -> torch.Tensor:
 # load_data() (Appendix A) reads the files and hands each array, cut to the config's subsets, to to_device()
 # in compute_dtype()'s precision (Appendix B): fp16 on CUDA, fp32 elsewhere, unless --precision says otherwise.
 
-# =============================================================================================
-# 3. Augmentation: a whole epoch at once on the device, no Python loop over images
-# =============================================================================================
+# ===== 3. Augmentation: a whole epoch at once on the device, no Python loop over images ========
 
 @dataclass
 class EpochDraw:
@@ -353,9 +338,7 @@ class EpochAugmenter:
     def __call__(self, x: torch.Tensor, epoch: int) -> torch.Tensor:
         return self.apply(x, self.draw(x.shape[0], epoch, x.device))
 
-# =============================================================================================
-# 4. Model: frozen patch whitening, ghost batch norm, a class per network (ResNet-9, airbench), scaled head
-# =============================================================================================
+# ===== 4. Model: patch whitening, ghost batch norm, a class per network (ResNet-9, airbench) ===
 
 class GhostBatchNorm(nn.BatchNorm2d):
     """Batch norm that, in training, normalises each batch in `splits` groups (image i belongs
@@ -536,9 +519,7 @@ def build_model(cfg: Config, device: torch.device | str = "cpu") -> Network:
         model = model.to(memory_format=torch.channels_last)
     return model
 
-# =============================================================================================
-# 5. Optimizer, schedule, loss and EMA
-# =============================================================================================
+# ===== 5. Optimizer, schedule, loss and EMA ====================================================
 
 def epochs_to_steps(epochs: float, n_batches: int) -> int:
     """ceil(epochs x batches per epoch), so 9.9 epochs of 48 batches is 476 steps."""
@@ -776,33 +757,7 @@ class LateLookahead(Lookahead):
 # Config.ema_mode -> its class (Config.ema: whether to keep one)
 EMA_KINDS = {"average": EMA, "lookahead": Lookahead, "late_lookahead": LateLookahead}
 
-# =============================================================================================
-# 6. One run: timer, step, epoch, train()
-# =============================================================================================
-
-class Stopwatch:
-    """Device time from start() to stop(): CUDA events on CUDA, else a wall clock after a synchronisation."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def start(self) -> None:
-        if self.device.type == "cuda":  # on the stream of the device being timed, not the current device's
-            self._t0 = torch.cuda.Event(enable_timing=True)
-            self._t0.record(torch.cuda.current_stream(self.device))
-        else:
-            synchronize(self.device)
-            self._t0 = time.perf_counter()
-
-    def stop(self) -> float:
-        """Seconds since start(), after the device has finished the work issued in between."""
-        if self.device.type == "cuda":
-            t1 = torch.cuda.Event(enable_timing=True)
-            t1.record(torch.cuda.current_stream(self.device))
-            t1.synchronize()
-            return self._t0.elapsed_time(t1) / 1000
-        synchronize(self.device)
-        return time.perf_counter() - self._t0
+# ===== 6. One run: step, epoch, train() (its timer, Stopwatch, is in Appendix B) ===============
 
 def make_step_fn(model: nn.Module, opt: torch.optim.Optimizer, cfg: Config, device: torch.device, dtype: torch.dtype,
                  ctx: Distributed):
@@ -975,9 +930,7 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
                       wall_s=time.perf_counter() - started, **classification_metrics(logits.argmax(1), data.test_y),
                       **agreement)
 
-# =============================================================================================
-# 7. Evaluation and test-time augmentation
-# =============================================================================================
+# ===== 7. Evaluation and test-time augmentation ================================================
 
 def shifted(x: torch.Tensor, offset: int) -> torch.Tensor:
     """Each image's 32x32 window moved by one pixel over its reflect-padding: offset 0 reads one pixel up
@@ -1030,76 +983,13 @@ def predict(forward, x: torch.Tensor, cfg: Config, device, dtype, tta: str | Non
     return logits
 
 # =============================================================================================
-# 8. Many seeds: mean, spread, interval and t-test of the final accuracy
-# =============================================================================================
-
-def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = CIFAR10_URL,
-             on_progress=None, preset: str | None = None) -> dict:
-    """cfg.runs runs, seeds cfg.seed, cfg.seed+1, ..., here or over worker processes (cfg.workers), and
-    their summary (summarize: mean, spread, 95% interval, runs at the target, one-sided t-test). The
-    JSON-ready result holds the last run's evaluated model under 'model' ({} on torchrun's other
-    ranks); on_progress(partial), if given, gets the result so far after each finished run."""
-    check_config(cfg)
-    device = pick_device(cfg.device)
-    devices = worker_devices(cfg, device)
-    seeds = [cfg.seed + k for k in range(cfg.runs)]
-    progress = RunsProgress(cfg, seeds, preset, device, devices, log, on_progress)
-    progress.start()
-    totals = run_jobs([(cfg, s) for s in seeds], devices, progress.on_result, url=url, keep={cfg.runs - 1},
-                      log=log if len(devices) == 1 else silent, data=data)
-    runs = progress.runs
-    model = [r.pop("model", None) for r in runs][-1]  # the last run's; no run's model goes into the JSON
-    if process_group().rank != 0:
-        return {}
-    result = dict(**progress.header(), **totals, runs=runs, summary=summarize(runs, cfg.target_acc), complete=True,
-                  model=model)
-    if cfg.runs > 1:
-        for line in summary_lines(result["summary"]):
-            log(line)
-    return result
-
-# =============================================================================================
-# 9. main
-# =============================================================================================
-
-def main(argv=None) -> int:
-    """The command line's run: a Config from the flags, its runs over the seeds, and the JSON
-    result (and the last run's weights) written to disk. Finished runs are on disk after each run,
-    so an error or an interrupt (Ctrl-C, SIGTERM) loses only the run in progress."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    ctx, cfg, partial = Distributed(), None, PartialResult()
-    with sigterm_as_interrupt():
-        try:
-            cfg = config_from_args(args)
-            if args.show_config:
-                print("\n".join(config_lines(cfg, args.preset)))
-                return 0
-            out = check_outputs(args)
-            check_world(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-            ctx = init_distributed(cfg)
-            log = print if ctx.rank == 0 and not args.quiet else silent
-            ctx.describe(cfg, log)
-            result = run_many(cfg, log=log, url=args.data_url, preset=args.preset,
-                              on_progress=partial.writer(out) if cfg.runs > 1 else None)
-            ctx.barrier()  # no process leaves, and tears down its connections, while another still uses them
-        except BaseException as e:
-            return stop_early(e, parser, ctx, cfg, partial)
-        finally:
-            leave_distributed()
-    return write_outputs(result, args, cfg, partial.path or out) if ctx.rank == 0 else 0
-
-# =============================================================================================
-# =============================================================================================
 # APPENDICES: what the method calls on; a reader who stops here has seen all of the method
 # =============================================================================================
-# =============================================================================================
 
-# =============================================================================================
-# A. CIFAR-10 files: cache, folders, archives, download, checksums, unpickler, atomic writes, onto the device
-# =============================================================================================
+# ===== A. CIFAR-10 files: cache, archives, download, checksums, unpickler, atomic writes =======
 
 CIFAR10_SIZES = (50000, 10000)  # training and test images
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 PYTHON_ARCHIVE = "cifar-10-python.tar.gz"  # what a download is saved as, whatever the URL
 ARCHIVE_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
                "cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"}
@@ -1446,13 +1336,15 @@ def load_data(cfg: Config, device: torch.device | None = None, quiet: bool = Fal
     t0 = time.perf_counter()
     return device_data(load_cifar10(cfg.data_dir or None, url=url, quiet=quiet), cfg, device or pick_device(cfg.device), t0)
 
-# =============================================================================================
-# B. Config checks, arguments, paths, results and weights, how a command ends, devices, metrics, reports
-# =============================================================================================
+# ===== B. Config checks, arguments, outputs, how a command ends, devices and timer, reports ====
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 MAX_RUNS, MAX_EPOCHS = 100_000, 1000  # bounds of --runs and --epochs, said in --help
 PRECISIONS = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # auto: compute_dtype
+
+# Config's areas, as --help, --show-config and docs/switches.md group its fields, each at its first field
+AREAS = {"data_dir": "data", "flip": "augmentation", "arch": "model", "epochs": "optimisation", "tta": "evaluation",
+         "device": "speed and reproducibility"}
 
 # Each Config field that names a choice, and the table its choices come from (by the code it switches).
 SWITCHES = dict(flip=FLIPS, arch=NETWORKS, activation=ACTIVATIONS, whiten_activation=WHITEN_ACTIVATIONS,
@@ -1908,6 +1800,30 @@ def environment(device: torch.device) -> dict:
     return dict(device=str(device), device_name=name, torch=torch.__version__, python=sys.version.split()[0],
                 cuda=torch.version.cuda, time=datetime.datetime.now().isoformat(timespec="seconds"))
 
+class Stopwatch:
+    """Device time from start() to stop(): CUDA events on CUDA, else a wall clock after a synchronisation."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def start(self) -> None:
+        if self.device.type == "cuda":  # on the stream of the device being timed, not the current device's
+            self._t0 = torch.cuda.Event(enable_timing=True)
+            self._t0.record(torch.cuda.current_stream(self.device))
+        else:
+            synchronize(self.device)
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        """Seconds since start(), after the device has finished the work issued in between."""
+        if self.device.type == "cuda":
+            t1 = torch.cuda.Event(enable_timing=True)
+            t1.record(torch.cuda.current_stream(self.device))
+            t1.synchronize()
+            return self._t0.elapsed_time(t1) / 1000
+        synchronize(self.device)
+        return time.perf_counter() - self._t0
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -2098,9 +2014,7 @@ def summary_lines(s: dict) -> list[str]:
         lines.append(f"time-to-{pct}: no run reached it")
     return lines
 
-# =============================================================================================
-# C. Statistics: mean, spread, Student-t interval and test of many runs
-# =============================================================================================
+# ===== C. Statistics: mean, spread, Student-t interval and test of many runs ===================
 
 def summarize(runs: list[dict], target: float) -> dict:
     """The multi-run summary. A diverged run (run['diverged']) counts in `runs` and `diverged` and
@@ -2193,9 +2107,7 @@ def student_t_ppf(q: float, df: float) -> float:
             hi = mid
     return (lo + hi) / 2
 
-# =============================================================================================
-# D. Several processes: torchrun helpers (each process trains on its share of every batch), worker pool
-# =============================================================================================
+# ===== D. Several processes: torchrun (each trains on its share of every batch), worker pool ===
 
 @dataclass
 class Distributed:
@@ -2500,6 +2412,60 @@ def worker_devices(cfg: Config, device: torch.device, jobs: int | None = None) -
             raise ValueError(f"{n} workers asked for, but only {torch.cuda.device_count()} CUDA GPUs are visible")
         return [f"cuda:{k}" for k in range(n)]
     return [str(device)] * n
+
+# ===== E. The command line: runs over consecutive seeds (run_many), and main ===================
+
+def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = CIFAR10_URL,
+             on_progress=None, preset: str | None = None) -> dict:
+    """cfg.runs runs, seeds cfg.seed, cfg.seed+1, ..., here or over worker processes (cfg.workers), and
+    their summary (summarize: mean, spread, 95% interval, runs at the target, one-sided t-test). The
+    JSON-ready result holds the last run's evaluated model under 'model' ({} on torchrun's other
+    ranks); on_progress(partial), if given, gets the result so far after each finished run."""
+    check_config(cfg)
+    device = pick_device(cfg.device)
+    devices = worker_devices(cfg, device)
+    seeds = [cfg.seed + k for k in range(cfg.runs)]
+    progress = RunsProgress(cfg, seeds, preset, device, devices, log, on_progress)
+    progress.start()
+    totals = run_jobs([(cfg, s) for s in seeds], devices, progress.on_result, url=url, keep={cfg.runs - 1},
+                      log=log if len(devices) == 1 else silent, data=data)
+    runs = progress.runs
+    model = [r.pop("model", None) for r in runs][-1]  # the last run's; no run's model goes into the JSON
+    if process_group().rank != 0:
+        return {}
+    result = dict(**progress.header(), **totals, runs=runs, summary=summarize(runs, cfg.target_acc), complete=True,
+                  model=model)
+    if cfg.runs > 1:
+        for line in summary_lines(result["summary"]):
+            log(line)
+    return result
+
+def main(argv=None) -> int:
+    """The command line's run: a Config from the flags, its runs over the seeds, and the JSON
+    result (and the last run's weights) written to disk. Finished runs are on disk after each run,
+    so an error or an interrupt (Ctrl-C, SIGTERM) loses only the run in progress."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ctx, cfg, partial = Distributed(), None, PartialResult()
+    with sigterm_as_interrupt():
+        try:
+            cfg = config_from_args(args)
+            if args.show_config:
+                print("\n".join(config_lines(cfg, args.preset)))
+                return 0
+            out = check_outputs(args)
+            check_world(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+            ctx = init_distributed(cfg)
+            log = print if ctx.rank == 0 and not args.quiet else silent
+            ctx.describe(cfg, log)
+            result = run_many(cfg, log=log, url=args.data_url, preset=args.preset,
+                              on_progress=partial.writer(out) if cfg.runs > 1 else None)
+            ctx.barrier()  # no process leaves, and tears down its connections, while another still uses them
+        except BaseException as e:
+            return stop_early(e, parser, ctx, cfg, partial)
+        finally:
+            leave_distributed()
+    return write_outputs(result, args, cfg, partial.path or out) if ctx.rank == 0 else 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -122,9 +122,11 @@ def test_layout_names_every_file_of_the_tree_and_the_parts_of_speedrun():
     assert tracked <= named, f"docs/layout.md misses {sorted(tracked - named)}"
     assert all((ROOT / path).is_file() for path in named), "docs/layout.md names a file that is not in the tree"
     source = (ROOT / "speedrun.py").read_text()
-    banners = re.findall(r"^# (\d|[A-Z])\. (.+)$", source, re.M)
-    assert [n for n, _ in banners] == [*"123456789", *"ABCD"]
-    assert source.index("# APPENDICES") > source.index("# 9. main") and source.index("# APPENDICES") < source.index("# A. ")
+    banners = re.findall(r"^# =+ (\d|[A-Z])\. (.+?) =+$", source, re.M)
+    assert [n for n, _ in banners] == [*"1234567", *"ABCDE"]
+    assert source.index("# ===== 7. ") < source.index("# APPENDICES") < source.index("# ===== A. ")
+    for n, title in banners:  # the docs' layout names each part of the file, as its docstring does
+        assert re.search(rf"\b{n.lower()} {re.escape(title.split(':')[0].split(' (')[0].lower()[:12])}", layout.lower()), title
 
 
 def test_switch_table_gives_each_field_the_choices_of_its_table_in_speedrun():
