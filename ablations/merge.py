@@ -13,9 +13,16 @@ import argparse
 import sys
 from pathlib import Path
 
-import speedrun
-import speedrun_tools
-from ablations import grid, optimizers, study
+try:  # in a clone without `pip install -e .` (README): one line that says what to do, not a traceback
+    import speedrun
+    import speedrun_tools
+    from ablations import grid, optimizers, study
+except ModuleNotFoundError as e:
+    if e.name not in ("ablations", "speedrun", "speedrun_tools"):
+        raise
+    print("error: the trainer is not installed here: run pip install -e . in the repository root (once), then run this again",
+          file=sys.stderr)
+    sys.exit(2)
 
 # The reports that a kind of study adds to the shared one (tricks studies add none).
 REPORTS = {"grid": grid.REPORT, "optimizers": optimizers.REPORT}

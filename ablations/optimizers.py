@@ -17,9 +17,16 @@ from __future__ import annotations
 
 import sys
 
-from ablations import study
-import speedrun
-import speedrun_tools
+try:  # in a clone without `pip install -e .` (README): one line that says what to do, not a traceback
+    from ablations import study
+    import speedrun
+    import speedrun_tools
+except ModuleNotFoundError as e:
+    if e.name not in ("ablations", "speedrun", "speedrun_tools"):
+        raise
+    print("error: the trainer is not installed here: run pip install -e . in the repository root (once), then run this again",
+          file=sys.stderr)
+    sys.exit(2)
 
 OPTIMIZERS = tuple(speedrun.OPTIMIZERS)
 ADAPTIVE_STEP_LR = dict(adam=2e-3, adamw=2e-3, rmsprop=2e-4, adagrad=1e-2, adadelta=1.0)

@@ -44,9 +44,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import speedrun
-import speedrun_tools
-from ablations import study
+try:  # in a clone without `pip install -e .` (README): one line that says what to do, not a traceback
+    import speedrun
+    import speedrun_tools
+    from ablations import study
+except ModuleNotFoundError as e:
+    if e.name not in ("ablations", "speedrun", "speedrun_tools"):
+        raise
+    print("error: the trainer is not installed here: run pip install -e . in the repository root (once), then run this again",
+          file=sys.stderr)
+    sys.exit(2)
 
 
 MODES = ("strong", "weak")

@@ -31,8 +31,15 @@ from pathlib import Path
 
 import torch
 
-import speedrun
-import speedrun_tools
+try:  # in a clone without `pip install -e .` (README): one line that says what to do, not a traceback
+    import speedrun
+    import speedrun_tools
+except ModuleNotFoundError as e:
+    if e.name not in ("speedrun", "speedrun_tools"):
+        raise
+    print("error: the trainer is not installed here: run pip install -e . in the repository root (once), then run this again",
+          file=sys.stderr)
+    sys.exit(2)
 
 CSV_COLUMNS = ("variant", "seed", "final_acc", "time_to_target_s", "epochs_to_target", "timed_s",
                "acc_by_epoch", "seconds_by_epoch", "device_name", "finished", "diverged_epoch")

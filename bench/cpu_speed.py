@@ -21,8 +21,15 @@ import time
 
 import torch
 
-import speedrun
-import speedrun_tools
+try:  # in a clone without `pip install -e .` (README): one line that says what to do, not a traceback
+    import speedrun
+    import speedrun_tools
+except ModuleNotFoundError as e:
+    if e.name not in ("speedrun", "speedrun_tools"):
+        raise
+    print("error: the trainer is not installed here: run pip install -e . in the repository root (once), then run this again",
+          file=sys.stderr)
+    sys.exit(2)
 
 
 CELLS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]

@@ -40,10 +40,16 @@ import tarfile
 import time
 from pathlib import Path
 
+try:  # in a clone without `pip install -e .` (README) nor the shell entry's PYTHONPATH: one line, not a traceback
+    import speedrun
+except ModuleNotFoundError as e:
+    if e.name != "speedrun":
+        raise
+    print("error: the trainer is not installed here: run pip install -e . in the repository root (once), then run this again",
+          file=sys.stderr)
+    sys.exit(2)
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-import speedrun  # noqa: E402
 
 PY = sys.executable
 GRACE_S = 15  # after SIGTERM: time to write the finished runs and exit before SIGKILL

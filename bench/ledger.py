@@ -36,9 +36,16 @@ from pathlib import Path
 
 import torch
 
-import speedrun
-import speedrun_tools
-from ablations import study  # its format of a paired difference
+try:  # in a clone without `pip install -e .` (README): one line that says what to do, not a traceback
+    import speedrun
+    import speedrun_tools
+    from ablations import study  # its format of a paired difference
+except ModuleNotFoundError as e:
+    if e.name not in ("ablations", "speedrun", "speedrun_tools"):
+        raise
+    print("error: the trainer is not installed here: run pip install -e . in the repository root (once), then run this again",
+          file=sys.stderr)
+    sys.exit(2)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,8 +26,15 @@ from pathlib import Path
 
 import torch
 
-import speedrun
-import speedrun_tools
+try:  # in a clone without `pip install -e .` (README): one line that says what to do, not a traceback
+    import speedrun
+    import speedrun_tools
+except ModuleNotFoundError as e:
+    if e.name not in ("speedrun", "speedrun_tools"):
+        raise
+    print("error: the trainer is not installed here: run pip install -e . in the repository root (once), then run this again",
+          file=sys.stderr)
+    sys.exit(2)
 
 # Each augmentation step alone: (column title, the Config fields that leave only that step on).
 ALL_OFF = dict(crop_pad=0, flip="none", brightness=0.0, contrast=0.0, cutout=0)

@@ -4,16 +4,25 @@ overwrite" check are speedrun's, matplotlib's import is speedrun_tools', shared 
 
 This folder must never get an __init__.py: it would shadow the standard library's `profile`
 module, which cProfile imports. The scripts run as `python profile/NAME.py` and import this
-module by name; speedrun comes from the installed package (`pip install -e .`, README).
+module by name, and speedrun and speedrun_tools through it: they come from the installed package
+(`pip install -e .`, README), and without it this module stops the script with one line that says so.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
-import speedrun
-import speedrun_tools
+try:  # in a clone without `pip install -e .` (README): one line that says what to do, not a traceback
+    import speedrun
+    import speedrun_tools
+except ModuleNotFoundError as e:
+    if e.name not in ("speedrun", "speedrun_tools"):
+        raise
+    print("error: the trainer is not installed here: run pip install -e . in the repository root (once), then run this again",
+          file=sys.stderr)
+    sys.exit(2)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,10 +23,8 @@ from pathlib import Path
 
 import torch
 
-import speedrun_tools
-
 import _common
-from _common import ROOT, speedrun
+from _common import ROOT, speedrun, speedrun_tools
 
 PROJECT_MARK = ">>"
 

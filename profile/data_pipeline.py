@@ -27,10 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-import speedrun_tools
-
 import _common
-from _common import speedrun
+from _common import speedrun, speedrun_tools
 
 FULL_EPOCH = speedrun.CIFAR10_SIZES[0]
 

@@ -27,10 +27,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import speedrun_tools
-
 import _common
-from _common import speedrun
+from _common import speedrun, speedrun_tools
 
 # Elementwise FLOPs per trainable parameter per step (a multiply-add = 2), one entry per name of
 # speedrun.OPTIMIZERS: weight decay 2, momentum 2, update 2, Nesterov's look-ahead 2 (Muon's

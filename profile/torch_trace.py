@@ -31,10 +31,8 @@ from pathlib import Path
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-import speedrun_tools
-
 import _common
-from _common import speedrun
+from _common import speedrun, speedrun_tools
 
 WINDOW = "speedrun: profiled window"
 REGIONS = {"speedrun: whitening": "whitening", "speedrun: augmentation": "augment",

@@ -1,8 +1,11 @@
 """The set-up the README gives: the package declares every module the scripts import and the
-`speedrun` command, and the test run's own fetch of CIFAR-10 gives up within seconds when no
-data comes (the real-data tests are then skipped, not left hanging)."""
+`speedrun` command, every tool run without the install says so in one line, and the test run's
+own fetch of CIFAR-10 gives up within seconds when no data comes (the real-data tests are then
+skipped, not left hanging)."""
 import ast
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -31,6 +34,23 @@ def test_package_declares_every_module_the_scripts_import_and_the_speedrun_comma
     assert project["project"]["scripts"]["speedrun"] == "speedrun:main" and callable(speedrun.main)
     assert set(project["project"]["dependencies"]) >= {"torch>=2.4", "numpy>=1.24"}
     assert {d.split(">")[0] for d in project["project"]["optional-dependencies"]["dev"]} == {"pytest", "matplotlib"}
+
+
+# What `python TOOL.py --help` meets in a clone without `pip install -e .`: none of the project's modules
+# imports (a None in sys.modules makes the import raise ModuleNotFoundError), and the script's own folder
+# first on sys.path, as python puts it there (profile/ scripts import _common by name).
+WITHOUT_INSTALL = ("import os, runpy, sys; sys.modules.update(dict.fromkeys(['ablations', 'speedrun', 'speedrun_tools']));"
+                   "sys.path[0] = os.path.dirname(sys.argv[1]); sys.argv = [sys.argv[1], '--help'];"
+                   "runpy.run_path(sys.argv[0], run_name='__main__')")
+TOOLS = sorted(str(p.relative_to(ROOT)) for folder in ("ablations", "bench", "profile") for p in (ROOT / folder).glob("*.py")
+               if p.name not in ("__init__.py", "_common.py"))
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_tool_run_without_the_install_says_in_one_line_how_to_install(tool):
+    done = subprocess.run([sys.executable, "-c", WITHOUT_INSTALL, str(ROOT / tool)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("error: ") and "pip install -e ." in done.stderr, done.stderr
 
 
 def silent_host():
