@@ -94,3 +94,10 @@ def correlated_images(n=300, seed=0):
     x = torch.randn(n, 3, 40, 40, generator=g)
     x = torch.nn.functional.avg_pool2d(x, 5, stride=1)[..., :32, :32]
     return x + 0.5 * x.mean(1, keepdim=True)
+
+
+def quick_progress_worker(*args):
+    """speedrun's worker process of run_jobs, with a progress line every step instead of every 30 s.
+    The workers are spawned: a monkeypatch in the test's process does not reach them, this does."""
+    speedrun.Progress.__init__.__defaults__ = (0.0,)
+    speedrun._pool_worker(*args)
