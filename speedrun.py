@@ -2268,19 +2268,20 @@ def _state_bytes(model: nn.Module) -> bytes:
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     return buf.getvalue()
 
-def _pool_worker(device: str, threads: int | None, url: str, jobs, results) -> None:
-    """A worker process of run_jobs: runs (index, config, seed, keep weights) jobs until it gets None."""
+def _pool_worker(device: str, threads: int | None, url: str, jobs, results, name: str | None = None) -> None:
+    """A worker process of run_jobs: runs (index, config, seed, keep weights) jobs until it gets None. With a `name`
+    (None: no log), its runs' progress lines inside an epoch go to the parent as ('log', index, line, name)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
     if threads:
         torch.set_num_threads(threads)
     cache = RunCache(torch.device(device), url)
+    log = silent if name is None else lambda text="", *args, **kwargs: str(text).startswith("  step ") and \
+        results.put(("log", index, str(text).strip(), name))  # index: the job's. Not epoch rows: they would interleave
     while (job := jobs.get()) is not None:
         index, cfg, seed, keep = job
         try:
-            result = cache.run(cfg, seed)
-            model = result.pop("model")
-            result["weights"] = _state_bytes(model) if keep else None
-            results.put(("run", index, result, device))
+            model = (result := cache.run(cfg, seed, log)).pop("model")
+            results.put(("run", index, {**result, "weights": _state_bytes(model) if keep else None}, device))
         except BaseException as e:  # reported to the parent, which stops the others
             trace = None if isinstance(e, (DataError, ValueError)) else traceback.format_exc()  # ours explain themselves
             results.put(("error", index, (f"{type(e).__name__}: {e}", trace), device))
@@ -2338,8 +2339,9 @@ def run_jobs(jobs: list, devices: list[str], on_result, url: str = CIFAR10_URL, 
     """Run each (config, seed) of `jobs`: in this process when `devices` has one entry, else in one worker process per
     entry, each taking the next job from a shared queue. Calls on_result(index, result, device) here as each run ends,
     in finishing order. result['model'] is the evaluated network: always in this process, from workers only for indices
-    in `keep` (else None). A failed or dead worker stops them all and raises RuntimeError. Returns {'data_load_s',
-    'warmup_s'}: the most that any one device spent on each."""
+    in `keep` (else None). `log` gets the runs' lines: here all, from workers their progress lines inside an epoch, as
+    '  [seed s, worker k] step ...' (a GPU's worker: its device). A failed or dead worker stops them all and raises
+    RuntimeError. Returns {'data_load_s', 'warmup_s'}: the most that any one device spent on each."""
     if len(devices) == 1:
         previous = torch.get_num_threads()
         if threads:
@@ -2358,11 +2360,10 @@ def run_jobs(jobs: list, devices: list[str], on_result, url: str = CIFAR10_URL, 
         threads = max(1, torch.get_num_threads() // len(devices))
     ctx = multiprocessing.get_context("spawn")
     job_queue, results = ctx.Queue(), ctx.Queue()
-    for index, (cfg, seed) in enumerate(jobs):
-        job_queue.put((index, dataclasses.replace(cfg, workers=1), seed, index in keep))
-    for _ in devices:
-        job_queue.put(None)
-    procs = [ctx.Process(target=_pool_worker, args=(d, threads, url, job_queue, results), daemon=True) for d in devices]
+    for job in [(k, dataclasses.replace(c, workers=1), s, k in keep) for k, (c, s) in enumerate(jobs)] + [None] * len(devices):
+        job_queue.put(job)
+    procs = [ctx.Process(target=_pool_worker, daemon=True, args=(d, threads, url, job_queue, results, None if log is silent
+                         else d if devices.count(d) == 1 else f"worker {k + 1}")) for k, d in enumerate(devices)]
     for p in procs:
         p.start()
     totals = dict(data_load_s=0.0, warmup_s=0.0)
@@ -2376,23 +2377,22 @@ def run_jobs(jobs: list, devices: list[str], on_result, url: str = CIFAR10_URL, 
                     raise RuntimeError(f"a worker process ended (exit codes {[p.exitcode for p in procs]}) "
                                        f"with {pending} runs still to do") from None
                 continue
-            if kind == "error":
-                cfg, seed = jobs[index]
+            if kind == "log":
+                log(f"  [seed {jobs[index][1]}, {where}] {payload}")
+            elif kind == "error":
                 short, trace = payload
                 if trace:
                     print(trace, file=sys.stderr)
-                raise RuntimeError(f"the worker on {where} failed in run {index + 1} (seed {seed}): {short}")
-            if kind == "done":
+                raise RuntimeError(f"the worker on {where} failed in run {index + 1} (seed {jobs[index][1]}): {short}")
+            elif kind == "done":
                 running -= 1
                 totals = dict(data_load_s=max(totals["data_load_s"], payload[0]), warmup_s=max(totals["warmup_s"], payload[1]))
-                continue
-            weights = payload.pop("weights")
-            model = None
-            if weights is not None:
-                model = build_model(jobs[index][0])
-                model.load_state_dict(torch.load(io.BytesIO(weights), weights_only=True))
-            pending -= 1
-            on_result(index, {**payload, "model": model}, where)
+            else:
+                model = None if (weights := payload.pop("weights")) is None else build_model(jobs[index][0])
+                if model is not None:
+                    model.load_state_dict(torch.load(io.BytesIO(weights), weights_only=True))
+                pending -= 1
+                on_result(index, {**payload, "model": model}, where)
     finally:
         for p in procs:
             if p.is_alive():
@@ -2428,7 +2428,7 @@ def run_many(cfg: Config, log=print, data: DeviceData | None = None, url: str = 
     progress = RunsProgress(cfg, seeds, preset, device, devices, log, on_progress)
     progress.start()
     totals = run_jobs([(cfg, s) for s in seeds], devices, progress.on_result, url=url, keep={cfg.runs - 1},
-                      log=log if len(devices) == 1 else silent, data=data)
+                      log=log, data=data)
     runs = progress.runs
     model = [r.pop("model", None) for r in runs][-1]  # the last run's; no run's model goes into the JSON
     if process_group().rank != 0:

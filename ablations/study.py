@@ -272,16 +272,17 @@ def _run_line(k: int, total: int, row: dict, target: float, started: float) -> s
 def in_run_progress(log):
     """What a study shows of a run while it trains: speedrun's progress line inside an epoch ("  step
     k of n: ...", every 30 s, so only where training is slow), as a single run shows it; not the
-    epoch rows, since each run ends with its one line. Nothing when the study's log is silent."""
+    epoch rows, since each run ends with its one line; from worker processes each line names its run
+    ("  [seed s, worker k] step ...": speedrun.run_jobs). Nothing when the study's log is silent."""
     if log is speedrun.silent:
         return speedrun.silent
-    return lambda text="", *args, **kwargs: log(text, *args, **kwargs) if str(text).startswith("  step ") else None
+    return lambda text="", *args, **kwargs: log(text, *args, **kwargs) if str(text).startswith(("  step ", "  [seed ")) else None
 
 
 def execute(jobs: list[tuple[Variant, int]], devices: list[str], on_row, threads: int | None = None,
             url: str = speedrun.CIFAR10_URL, log=speedrun.silent) -> None:
     """Run the jobs with speedrun.run_jobs, calling on_row(row) here as each finishes (in finishing order).
-    In one process the runs' progress lines go to `log` (worker processes keep theirs)."""
+    The runs' progress lines go to `log`, from worker processes too (with the run's seed and worker)."""
     names = {}
 
     def on_result(index, result, device):

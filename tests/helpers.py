@@ -83,6 +83,13 @@ def preset_config(preset, **overrides):
     return speedrun.make_config(preset, **{**small, **overrides})
 
 
+def quick_progress_worker(*args):
+    """speedrun's worker process of run_jobs, with a progress line every step instead of every 30 s.
+    The workers are spawned: a monkeypatch in the test's process does not reach them, this does."""
+    speedrun.Progress.__init__.__defaults__ = (0.0,)
+    speedrun._pool_worker(*args)
+
+
 def random_device_data(n_train=128, n_test=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     return speedrun.DeviceData(torch.randn(n_train, 3, 32, 32, generator=g), torch.randint(0, 10, (n_train,), generator=g),

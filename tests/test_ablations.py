@@ -464,6 +464,17 @@ def test_a_study_shows_the_in_run_progress_lines_of_a_single_run_but_not_its_epo
     assert capsys.readouterr().out == ""
 
 
+def test_a_study_passes_on_the_progress_lines_of_runs_in_worker_processes_too():
+    said = []
+    log = study.in_run_progress(said.append)
+    for line in ["  step 3 of 8: 250 images/s, training ends in about 2 s", "epoch  train loss\n    1      2.1",
+                 "  [seed 4, worker 2] step 3 of 8: 250 images/s, training ends in about 2 s", "loading CIFAR-10"]:
+        log(line)
+    assert said == ["  step 3 of 8: 250 images/s, training ends in about 2 s",
+                    "  [seed 4, worker 2] step 3 of 8: 250 images/s, training ends in about 2 s"]
+    assert study.in_run_progress(speedrun.silent) is speedrun.silent  # run_jobs's workers then keep no log either
+
+
 @pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib (optional) is not installed")
 def test_study_charts_cut_time_intervals_at_zero_omit_empty_panels_and_name_their_scale(tmp_path, monkeypatch):
     import speedrun_tools

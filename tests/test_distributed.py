@@ -1,13 +1,14 @@
 """Several processes: torchrun with gloo on the CPU, and independent runs spread over workers."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from helpers import ROOT, random_device_data, tiny_config
+from helpers import ROOT, quick_progress_worker, random_device_data, tiny_config
 import speedrun
 
 TINY = ["--subset", "512", "--test-subset", "200", "--width", "0.125", "--epochs", "2", "--batch-size", "64",
@@ -120,6 +121,22 @@ def test_runs_spread_over_worker_processes(real_data_dir, tmp_path):
     for x, y in zip(a["runs"], b["runs"]):  # same seeds; only the CPU thread count differs
         assert x["epochs"][-1]["train_loss"] == pytest.approx(y["epochs"][-1]["train_loss"], rel=1e-3)
     assert a["summary"]["runs"] == 2
+
+
+def test_workers_send_their_runs_progress_lines_to_the_log_named_by_seed_and_a_silent_log_prints_nothing(
+        real_data_dir, monkeypatch, capfd):
+    monkeypatch.setattr(speedrun, "_pool_worker", quick_progress_worker)  # a progress line every step, in the workers
+    cfg = tiny_config(data_dir=str(real_data_dir), subset=256, test_subset=200, batch_size=64, epochs=1, runs=2, workers=2)
+    said = []
+    assert speedrun.run_many(cfg, log=said.append)["summary"]["runs"] == 2
+    steps = [line for line in said if re.fullmatch(r"  \[seed [01], worker [12]\] step \d of 4: [\d,]+ images/s, "
+                                                   r"training ends in about \d+ s", line)]
+    assert {line[:9] for line in steps} == {"  [seed 0", "  [seed 1"}, said
+    assert "2 runs over 2 worker processes (cpu)" in said and not any("train loss" in line for line in said)
+    assert len([line for line in said if line.startswith("run ")]) == 2, said
+    capfd.readouterr()
+    assert speedrun.run_many(cfg, log=speedrun.silent)["summary"]["runs"] == 2
+    assert capfd.readouterr().out == ""
 
 
 def test_a_failing_worker_is_reported(tmp_path):
