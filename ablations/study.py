@@ -31,14 +31,11 @@ from pathlib import Path
 
 import torch
 
-try:  # in a clone without `pip install -e .` (README): one line that says what to do, not a traceback
+try:  # a clone without `pip install -e .`: one line that says what to do, not a traceback
     import speedrun
     import speedrun_tools
-except ModuleNotFoundError as e:
-    if e.name not in ("speedrun", "speedrun_tools"):
-        raise
-    print("error: the trainer is not installed here: run pip install -e . in the repository root (once), then run this again",
-          file=sys.stderr)
+except ModuleNotFoundError as e:  # the project, or a dependency it would install
+    print(f"error: {e.name} is not installed here: run pip install -e . in the repository root", file=sys.stderr)
     sys.exit(2)
 
 CSV_COLUMNS = ("variant", "seed", "final_acc", "time_to_target_s", "epochs_to_target", "timed_s",

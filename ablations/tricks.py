@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import sys
 
-try:  # in a clone without `pip install -e .` (README): one line that says what to do, not a traceback
+try:  # a clone without `pip install -e .`: one line that says what to do, not a traceback
     from ablations import study
     import speedrun
-except ModuleNotFoundError as e:
-    if e.name not in ("ablations", "speedrun", "speedrun_tools"):
-        raise
-    print("error: the trainer is not installed here: run pip install -e . in the repository root (once), then run this again",
-          file=sys.stderr)
+except ModuleNotFoundError as e:  # the project, or a dependency it would install
+    print(f"error: {e.name} is not installed here: run pip install -e . in the repository root", file=sys.stderr)
     sys.exit(2)
 
 TIME_ONLY_NOTE = ("fp32 and no_channels_last change speed, not the maths (beyond rounding); on a CPU, fp32 is "

@@ -40,13 +40,10 @@ import tarfile
 import time
 from pathlib import Path
 
-try:  # in a clone without `pip install -e .` (README) nor the shell entry's PYTHONPATH: one line, not a traceback
+try:  # a clone without `pip install -e .`: one line that says what to do, not a traceback
     import speedrun
-except ModuleNotFoundError as e:
-    if e.name != "speedrun":
-        raise
-    print("error: the trainer is not installed here: run pip install -e . in the repository root (once), then run this again",
-          file=sys.stderr)
+except ModuleNotFoundError as e:  # the project, or a dependency it would install
+    print(f"error: {e.name} is not installed here: run pip install -e . in the repository root", file=sys.stderr)
     sys.exit(2)
 
 ROOT = Path(__file__).resolve().parents[1]
