@@ -1706,12 +1706,12 @@ def stop_early(error: BaseException, parser: argparse.ArgumentParser, ctx: Distr
 def write_outputs(result: dict, args: argparse.Namespace, cfg: Config, out: Path) -> int:
     """Write the finished result (and --save's weights), print where; exit status 1 if a run diverged."""
     written = write_with_fallback(out, lambda p: save_json(result, p), "--out", _warn)
-    last = result["runs"][-1]
-    weights = None
+    last, weights = result["runs"][-1], None
     if args.save and last.get("diverged"):
         _warn("note: --save skipped: the last run diverged, so its weights are not worth keeping")
-    elif args.save:
-        weights = write_with_fallback(args.save, lambda p: save_weights(result["model"], cfg, p), "--save", _warn)
+    elif args.save:  # the model is the last run's: its config names that run's seed, not the first
+        made_by = dataclasses.replace(cfg, seed=last["seed"], runs=1)
+        weights = write_with_fallback(args.save, lambda p: save_weights(result["model"], made_by, p), "--save", _warn)
     release_outputs()  # --save's, when skipped
     if args.quiet:
         print(summary_lines(result["summary"])[0] if cfg.runs > 1 else verdict(last, cfg))

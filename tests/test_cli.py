@@ -162,8 +162,10 @@ def test_json_result_has_every_field_and_saved_weights_reproduce_the_accuracy(re
     s = result["summary"]
     assert s["runs"] == 2 and s["acc_mean"] == pytest.approx(sum(r["final_acc"] for r in result["runs"]) / 2)
     assert {"acc_std", "acc_min", "acc_max", "frac_at_target", "time_to_target_mean_s", "time_to_target_std_s", "p_value"} <= set(s)
-    # The saved weights are the evaluated model of the last run: they reproduce its accuracy.
-    model = speedrun.load_checkpoint(weights)[0]
+    # The saved weights are the evaluated model of the last run: they reproduce its accuracy, and their
+    # config names that run (its seed, one run), not the command's first seed.
+    model, saved = speedrun.load_checkpoint(weights)
+    assert (saved.seed, saved.runs) == (run["seed"], 1) == (1, 1)
     cfg = speedrun.make_config(**result["config"])
     x, y = speedrun.load_cifar10(real_data_dir)[2:]
     test_x = speedrun.to_device(x[:200], "cpu", torch.float32)
