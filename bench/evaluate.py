@@ -33,6 +33,7 @@ def evaluate(path: Path, arrays, device: torch.device, precision: str, test_subs
     images, 0 = all), on `device` in `precision`; the TTA views for the saved config's fraction of
     the least sure images, or for `tta_unsure_frac` of them."""
     model, cfg = speedrun.load_checkpoint(path, device)
+    saved = dataclasses.asdict(cfg)  # the run's own config: what bench/ledger.py matches the run by
     unsure = cfg.tta_unsure_frac if tta_unsure_frac is None else tta_unsure_frac
     cfg = dataclasses.replace(cfg, precision=precision, test_subset=test_subset, tta_unsure_frac=unsure)
     dtype = speedrun.compute_dtype(cfg, device)
@@ -42,7 +43,7 @@ def evaluate(path: Path, arrays, device: torch.device, precision: str, test_subs
                 for name, tta in (("plain", "none"), ("tta", cfg.tta))}
     return dict(weights=str(path), device=str(device), precision=str(dtype).replace("torch.", ""), tta=cfg.tta,
                 tta_unsure_frac=cfg.tta_unsure_frac, test_images=len(test_y), plain_acc=accuracy["plain"],
-                tta_acc=accuracy["tta"], tta_gain=accuracy["tta"] - accuracy["plain"])
+                tta_acc=accuracy["tta"], tta_gain=accuracy["tta"] - accuracy["plain"], config=saved)
 
 
 def main(argv=None) -> int:

@@ -90,6 +90,7 @@ def test_saved_weights_evaluate_to_the_runs_own_plain_and_tta_accuracy(real_data
     assert result["tta_acc"] == pytest.approx(run["final_acc"], abs=1e-9)
     assert result["plain_acc"] == pytest.approx(run["epochs"][-1]["test_acc"], abs=1e-9)
     assert result["tta_gain"] == pytest.approx(result["tta_acc"] - result["plain_acc"])
+    assert result["config"] == dataclasses.asdict(cfg), "the run's own config, which bench/ledger.py matches it by"
     assert f"{100 * result['tta_acc']:.2f}" in capsys.readouterr().out
     # the same weights with the views for the least sure quarter only: predict's own selective TTA
     selective = tmp_path / "selective.json"
@@ -100,6 +101,7 @@ def test_saved_weights_evaluate_to_the_runs_own_plain_and_tta_accuracy(real_data
     expected = speedrun.predict(run["model"].eval(), data.test_x, dataclasses.replace(cfg, tta_unsure_frac=0.25),
                                 torch.device("cpu"), torch.float32)
     assert quarter["tta_unsure_frac"] == 0.25 and quarter["plain_acc"] == result["plain_acc"]
+    assert quarter["config"]["tta_unsure_frac"] == cfg.tta_unsure_frac != 0.25, "the saved config, not the evaluation's"
     assert quarter["tta_acc"] == pytest.approx(speedrun.accuracy(expected, data.test_y), abs=1e-9)
 
 
