@@ -8,22 +8,31 @@ A generated table lives between two markers, on any page (README.md and docs/*.m
 `<!-- ledger:NAME -->` and `<!-- /ledger:NAME -->`. The names:
 
     headline   preset, device (torch, precision), runs, accuracy mean ± std, time: the README's table
-    accuracy   the same runs in full: min, max, fraction at 94%, epochs, time-to-94%, wall time
+    accuracy   the same runs in full: the mean's 95% interval and one-sided p for "mean > 94%", min, max,
+               fraction at 94%, epochs, time-to-94%, wall time
     studies    one table per study folder under results/ablations/
     cost       per preset: the timed PFLOP of one run (profile/flops.py) and the CPU's timed budget
+    selective  selective TTA (the views only for the least sure images), from results/evaluations/
 
-Every *.json under results/ is a result the trainer wrote (`python speedrun.py --out ...`). Only
-full-scale runs of a preset count: all 50,000 training and 10,000 test images and the preset's
-recipe unchanged (the seed, device, precision, memory format, evaluation cadence and workers may
-differ). Runs are grouped by preset, precision and memory format, device, and torch version. A file
-that is not a full-scale run of a preset stops the script with its name: nothing is left out
-silently. A results folder that does not exist or holds no result stops it too (exit 2), so a
-mistyped --results never empties the tables.
+Every *.json in results/ itself (not in its folders) is a result the trainer wrote (`python
+speedrun.py --out ...`). Only full-scale runs of a preset count: all 50,000 training and 10,000
+test images and the preset's recipe unchanged (the seed, device, precision, memory format,
+evaluation cadence and workers may differ). Runs are grouped by preset, precision and memory
+format, device, and torch version. A file that is not a full-scale run of a preset stops the
+script with its name: nothing is left out silently. A results folder that does not exist or
+holds no result stops it too (exit 2), so a mistyped --results never empties the tables.
 
 Every folder under results/ablations/ that holds a summary.json is a study folder of ablations/ (its
 summary.json is what the study's own report gave from its results.csv); each becomes a table:
 variant, accuracy, the paired difference from its reference with its 95% interval, timed seconds
 and their paired difference, with the study's hardware and command.
+
+Every *.json in results/evaluations/ is what bench/evaluate.py wrote of saved weights (each result
+with the config saved with the weights). An evaluation is paired with the one full-scale run under
+results/ of its preset, seed, device type and precision (the run that made the weights), so the
+table's difference, selective minus all views, is of the same weights on the same test images. An
+evaluation that is not of a preset's recipe, not on all 10,000 test images, or without exactly one
+such run (or of a run another file evaluates too) stops the script with its name.
 """
 from __future__ import annotations
 
@@ -57,7 +66,7 @@ CUDA_ONLY = {"muon_ns_precision"}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # a preset's earlier recipes (the fields they set otherwise): their results keep rows of their own
 EARLIER_RECIPES = {"record": [(" of September 2025", dict(epochs=7.59, whiten_bias_epochs=0.19))]}
-TARGET_ACC = 0.94  # the accuracy table's "at ≥ 94%" column
+TARGET_ACC = 0.94  # the accuracy table's "at ≥ 94%" and p columns
 
 
 def preset_of(result: dict, source) -> str:
@@ -81,7 +90,7 @@ def preset_of(result: dict, source) -> str:
                          if k not in free and k not in config and defaults[k] != v]
                 return f"{name}{version}" + (f" (then: {', '.join(older)})" if older else "")
         changed = changes[0]
-    raise ValueError(f"{source}: its config is not the recipe of preset {names[0] if len(names) == 1 else 'any preset'}"
+    raise ValueError(f"{source}: its config is not the recipe of {'preset ' + names[0] if len(names) == 1 else 'any preset'}"
                      + (f" (changed: {', '.join(changed)})" if len(names) == 1 else ""))
 
 
@@ -117,6 +126,12 @@ def read_result(path: Path) -> dict:
     return result
 
 
+def device_and_precision(result: dict) -> tuple[torch.device, str]:
+    """The device type a result ran on and its compute precision there ('fp32')."""
+    device = torch.device(result["environment"]["device"].split(":")[0])
+    return device, DTYPE_NAMES[speedrun.compute_dtype(speedrun.Config(**result["config"]), device)]
+
+
 def rows(folder: Path) -> list[dict]:
     groups: dict[tuple, list] = {}
     for path in result_files(folder):
@@ -124,8 +139,8 @@ def rows(folder: Path) -> list[dict]:
         preset = preset_of(result, path.name)
         cfg = speedrun.Config(**result["config"])
         env = result["environment"]
-        precision = DTYPE_NAMES[speedrun.compute_dtype(cfg, torch.device(env["device"].split(":")[0]))]
-        layout = "channels_last" if speedrun.uses_channels_last(cfg, torch.device(env["device"].split(":")[0])) else "NCHW"
+        device, precision = device_and_precision(result)
+        layout = "channels_last" if speedrun.uses_channels_last(cfg, device) else "NCHW"
         key = (preset, f"{precision}, {layout}", env["device_name"], env["torch"], cfg.epochs)
         groups.setdefault(key, []).extend(r for r in result["runs"] if not r.get("diverged"))
     out = []
@@ -133,8 +148,8 @@ def rows(folder: Path) -> list[dict]:
         s = speedrun.summarize(runs, TARGET_ACC)
         reached = [r["time_to_target_s"] for r in runs if r["time_to_target_s"] is not None]
         out.append(dict(preset=preset, precision=precision, device=device, torch=torch_version, runs=len(runs),
-                        mean=s["acc_mean"], std=s["acc_std"], min=s["acc_min"], max=s["acc_max"],
-                        at_94=s["frac_at_target"],
+                        mean=s["acc_mean"], std=s["acc_std"], ci95=s["acc_ci95"], p=s["p_value"],
+                        min=s["acc_min"], max=s["acc_max"], at_94=s["frac_at_target"],
                         epochs=epochs, budget_s=[r["full_budget_s"] for r in runs], time_to_94_s=reached,
                         wall_s=sum(wall_s(r) for r in runs) / len(runs)))
     return sorted(out, key=lambda r: (r["preset"], r["device"], r["precision"], r["torch"]))
@@ -151,12 +166,14 @@ def seconds(values: list[float]) -> str:
 
 def accuracy_table(folder: Path) -> str:
     """Every group of full-scale runs with all its figures."""
-    columns = ["preset", "precision, memory format", "device", "torch", "runs", "accuracy mean ± std", "min", "max",
-               "at ≥ 94%", "epochs", "timed budget", "time-to-94% (runs)", "wall time per run"]
+    columns = ["preset", "precision, memory format", "device", "torch", "runs", "accuracy mean ± std", "mean's 95% CI",
+               "p (mean > 94%)", "min", "max", "at ≥ 94%", "epochs", "timed budget", "time-to-94% (runs)", "wall time per run"]
     cells = []
     for r in rows(folder):
         to_94 = f"{seconds(r['time_to_94_s'])} ({len(r['time_to_94_s'])})" if r["time_to_94_s"] else "—"
-        cells.append([r["preset"], r["precision"], r["device"], r["torch"], r["runs"], accuracy(r),
+        ci = "—" if r["ci95"] is None else f"{100 * r['ci95'][0]:.2f}..{100 * r['ci95'][1]:.2f}%"
+        p = "—" if r["p"] is None else f"p = {r['p']:.2g}"
+        cells.append([r["preset"], r["precision"], r["device"], r["torch"], r["runs"], accuracy(r), ci, p,
                       f"{100 * r['min']:.2f}%", f"{100 * r['max']:.2f}%", f"{100 * r['at_94']:.0f}%", f"{r['epochs']:g}",
                       seconds(r["budget_s"]), to_94, speedrun.format_duration(r["wall_s"])])
     return "\n".join(speedrun_tools.markdown_table(columns, cells))
@@ -222,8 +239,68 @@ def cost_table(folder: Path) -> str:
         ["preset", "training images", "timed PFLOP per run", "x record", "CPU timed budget (runs), x record"], cells))
 
 
+def runs_by_seed(folder: Path) -> dict[tuple, list]:
+    """Every finished full-scale run under folder by (preset, device type, precision, seed)."""
+    runs = {}
+    for path in result_files(folder):
+        result = read_result(path)
+        device, precision = device_and_precision(result)
+        for run in result["runs"]:
+            if not run.get("diverged"):
+                runs.setdefault((preset_of(result, path.name), device.type, precision, run["seed"]), []).append(run)
+    return runs
+
+
+def selective_table(folder: Path, results: Path) -> str:
+    """Per preset, device, precision, TTA and fraction: bench/evaluate.py's accuracy of saved weights
+    with the TTA views only for the least sure fraction of the test images, paired with the
+    accuracy its run gave them with every image's views (see the module's docstring)."""
+    runs, groups = runs_by_seed(results), {}
+    paths = sorted(folder.glob("*.json"))
+    if not paths:
+        raise ValueError(f"{folder} holds no evaluation (*.json); write them with bench/evaluate.py --out")
+    for path in paths:
+        try:
+            written = json.loads(path.read_text())
+            evaluations = [dict(e, config=speedrun.upgrade_config(e["config"])) for e in written["results"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not an evaluation with its weights' config ({type(e).__name__}: {e}); evaluate "
+                             f"the weights again with bench/evaluate.py --out") from None
+        for e in evaluations:
+            preset = preset_of(dict(config=e["config"], environment=written["environment"]), path.name)
+            if e["test_images"] != speedrun.CIFAR10_SIZES[1]:
+                raise ValueError(f"{path.name}: evaluated on {e['test_images']} test images; evaluate on all of them")
+            device, precision = torch.device(e["device"]).type, DTYPE_NAMES[getattr(torch, e["precision"])]
+            matched = runs.get((preset, device, precision, e["config"]["seed"]), [])
+            if len(matched) != 1:
+                raise ValueError(f"{path.name}: {len(matched)} full-scale runs of {preset}, seed {e['config']['seed']}, "
+                                 f"{device}, {precision} under {results}; keep the one run that made the weights there")
+            key = (preset, written["environment"]["device_name"], precision, e["tta"], e["tta_unsure_frac"])
+            pairs = groups.setdefault(key, {})
+            if id(matched[0]) in pairs:
+                raise ValueError(f"{path.name}: evaluates the same run as another file; keep one of them")
+            pairs[id(matched[0])] = (matched[0]["final_acc"], e["tta_acc"], e["plain_acc"])
+    cells = []
+    for (preset, device, precision, tta, fraction), pairs in sorted(groups.items()):
+        every, selective, plain = zip(*pairs.values())
+        diff, spread = speedrun.mean_std([s - a for a, s in zip(every, selective)])
+        diff = f"{100 * diff:+.2f}" + (f" ± {100 * spread:.2f}" if len(pairs) > 1 else "")
+        cells.append([preset, device, precision, tta, f"{100 * fraction:g}%", len(pairs), accuracies(every),
+                      accuracies(selective), accuracies(plain), diff])
+    return "\n".join(speedrun_tools.markdown_table(
+        ["preset", "device", "precision", "TTA", "views for the least sure", "weights", "all views (the runs)",
+         "selective", "plain", "selective − all views, points"], cells))
+
+
+def accuracies(values) -> str:
+    """Their mean ± std as the accuracy columns write it."""
+    mean, std = speedrun.mean_std(values)
+    return accuracy(dict(mean=mean, std=std, runs=len(values)))
+
+
 TABLES = {"headline": headline_table, "accuracy": accuracy_table, "cost": cost_table,
-          "studies": lambda results: study_tables(results / "ablations")}
+          "studies": lambda results: study_tables(results / "ablations"),
+          "selective": lambda results: selective_table(results / "evaluations", results)}
 
 
 def rebuilt(page: str, results: Path, source="the page", made=None) -> str:

@@ -38,12 +38,15 @@ def test_ledger_groups_runs_and_rewrites_only_its_table(tmp_path):
     cells = [c.strip() for c in airbench.split("|")[1:-1]]
     assert cells[1] == "fp32, channels_last" and cells[4] == "3"
     assert cells[5] == f"{100 * (0.9406 + 0.9390 + 0.9420) / 3:.2f}% ± {100 * speedrun.mean_std([0.9406, 0.939, 0.942])[1]:.2f}"
-    assert cells[6:9] == ["93.90%", "94.20%", "67%"] and cells[9] == "9.9"
+    accs = [0.9406, 0.939, 0.942]
+    (low, high), (_, p) = speedrun.confidence_interval(accs), speedrun.one_sided_t_test(accs, 0.94)
+    assert cells[6:8] == [f"{100 * low:.2f}..{100 * high:.2f}%", f"p = {p:.2g}"]
+    assert cells[8:11] == ["93.90%", "94.20%", "67%"] and cells[11] == "9.9"
     # budget: seeds 0 (a.json), 0 and 1 (b.json) took 3, 3 and 4 s; two runs reached 94%: 3 s and 4 s
-    assert cells[10] == f"3.33 s ± {speedrun.mean_std([3.0, 3.0, 4.0])[1]:.2f}"
-    assert cells[11] == f"3.50 s ± {speedrun.mean_std([3.0, 4.0])[1]:.2f} (2)"
+    assert cells[12] == f"3.33 s ± {speedrun.mean_std([3.0, 3.0, 4.0])[1]:.2f}"
+    assert cells[13] == f"3.50 s ± {speedrun.mean_std([3.0, 4.0])[1]:.2f} (2)"
     record = next(line for line in text.splitlines() if line.startswith("| record"))
-    assert "(n = 1)" in record and "| 3.00 s | 3.00 s (1) |" in record
+    assert "(n = 1) | — | — |" in record and "| 3.00 s | 3.00 s (1) |" in record
     assert ledger.main(["--results", str(results), "--pages", str(readme), "--check"]) == 0
     result_file(results, "d.json", "record", [0.9350])
     assert ledger.main(["--results", str(results), "--pages", str(readme), "--check"]) == 1
@@ -201,3 +204,51 @@ def test_the_cost_table_gives_each_presets_timed_flops_and_cpu_budget_as_multipl
     assert cells["fulcrum_e1"][1:3] == [f"{work['fulcrum_e1'] / 1e15:.3f}", f"{work['fulcrum_e1'] / work['record']:.2f}"]
     assert cells["airbench94"][3] == f"3.50 s ± {speedrun.mean_std([3.0, 4.0])[1]:.2f} (2), x {3.5 / 3:.2f}"
     assert cells["record"][3] == "3.00 s (1), x 1.00" and cells["davidnet"][3] == "—"
+
+
+def evaluation_file(folder, name, preset, seed, selective, plain, config=None, **changes):
+    """What bench/evaluate.py --tta-unsure-frac 0.25 writes of the weights of `preset`'s run of `seed` on the CPU."""
+    cfg = speedrun.make_config(preset, device="cpu", seed=seed, **changes)
+    result = dict(weights=f"{name}.pt", device="cpu", precision="float32", tta=cfg.tta, tta_unsure_frac=0.25,
+                  test_images=10000, plain_acc=plain, tta_acc=selective, tta_gain=selective - plain,
+                  config=config or dataclasses.asdict(cfg))
+    folder.mkdir(exist_ok=True)
+    env = dict(device="cpu", device_name="CPU Test (2 cores)", torch="2.13.0+cpu")
+    (folder / name).write_text(json.dumps(dict(environment=env, results=[result])))
+
+
+def test_the_selective_table_pairs_each_evaluation_with_the_run_that_made_its_weights(tmp_path):
+    result_file(tmp_path, "r.json", "record", [0.9406, 0.9390])  # seeds 0 and 1, every image with its views
+    result_file(tmp_path, "a.json", "airbench94", [0.9300])  # seed 0 of another preset: not a match
+    evaluations = tmp_path / "evaluations"
+    evaluation_file(evaluations, "e0.json", "record", 0, selective=0.9404, plain=0.9320)
+    old = config_written_before(speedrun.make_config("record", device="cpu", seed=1), "record")  # old weights' fields
+    evaluation_file(evaluations, "e1.json", "record", 1, selective=0.9396, plain=0.9330, config=old)
+    (row,) = ledger.selective_table(evaluations, tmp_path).splitlines()[2:]
+    every, selective, plain = (speedrun.mean_std(v) for v in ([0.9406, 0.9390], [0.9404, 0.9396], [0.9320, 0.9330]))
+    assert row == (f"| record | CPU Test (2 cores) | fp32 | {speedrun.make_config('record').tta} | 25% | 2 "
+                   f"| {100 * every[0]:.2f}% ± {100 * every[1]:.2f} | {100 * selective[0]:.2f}% ± {100 * selective[1]:.2f} "
+                   f"| {100 * plain[0]:.2f}% ± {100 * plain[1]:.2f} | +0.02 ± 0.06 |")  # -0.02 and +0.06: by seed
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no_run", "0 full-scale runs of record, seed 5"),
+    ("not_a_recipe", r"not the recipe of any preset"),
+    ("no_config", "not an evaluation with its weights' config"),
+    ("same_run_twice", "evaluates the same run as another file")])
+def test_an_evaluation_without_exactly_one_run_of_its_recipe_stops_the_ledger_with_its_name(tmp_path, capsys, case, message):
+    result_file(tmp_path, "r.json", "record", [0.9406])
+    evaluations = tmp_path / "evaluations"
+    evaluation_file(evaluations, "a.json", "record", 0, selective=0.9404, plain=0.9320)
+    evaluation_file(evaluations, "bad.json", "record", 5 if case == "no_run" else 0, selective=0.94, plain=0.93,
+                    **(dict(lr=2.0) if case == "not_a_recipe" else {}))
+    if case == "no_config":  # written before bench/evaluate.py saved the weights' config
+        data = json.loads((evaluations / "bad.json").read_text())
+        del data["results"][0]["config"]
+        (evaluations / "bad.json").write_text(json.dumps(data))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- ledger:selective -->\n<!-- /ledger:selective -->\n")
+    with pytest.raises(SystemExit) as stop:
+        ledger.main(["--results", str(tmp_path), "--pages", str(readme)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "bad.json" in err and __import__("re").search(message, err)
