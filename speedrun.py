@@ -1855,9 +1855,6 @@ def prepare_device(cfg: Config, device: torch.device) -> torch.dtype:
         torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     return compute_dtype(cfg, device)
 
-def needs_warm_up(cfg: Config, device: torch.device) -> bool:
-    return cfg.compile or device.type == "cuda"
-
 def warm_up(cfg: Config, data: DeviceData, device: torch.device) -> float:
     """A throwaway run of a few steps and one evaluation, so that compilation and cuDNN's
     choice of kernels happen before the timer. It steps on real batches of each image side the run
@@ -2257,7 +2254,7 @@ class RunCache:
         cfg = dataclasses.replace(cfg, device=str(self.device))
         data = self.data(cfg)
         kind = repr(dataclasses.replace(cfg, seed=0, runs=1))
-        if needs_warm_up(cfg, self.device) and kind not in self._warm:
+        if (cfg.compile or self.device.type == "cuda") and kind not in self._warm:  # compilation, cuDNN's choices
             self.warmup_s += warm_up(cfg, data, self.device)
             self._warm.add(kind)
         return train(cfg, data, log=log, seed=seed)
@@ -2275,12 +2272,13 @@ def _pool_worker(device: str, threads: int | None, url: str, jobs, results, name
     if threads:
         torch.set_num_threads(threads)
     cache = RunCache(torch.device(device), url)
-    log = silent if name is None else lambda text="", *args, **kwargs: str(text).startswith("  step ") and \
-        results.put(("log", index, str(text).strip(), name))  # index: the job's. Not epoch rows: they would interleave
     while (job := jobs.get()) is not None:
         index, cfg, seed, keep = job
+        def log(text="", *args, **kwargs):  # progress lines only: the epoch rows of parallel runs would interleave
+            if str(text).startswith("  step "):
+                results.put(("log", index, str(text).strip(), name))
         try:
-            model = (result := cache.run(cfg, seed, log)).pop("model")
+            model = (result := cache.run(cfg, seed, silent if name is None else log)).pop("model")
             results.put(("run", index, {**result, "weights": _state_bytes(model) if keep else None}, device))
         except BaseException as e:  # reported to the parent, which stops the others
             trace = None if isinstance(e, (DataError, ValueError)) else traceback.format_exc()  # ours explain themselves
@@ -2362,8 +2360,10 @@ def run_jobs(jobs: list, devices: list[str], on_result, url: str = CIFAR10_URL, 
     job_queue, results = ctx.Queue(), ctx.Queue()
     for job in [(k, dataclasses.replace(c, workers=1), s, k in keep) for k, (c, s) in enumerate(jobs)] + [None] * len(devices):
         job_queue.put(job)
-    procs = [ctx.Process(target=_pool_worker, daemon=True, args=(d, threads, url, job_queue, results, None if log is silent
-                         else d if devices.count(d) == 1 else f"worker {k + 1}")) for k, d in enumerate(devices)]
+    # what each worker's progress lines are prefixed with: its device, or its number where several share one
+    names = [None if log is silent else d if devices.count(d) == 1 else f"worker {k + 1}" for k, d in enumerate(devices)]
+    procs = [ctx.Process(target=_pool_worker, args=(d, threads, url, job_queue, results, name), daemon=True)
+             for d, name in zip(devices, names)]
     for p in procs:
         p.start()
     totals = dict(data_load_s=0.0, warmup_s=0.0)
