@@ -3,6 +3,7 @@ wherever they stand, and refuses files that are not full-scale runs of a preset 
 that hold nothing."""
 import dataclasses
 import json
+import re
 import sys
 
 import pytest
@@ -163,7 +164,7 @@ def test_ledger_refuses_what_is_not_a_full_scale_run_of_its_preset(tmp_path, cap
         ledger.main(["--results", str(tmp_path), "--pages", str(readme)])
     assert stop.value.code == 2
     err = capsys.readouterr().err
-    assert "bad.json" in err and __import__("re").search(message, err)
+    assert "bad.json" in err and re.search(message, err)
 
 
 def test_each_study_folder_becomes_a_table_of_paired_differences(tmp_path):
@@ -251,4 +252,4 @@ def test_an_evaluation_without_exactly_one_run_of_its_recipe_stops_the_ledger_wi
     with pytest.raises(SystemExit) as stop:
         ledger.main(["--results", str(tmp_path), "--pages", str(readme)])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and err.count("\n") == 1 and "bad.json" in err and __import__("re").search(message, err)
+    assert stop.value.code == 2 and err.count("\n") == 1 and "bad.json" in err and re.search(message, err)
