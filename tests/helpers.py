@@ -117,3 +117,16 @@ def config_written_before(cfg: speedrun.Config, preset: str) -> dict:
     """cfg (of `preset`) as a result of the time stored it: the old fields in place of today's."""
     today = ("lr_schedule_at_start", "whiten_bias_zero", "whiten_bias_own_lr", "dirac_init", "head_unit_std")
     return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in today}, **FIELDS_WRITTEN_BEFORE[preset]}
+
+
+def ledger_stop(results: Path, table: str, page_dir: Path, capsys) -> str:
+    """What bench/ledger.py says on stderr when it refuses to rebuild `table` from `results`: it
+    must stop with exit status 2 (and leave the page as it was, which the callers need not check)."""
+    import pytest
+    from bench import ledger
+    page = page_dir / "README.md"
+    page.write_text(f"<!-- ledger:{table} -->\n<!-- /ledger:{table} -->\n")
+    with pytest.raises(SystemExit) as stop:
+        ledger.main(["--results", str(results), "--pages", str(page)])
+    assert stop.value.code == 2
+    return capsys.readouterr().err

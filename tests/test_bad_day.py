@@ -14,13 +14,12 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, random_device_data, tiny_config
+from helpers import ROOT, ledger_stop, random_device_data, tiny_config
 import speedrun
 from ablations import merge, study, tricks
 
 sys.path.insert(0, str(ROOT / "bench"))
 import evaluate  # noqa: E402
-import ledger  # noqa: E402
 
 TINY = ["--device", "cpu", "--subset", "128", "--test-subset", "64", "--width", "0.125", "--epochs", "1",
         "--batch-size", "32", "--ghost-bn-splits", "4", "--whiten-samples", "64", "--eval-batch-size", "64"]
@@ -261,12 +260,8 @@ def test_ledger_names_a_result_that_is_not_the_trainers(tmp_path, capsys, damage
     bad = {"a list": [good], "unknown field": {**good, "config": {**cfg, "nonesuch": 1}},
            "null accuracy": {**good, "runs": [{**good["runs"][0], "final_acc": None}]}}[damage]
     (results / "bad.json").write_text(json.dumps(bad))
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- ledger:accuracy -->\n<!-- /ledger:accuracy -->\n")
-    with pytest.raises(SystemExit) as stop:
-        ledger.main(["--results", str(results), "--pages", str(readme)])
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and f"{results / 'bad.json'}: not a result speedrun.py writes" in err
+    err = ledger_stop(results, "accuracy", tmp_path, capsys)
+    assert f"{results / 'bad.json'}: not a result speedrun.py writes" in err
     assert len(err.strip().splitlines()) == 1
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import speedrun
 from bench import ledger
-from helpers import ROOT, config_written_before
+from helpers import ROOT, config_written_before, ledger_stop
 
 
 def result_file(folder, name, preset, accs, device="cpu", **changes):
@@ -158,12 +158,7 @@ def test_a_field_that_acts_only_on_cuda_does_not_split_or_refuse_cpu_runs(tmp_pa
                                              (dict(lr=2.0), r"not the recipe of preset airbench94 \(changed: lr\)")])
 def test_ledger_refuses_what_is_not_a_full_scale_run_of_its_preset(tmp_path, capsys, changes, message):
     result_file(tmp_path, "bad.json", "airbench94", [0.95], **changes)
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- ledger:accuracy -->\n<!-- /ledger:accuracy -->\n")
-    with pytest.raises(SystemExit) as stop:
-        ledger.main(["--results", str(tmp_path), "--pages", str(readme)])
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
+    err = ledger_stop(tmp_path, "accuracy", tmp_path, capsys)
     assert "bad.json" in err and re.search(message, err)
 
 
@@ -247,9 +242,5 @@ def test_an_evaluation_without_exactly_one_run_of_its_recipe_stops_the_ledger_wi
         data = json.loads((evaluations / "bad.json").read_text())
         del data["results"][0]["config"]
         (evaluations / "bad.json").write_text(json.dumps(data))
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- ledger:selective -->\n<!-- /ledger:selective -->\n")
-    with pytest.raises(SystemExit) as stop:
-        ledger.main(["--results", str(tmp_path), "--pages", str(readme)])
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and err.count("\n") == 1 and "bad.json" in err and re.search(message, err)
+    err = ledger_stop(tmp_path, "selective", tmp_path, capsys)
+    assert err.count("\n") == 1 and "bad.json" in err and re.search(message, err)
