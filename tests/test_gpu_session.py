@@ -7,8 +7,6 @@ import sys
 import tarfile
 import time
 
-import pytest
-
 from helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
