@@ -17,20 +17,17 @@ Part I, the method, in reading order:
   5. optimizer, schedule, loss, EMA Nesterov SGD or Muon, one-cycle or linear LR, EMA or lookahead
   6. one run                        step, epoch, train()
   7. evaluation                     EMA weights and test-time augmentation
-Appendices, the plumbing a reader of the method may skip: A. CIFAR-10 files (cache, download,
-checksums, safe unpickler, atomic writes); B. config checks, arguments, results and weights, how a
-command ends, devices (timer, synchronisation, autocast, seeds, warm-up, memory layout), metrics and
-reports (the tools' own helpers are in speedrun_tools.py); C. statistics of many runs (mean, spread,
-Student-t interval and test); D. several processes (torchrun, worker pool); E. the command line
-(runs over consecutive seeds, main). Each switch's choices are one table beside the code it
-switches (NETWORKS, OPTIMIZERS, LR_SCHEDULES, EMA_KINDS, TTA_MODES, ...); SWITCHES names them all.
+Appendices, the plumbing: A. CIFAR-10 files; B. config checks, arguments, outputs, devices and
+timer, reports (what only the tools use is in speedrun_tools.py); C. statistics of many runs;
+D. several processes (torchrun, worker pool); E. the command line. Most switches' choices are a
+table beside the code they switch (NETWORKS, OPTIMIZERS, ...); SWITCHES names them all.
 
 Timing rule. time_to_target_s = whitening init + every training step (augmentation included)
 up to the end of the first epoch whose evaluated (EMA + TTA) accuracy reaches the target, +
 the time of that one evaluation. Other per-epoch evaluations, data loading and the warm-up
 (compilation, cuDNN's kernel choice) are outside the timer and reported separately. CUDA
-times come from events after a synchronisation; other devices use a wall clock after a
-synchronisation.
+times are the span between two CUDA events, read once the second has completed; other devices
+read a wall clock after a synchronisation.
 """
 from __future__ import annotations
 
@@ -87,13 +84,13 @@ class Config:
     subset: int = _f(0, "train on the first N training images only (0 = all 50,000; more is refused)")
     test_subset: int = _f(0, "evaluate on the first M test images only (0 = all 10,000; more is refused)")
     # -- augmentation (on the device, one whole epoch at a time)
-    flip: str = _f("random", "horizontal flip; alternating: a random half at epoch 0, then each image's opposite on odd epochs")
+    flip: str = _f("random", "horizontal flip; alternating: random at epoch 0, then each image's opposite on odd epochs (from 0)")
     crop_pad: int = _f(4, "random crop after reflect padding by this many pixels (0 = no crop)")
     cutout: int = _f(0, "zero a random square of this side in every training image (0 = off)")
     brightness: float = _f(0.0, "after crop and flip, shift each image by a uniform draw from +-this (normalised units; 0 = off)")
     contrast: float = _f(0.0, "then scale each image by 1 + a uniform draw from +-this (0 = off)")
     resolution_schedule: str = _f("", "each epoch's image side in pixels, e.g. 24,28,32 (later epochs: the last; empty: 32)")
-    resolution_mode: str = _f("downsample", "how images reach a smaller side: downsample (bilinear, last) or crop (random window)")
+    resolution_mode: str = _f("downsample", "how images reach a smaller side, after the rest: downsample (bilinear) or crop (a random window)")
     # -- model
     arch: str = _f("resnet9", "network: Page's ResNet-9, or airbench's three conv-pool-BN-act-conv-BN-act groups without residuals")
     width: float = _f(1.0, "multiplier of every layer's channel count (resnet9 64/128/256/512, airbench 64/256/256 at 1.0)")
@@ -139,7 +136,7 @@ class Config:
     lr_final: float = _f(0.1, "one-cycle: final LR as a fraction of the peak")
     lr_schedule_at_start: bool = _f(False, "step k of 1..T reads the schedule at k-1 steps done (airbench); off: at k (Page)")
     lr_schedule_epochs: float = _f(0.0, "epochs the LR schedule (and Muon's renorm rule) spans, then holds (0 = the whole run)")
-    lr_floor: float = _f(0.0, "the LR never falls below this fraction of its peak")
+    lr_floor: float = _f(0.0, "the LR never falls below this fraction of its peak (hiverge's whitening-bias decay aside)")
     ema: bool = _f(True, "keep an exponential moving average (EMA) of the weights and BN statistics")
     ema_mode: str = _f("average", "average: evaluate the EMA; lookahead: weights set to it at each blend, decay x (step/total)^3; "
                                   "late_lookahead: the same, constant decay, from ema_start_epochs")
@@ -148,7 +145,7 @@ class Config:
     ema_every: int = _f(5, "blend every k steps at decay ema_momentum**k (average: batches 0, k, ... of an epoch, as Page)")
     ema_warmup: bool = _f(False, "average: decay at most k/(k+1) at the k-th blend (a plain mean at first; Page: full decay)")
     # -- evaluation
-    tta: str = _f("flip", "test-time augmentation: flip (2 views), flip_translate (6, weighted 1/4, 1/4, 1/8 x 4), _equal (1/6 each)")
+    tta: str = _f("flip", "test-time augmentation: flip (2 views), flip_translate (6: 1/4, 1/4, 1/8 x 4), flip_translate_equal (1/6 each)")
     tta_unsure_frac: float = _f(1.0, "give the TTA views only to this fraction of the test images, those the plain view is least sure of")
     target_acc: float = _f(0.94, "test accuracy that stops the clock")
     eval_every: int = _f(1, "evaluate after every k-th epoch and the last; only the one reaching the target is timed")
@@ -178,12 +175,11 @@ PRESETS: dict[str, dict] = {
                        lr_schedule_at_start=True, ema_mode="lookahead", ema_momentum=0.95, flip="alternating", crop_pad=2,
                        tta="flip_translate", eval_batch_size=2000),
     # The record line: airbench94_muon (Keller Jordan: 94.01% over 200 runs, 2.59 s on an A100) with
-    # hiverge's changes (cifar10_speedrun.py of October 2025, fork ljbuturovic/cifar10-speedrun at
-    # 06c6072: 94.02% over 2,000 runs, 1.98 s on an A100; Newton-Schulz in fp16). Our units: the
-    # head's step LR 0.5415 is lr / batch_size; the biases' 0.0573 is bias_lr_scale x that; the
-    # decay 1.0418e-6 x 1536 per step is lr x weight_decay for the SGD groups and
-    # muon_weight_decay (decoupled) for the filters. 7.65 epochs of 32 batches = 245 steps, the
-    # whitening bias trained for ceil(0.2 x 32) = 7 of them.
+    # hiverge's changes (cifar10_speedrun.py of October 2025, fork ljbuturovic/cifar10-speedrun at 06c6072:
+    # 94.02% over 2,000 runs, 1.98 s on an A100; Newton-Schulz in fp16). Our units: the head's step LR
+    # 0.5415 is lr / batch_size, the biases' 0.0573 is bias_lr_scale x that, the decay 1.0418e-6 x 1536 per
+    # step is lr x weight_decay (SGD groups) and muon_weight_decay (decoupled, the filters). 7.65 epochs of
+    # 32 batches = 245 steps, the whitening bias trained for ceil(0.2 x 32) = 7 of them.
     "record": dict(arch="airbench", whiten_kernel=2, whiten_negatives=True, whiten_bias_epochs=0.2,
                    whiten_bias_zero=False, whiten_bias_own_lr=True, whiten_activation="gelu", whiten_eps=5e-4,
                    whiten_samples=960, dirac_init=True, activation="silu", ghost_bn_splits=1, bn_momentum=1 - 0.5566,
@@ -199,11 +195,10 @@ PRESETS: dict[str, dict] = {
     "cpu": dict(width=0.5, subset=10000, test_subset=2000, epochs=4, batch_size=128, whiten_samples=5000, ema=False),
 }
 # Fulcrum Research's E1 ("Fable-5", fulcrumresearch/cifar-10-speedrun at ddec65f, runners/recipes/e1.py:
-# 94.05% over 200 runs, 1.83 s on an A100, its evaluation untimed): the record, its first epochs at 24
-# and 28 px (each augmented image downsampled), 8.875 epochs = 284 steps with the LR falling over the
-# first 8.5 (272 steps, also the span of Muon's renormalisation rule) to a floor of 0.05, a lookahead
-# of the last steps (from step 264, every 4, decay 0.7 a blend), Muon LR 0.2255, whitening from 5,000
-# images, and airbench's 6 weighted TTA views for every test image.
+# 94.05% over 200 runs, 1.83 s on an A100, its evaluation untimed): the record, its first epochs at 24 and
+# 28 px (each augmented image downsampled); 8.875 epochs = 284 steps, the LR (and Muon's renorm rule)
+# spanning the first 8.5 = 272 to a floor of 0.05; a lookahead from step 264 (8.25 epochs), every 4 steps
+# at decay 0.7 a blend; airbench's 6 weighted TTA views for every test image.
 PRESETS["fulcrum_e1"] = dict(PRESETS["record"], epochs=8.875, whiten_samples=5000, muon_lr=0.2255,
                              resolution_schedule="24,24,24,28,28,28,32,32,32", lr_schedule_epochs=8.5, lr_floor=0.05,
                              ema=True, ema_mode="late_lookahead", ema_start_epochs=8.25, ema_every=4,
@@ -218,8 +213,9 @@ MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # of the trainin
 
 @dataclass
 class DeviceData:
-    """The normalised train and test sets, resident on the device for the whole run."""
-    train_x: torch.Tensor  # (N, 3, 32, 32) in the compute dtype
+    """The normalised train and test sets, resident on the device for the whole run: load_data()
+    (Appendix A) reads the files, cuts them to the subsets and passes each array to to_device()."""
+    train_x: torch.Tensor  # (N, 3, 32, 32) in the precision's dtype (auto: fp16 on CUDA, else fp32; Appendix B)
     train_y: torch.Tensor  # (N,) int64
     test_x: torch.Tensor
     test_y: torch.Tensor
@@ -231,8 +227,6 @@ def to_device(images: np.ndarray, device, dtype) -> torch.Tensor:
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
     return ((x - mean) / std).to(dtype).contiguous()
-# load_data() (Appendix A) reads the files and hands each array, cut to the config's subsets, to to_device()
-# in compute_dtype()'s precision (Appendix B): fp16 on CUDA, fp32 elsewhere, unless --precision says otherwise.
 
 # ===== 3. Augmentation: a whole epoch at once on the device, no Python loop over images ========
 
@@ -266,11 +260,11 @@ def cutout_at(x: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, size: int) ->
     return x.masked_fill((r >= y0) & (r < y0 + size) & (c >= x0) & (c < x0 + size), 0)
 
 def random_flips(augmenter, n: int, epoch: int, device) -> torch.Tensor:
-    """A fresh random half of the images, every epoch."""
+    """Each image flipped with probability 1/2, drawn afresh every epoch."""
     return torch.rand(n, device=device, generator=augmenter.gen) < 0.5
 
 def alternating_flips(augmenter, n: int, epoch: int, device) -> torch.Tensor:
-    """A random half at the first epoch; then every image alternates: its opposite on odd epochs."""
+    """Random flips at the first epoch; then every image alternates: its opposite on odd epochs."""
     if augmenter.first_flips is None:
         augmenter.first_flips = random_flips(augmenter, n, epoch, device)
     return augmenter.first_flips ^ bool(epoch % 2)
@@ -283,15 +277,10 @@ def side_of_epoch(cfg: Config, epoch: int) -> int:
     sides = [int(s) for s in cfg.resolution_schedule.split(",")] if cfg.resolution_schedule else [IMAGE_SIDE]
     return sides[min(epoch, len(sides) - 1)]
 
-def downsample(x: torch.Tensor, side: int, window) -> torch.Tensor:
-    """Bilinear resampling of the whole image to side x side (E1's: no antialiasing)."""
-    return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
-
-def crop_window(x: torch.Tensor, side: int, window: torch.Tensor) -> torch.Tensor:
-    return crop_at(x, window[:, 0], window[:, 1], 0, side)
-
-# Config.resolution_mode -> (whether it draws a window per image, how the images reach their side)
-RESIZES = {"downsample": (False, downsample), "crop": (True, crop_window)}
+# Config.resolution_mode -> (whether it draws a window per image, how the images reach their side):
+# the whole image resampled bilinearly without antialiasing (E1's), or each image's side x side window
+RESIZES = {"downsample": (False, lambda x, side, window: F.interpolate(x, (side, side), mode="bilinear", align_corners=False)),
+           "crop": (True, lambda x, side, window: crop_at(x, window[:, 0], window[:, 1], 0, side))}
 
 class EpochAugmenter:
     """Crop, flip, colour jitter (brightness then contrast), cutout, then the epoch's resolution, with
@@ -419,18 +408,14 @@ def trainable_whiten_bias(model: Network) -> nn.Parameter | None:
 
 class Network(nn.Module):
     """What every network shares: whitening -> prep -> layer1 -> layer2 -> layer3 -> global
-    max-pool -> bias-free linear head, its logits scaled by head_scale. A subclass's body()
-    builds prep and the three layers (in this order, which is the order of the random init)."""
+    max-pool -> bias-free linear head, its logits scaled by head_scale. A subclass's body(cfg, c_in)
+    creates prep, then layer1-3 (this order fixes each init's random numbers) and returns layer3's channels."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.whiten, c_white = whitening_layer(cfg)
         self.head = nn.Linear(self.body(cfg, c_white), len(CLASSES), bias=False)
         self.head_scale = cfg.head_scale
-
-    def body(self, cfg: Config, c_in: int) -> int:
-        """Set self.prep, layer1, layer2, layer3 for `c_in` channels in; return the channels out."""
-        raise NotImplementedError
 
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.prep(self.whiten(x)))))
@@ -499,20 +484,15 @@ def init_whitening(model: Network, train_x: torch.Tensor, cfg: Config) -> None:
             filters = torch.cat([filters, -filters])
         model.whiten.weight.data.copy_(filters.to(model.whiten.weight.device))
 
-@torch.no_grad()
-def dirac_filters(model: Network) -> None:
-    """Every 3x3 conv but the whitening starts as the identity on its first in-channels filters."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d) and m is not model.whiten and m.kernel_size == (3, 3):
-            nn.init.dirac_(m.weight[:min(m.in_channels, m.out_channels)])
-
 def build_model(cfg: Config, device: torch.device | str = "cpu") -> Network:
     """The network of cfg.arch with its initialisation switches, on the device in its memory layout."""
     model = NETWORKS[cfg.arch](cfg)
-    if cfg.dirac_init:
-        dirac_filters(model)
-    if cfg.head_unit_std:
-        with torch.no_grad():
+    with torch.no_grad():
+        if cfg.dirac_init:  # each 3x3 conv but the whitening starts as the identity on its first in-channels filters
+            for m in model.modules():
+                if isinstance(m, nn.Conv2d) and m is not model.whiten and m.kernel_size == (3, 3):
+                    nn.init.dirac_(m.weight[:min(m.in_channels, m.out_channels)])
+        if cfg.head_unit_std:
             model.head.weight.div_(model.head.weight.std())
     model = model.to(device)
     if uses_channels_last(cfg, torch.device(device)):
@@ -546,13 +526,13 @@ def lr_factor(cfg: Config, step: int, total: int, schedule: str | None = None) -
 
 # Config.muon_ns_coeffs -> the Newton-Schulz quintic's (a, b, c): Keller Jordan's, and hiverge's retuned ones
 NS_COEFFICIENTS = {"keller": (3.4445, -4.7750, 2.0315), "hiverge": (3.4576, -4.7391, 2.0843)}
-# Config.muon_ns_precision -> Newton-Schulz's dtype on CUDA; the iterations only see spectral norms <= ~1.2
+# Config.muon_ns_precision -> Newton-Schulz's dtype on CUDA; the iterations only see spectral norms <= ~1.4
 NS_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def orthogonalize(g: torch.Tensor, steps: int, coeffs=NS_COEFFICIENTS["keller"], dtype=torch.bfloat16) -> torch.Tensor:
-    """Approximately U V^T for each matrix g = U S V^T of a batch (..., rows, cols): Newton-Schulz
-    iterations of the quintic x <- a x + (b A + c A^2) x with A = x x^T, which push the singular
-    values, all but the tiniest, into roughly [0.7, 1.2] (in `dtype` on CUDA, else fp32)."""
+    """Approximately U V^T for each g = U S V^T of a batch (..., rows, cols), in `dtype` on CUDA, else fp32:
+    Newton-Schulz iterations of the quintic x <- a x + (b A + c A^2) x, A = x x^T, which push the singular
+    values, all but the tiniest, into about [0.7, 1.2] (Keller's 5 steps; hiverge's 3: [0.76, 1.36])."""
     a, b, c = coeffs
     x = g.to(dtype) if g.is_cuda else g.float()
     tall = x.shape[-2] > x.shape[-1]
@@ -571,7 +551,7 @@ def orthogonalize_all(mats: list[torch.Tensor], steps: int, coeffs, dtype=torch.
     rows, cols = max(m.shape[0] for m in wide), max(m.shape[1] for m in wide)
     batch = torch.stack([F.pad(m, (0, cols - m.shape[1], 0, rows - m.shape[0])) for m in wide])
     out = orthogonalize(batch, steps, coeffs, dtype)
-    return [o[:w.shape[0], :w.shape[1]].mT if m is not w else o[:w.shape[0], :w.shape[1]]
+    return [o[:w.shape[0], :w.shape[1]].mT if m is not w else o[:w.shape[0], :w.shape[1]]  # tall ones back
             for o, w, m in zip(out, wide, mats)]
 
 # Config.muon_renorm -> whether step k (from 1) of `total`, `since` steps after the last rescale, rescales the banks
@@ -579,11 +559,10 @@ MUON_RENORMS = {"none": lambda k, since, total: False, "every_step": lambda k, s
                 "growing": lambda k, since, total: since >= 2 + int(15 * k / total)}  # hiverge's
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov SGD in which the groups marked 'orthogonalize' (the conv filter banks) step along
-    the orthogonalised momentum of each bank, seen as a (filters, fan-in) matrix and scaled by
-    sqrt(max(1, filters / fan-in)): every direction of the bank moves at the same rate (all banks
-    in one batched call, orthogonalize_all). A renorm rule may first rescale a bank
-    to Frobenius norm sqrt(filters); decoupled_wd then decays it by its LR x decoupled_wd."""
+    """Nesterov SGD in which the groups marked 'orthogonalize' (the conv filter banks) step along each
+    bank's orthogonalised momentum, a (filters, fan-in) matrix scaled by sqrt(max(1, filters / fan-in)):
+    every direction of a bank moves at the same rate. A renorm rule may first rescale a bank to
+    Frobenius norm sqrt(filters); decoupled_wd then decays it by its LR x decoupled_wd."""
 
     def __init__(self, groups, momentum: float, ns_steps: int, total_steps: int, coeffs=NS_COEFFICIENTS["keller"],
                  renorm=MUON_RENORMS["none"], ns_dtype=torch.bfloat16):
@@ -674,8 +653,7 @@ def build_optimizer(model: nn.Module, cfg: Config, total_steps: int, bias_steps:
     return OPTIMIZERS[cfg.optimizer](groups, cfg, total_steps)
 
 def set_lr(opt: torch.optim.Optimizer, cfg: Config, step: int, total: int) -> None:
-    """Every group's LR for the step with `step` of `total` steps done before it ('decay_over': see
-    whiten_bias_apart)."""
+    """Every group's LR for the step after `step` of `total` ('decay_over': see whiten_bias_apart)."""
     factor = max(cfg.lr_floor, lr_factor(cfg, step, total))
     for g in opt.param_groups:
         g["lr"] = g["peak_lr"] * (lr_factor(cfg, step, g["decay_over"], "linear") if "decay_over" in g else factor)
@@ -739,9 +717,8 @@ class Lookahead(EMA):
         torch._foreach_copy_(self._live, self._avg)
 
 class LateLookahead(Lookahead):
-    """Fulcrum's E1: the lookahead of the last steps only. At step `start` the average becomes a
-    copy of the weights; then every `every` steps it is blended towards them with the constant
-    decay momentum**every and copied back into them."""
+    """Fulcrum's E1: a lookahead of the last steps only. At step `start` the average becomes a copy of
+    the weights; then every `every` steps it is blended towards them at the constant decay momentum**every."""
 
     def due(self, step: int, batch: int) -> bool:
         return step >= self.start and (step - self.start) % self.every == 0
@@ -761,11 +738,10 @@ EMA_KINDS = {"average": EMA, "lookahead": Lookahead, "late_lookahead": LateLooka
 
 def make_step_fn(model: nn.Module, opt: torch.optim.Optimizer, cfg: Config, device: torch.device, dtype: torch.dtype,
                  ctx: Distributed):
-    """(step_fn, forward, module): step_fn(images, labels) does forward, backward and optimizer step
-    and returns (summed loss, logits); module is the model as this process trains it (see
-    Distributed.wrap), forward that module compiled if cfg.compile. With several processes each
-    one's loss is multiplied by their number: DDP averages the gradients, and the mean of the
-    processes' gradients is then that of the loss summed over the whole batch."""
+    """(step_fn, forward, module): step_fn(images, labels) does forward, backward and optimizer step,
+    returning (summed loss, logits); module is the model as this process trains it (Distributed.wrap),
+    forward is module, torch.compiled if cfg.compile. Each of several processes multiplies its loss by
+    their number: DDP averages the gradients, and their mean is that of the loss summed over the batch."""
     module = ctx.wrap(model, device)
     forward = torch.compile(module, mode=cfg.compile_mode) if cfg.compile else module
 
@@ -780,9 +756,8 @@ def make_step_fn(model: nn.Module, opt: torch.optim.Optimizer, cfg: Config, devi
     return step_fn, forward, module
 
 def train_epoch(setup: TrainingSetup, ema: EMA | None, x, y, step: int, progress=None):
-    """Training steps over this process's augmented images `x`, already in batch order, one local
-    batch at a time; `step` steps were done before. Stays on the device (no host sync). Returns
-    (summed loss, correct count, steps done), the sums as tensors."""
+    """Training steps over this process's augmented images `x` (in batch order), a local batch at a time,
+    after `step` steps, with no host sync; returns (summed loss, correct count, the step count after it)."""
     b = setup.local_batch
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
@@ -805,9 +780,8 @@ def train_epoch(setup: TrainingSetup, ema: EMA | None, x, y, step: int, progress
     return loss_sum, correct, step
 
 class TrainingSetup:
-    """What one run trains with: the config, checked against the data and the processes, and from
-    it and a seed the network, optimizer, step function and augmenter. train() builds one, and so
-    do the tools that time or profile pieces of a run (warm_up, profile/, ablations/scaling.py)."""
+    """What one run trains with, from a config checked against the data and the processes, and a seed:
+    network, optimizer, step function, augmenter. train() builds one, as do warm_up and the tools."""
 
     def __init__(self, cfg: Config, data: DeviceData, device: torch.device, seed: int):
         self.ctx = ctx = process_group()
@@ -819,17 +793,14 @@ class TrainingSetup:
         # each process normalises its share of the batch in ghost_bn_splits / world groups
         self.model = build_model(dataclasses.replace(cfg, ghost_bn_splits=cfg.ghost_bn_splits // ctx.world), device)
         self.total_steps = epochs_to_steps(cfg.epochs, n_batches)  # optimizer steps of the whole run
-        # the steps the LR schedule (and Muon's renormalisation rule) spans
-        self.schedule_steps = epochs_to_steps(cfg.lr_schedule_epochs or cfg.epochs, n_batches)
+        self.steps_per_epoch = epoch_steps(self.total_steps, n_batches)  # the last epoch may be partial
+        self.schedule_steps = epochs_to_steps(cfg.lr_schedule_epochs or cfg.epochs, n_batches)  # see lr_schedule_epochs
         self.whiten_bias_steps = epochs_to_steps(cfg.whiten_bias_epochs, n_batches)  # the bias trains before this step
         self.opt = build_optimizer(self.model, cfg, self.schedule_steps, self.whiten_bias_steps)
         self.step_fn, self.forward, self.module = make_step_fn(self.model, self.opt, cfg, device, self.dtype, ctx)
         self.augment = EpochAugmenter(cfg, self.gen)
         self.positions = local_positions(n_batches, cfg, ctx).to(device)  # this process's places in each batch
         self.sync_bn = (lambda: average_bn_statistics(self.model, ctx.world)) if ctx.active else None
-
-    def steps_per_epoch(self) -> list[int]:
-        return epoch_steps(self.total_steps, self.n_batches)
 
     def make_ema(self) -> EMA | None:
         """A copy of the model as it is now, averaged by cfg.ema_mode's rule (None without cfg.ema)."""
@@ -867,7 +838,7 @@ class TrainingSetup:
                                                                    self.dtype, self.ctx)
 
 def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | None = None) -> dict:
-    """One training run; returns its result dict (see the README's JSON section). Under torchrun
+    """One training run; returns its result dict (see docs/json.md). Under torchrun
     every process calls it; only rank 0 evaluates, logs and returns the full result."""
     started = time.perf_counter()
     device = pick_device(cfg.device)
@@ -888,7 +859,7 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
     progress = Progress(log, setup.total_steps, cfg.batch_size) if log is not silent else None
 
     epochs, train_s, step, time_to_target, epochs_to_target, logits = [], 0.0, 0, None, None, None
-    for epoch, n_steps in enumerate(setup.steps_per_epoch()):
+    for epoch, n_steps in enumerate(setup.steps_per_epoch):
         model.train()
         if progress:
             progress.start(step)
@@ -903,7 +874,8 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
             ema.finish()
         train_s += watch.stop()
         loss_sum, correct = ctx.sum(loss_sum, correct)
-        seen = n_steps * cfg.batch_size  # a row's train_s: whitening and training so far (the result's: training)
+        seen = n_steps * cfg.batch_size  # images trained this epoch, all processes
+        # train_s: whitening and training so far (the result's: training); tta_acc: EMA + TTA, the one timed
         row = dict(epoch=epoch + 1, steps=n_steps, train_loss=loss_sum.item() / seen, train_acc=correct.item() / seen,
                    test_acc=None, tta_acc=None, train_s=whitening_s + train_s, eval_s=None)
         if not math.isfinite(row["train_loss"]):  # verdict() says so, and what to try
@@ -917,7 +889,7 @@ def train(cfg: Config, data: DeviceData | None = None, log=print, seed: int | No
                 logits = predict(eval_forward, data.test_x, cfg, device, dtype)
             row["eval_s"] = watch.stop()
             row["tta_acc"] = accuracy(logits, data.test_y)
-            row["test_acc"] = raw_accuracy(setup, data.test_x, data.test_y)  # a diagnostic, outside the timer
+            row["test_acc"] = raw_accuracy(setup, data.test_x, data.test_y)  # raw weights, one view: untimed
             if time_to_target is None and row["tta_acc"] >= cfg.target_acc:
                 time_to_target, epochs_to_target = whitening_s + train_s + row["eval_s"], epoch + 1
         epochs.append(row)
@@ -942,8 +914,7 @@ TTA_VIEWS = {"image": lambda x: x, "mirror": lambda x: x.flip(3),
              "up_left_mirror": lambda x: shifted(x, 0).flip(3), "down_right_mirror": lambda x: shifted(x, 2).flip(3)}
 # Config.tta -> the views whose logits it averages, with their weights
 TTA_MODES = {"none": {"image": 1.0}, "flip": {"image": 0.5, "mirror": 0.5},
-             "flip_translate": {"image": 0.25, "mirror": 0.25, **dict.fromkeys(
-                 ("up_left", "down_right", "up_left_mirror", "down_right_mirror"), 0.125)},
+             "flip_translate": {**dict.fromkeys(TTA_VIEWS, 0.125), "image": 0.25, "mirror": 0.25},
              "flip_translate_equal": dict.fromkeys(TTA_VIEWS, 1 / 6)}
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -1863,7 +1834,7 @@ def warm_up(cfg: Config, data: DeviceData, device: torch.device) -> float:
     t0 = time.perf_counter()
     setup = TrainingSetup(cfg, data, device, cfg.seed)
     b = setup.local_batch
-    first_epochs = {side_of_epoch(cfg, e): e for e in reversed(range(len(setup.steps_per_epoch())))}  # of each side
+    first_epochs = {side_of_epoch(cfg, e): e for e in reversed(range(len(setup.steps_per_epoch)))}  # of each side
     batches = [setup.epoch_batches(data, epoch) for epoch in sorted(first_epochs.values())]
     _, eval_forward = setup.evaluated(setup.make_ema())  # an EMA copy is a network of its own to compile
     for frozen in (False, True) if trainable_whiten_bias(setup.model) is not None else (False,):
@@ -1887,7 +1858,7 @@ def uses_channels_last(cfg: Config, device: torch.device) -> bool:
 
 def run_result(seed: int, epochs: list[dict], whitening_s: float, train_s: float, model: nn.Module,
                time_to_target_s: float | None = None, epochs_to_target: int | None = None, **extra) -> dict:
-    """One run's result (the README's JSON section), `model` its evaluated network, dropped before
+    """One run's result (docs/json.md), `model` its evaluated network, dropped before
     saving. A last row without a train_loss is a diverged run's: no accuracy and no full-budget time."""
     last = epochs[-1]
     diverged = last["train_loss"] is None

@@ -45,7 +45,7 @@ def drive_full_run(preset: str, n_train: int = 50000):
             blends.append((step, ema.decay_at(step)))
         ema.update = recording_update
     step = 0
-    for n_steps in setup.steps_per_epoch():
+    for n_steps in setup.steps_per_epoch:
         b = setup.local_batch
         x = torch.zeros(1).expand(n_steps * b)  # the stand-in never looks at the images
         y = torch.zeros(n_steps * b, dtype=torch.long)
@@ -120,7 +120,7 @@ def test_airbench94_is_keller_jordans_recipe_at_every_step():
         assert ("whiten.bias" in training) == (step // 48 < 3)
         assert "whiten.weight" not in training and not any(n.endswith("2.weight") for n in training), "BN scales frozen"
     assert blends == [(s, pytest.approx(0.95 ** 5 * (s / total) ** 3, rel=1e-12)) for s in range(5, total + 1, 5)]
-    assert setup.steps_per_epoch() == [48] * 9 + [44]
+    assert setup.steps_per_epoch == [48] * 9 + [44]
 
 
 def assert_hiverges_groups(groups, training, step, factor, muon_lr, filters, bias_steps, wd):
@@ -192,7 +192,7 @@ def test_fulcrum_e1_is_its_recipe_at_every_step():
     wd = 1.0418e-6 * batch
     assert (total, decay_steps, bias_steps) == (284, 272, 7)
     cfg, setup, steps, blends = drive_full_run("fulcrum_e1")
-    assert len(steps) == total and setup.steps_per_epoch() == [32] * 8 + [28]
+    assert len(steps) == total and setup.steps_per_epoch == [32] * 8 + [28]
     filters = {n for n, p in setup.model.named_parameters() if p.ndim == 4 and n != "whiten.weight"}
     for step, (groups, training) in enumerate(steps):
         assert_hiverges_groups(groups, training, step, max(1 - step / decay_steps, 0.05), 0.2255, filters, bias_steps, wd)
