@@ -460,9 +460,8 @@ class AirbenchNet(Network):
 NETWORKS = {"resnet9": ResNet9, "airbench": AirbenchNet}
 
 def whitening_filters(images: torch.Tensor, kernel: int = 3, eps: float = 1e-2) -> torch.Tensor:
-    """PCA whitening filters of the images' kernel x kernel patches: one filter per eigenvector of
-    the uncentred patch covariance, scaled by 1/sqrt(eigenvalue + eps), largest eigenvalue first.
-    Returns conv weights of shape (C*k*k, C, k, k)."""
+    """PCA whitening filters of the images' k x k patches, as conv weights (C*k*k, C, k, k): one per eigenvector
+    of the uncentred patch covariance, largest eigenvalue first, scaled by 1/sqrt(eigenvalue + eps)."""
     c = images.shape[1]
     d = c * kernel * kernel
     cov = torch.zeros(d, d, device=images.device, dtype=torch.float32)
@@ -592,8 +591,7 @@ class Muon(torch.optim.Optimizer):
                     p.add_(d, alpha=-g["lr"])
             if not banks:
                 continue
-            for (p, m), o in zip(banks, orthogonalize_all([m for _, m in banks], g["ns_steps"], self.coeffs,
-                                                                    self.ns_dtype)):
+            for (p, m), o in zip(banks, orthogonalize_all([m for _, m in banks], g["ns_steps"], self.coeffs, self.ns_dtype)):
                 if renorm:
                     p.mul_(p.shape[0] ** 0.5 / (p.norm() + 1e-7))
                 p.add_(o.view_as(p), alpha=-g["lr"] * max(1.0, m.shape[0] / m.shape[1]) ** 0.5)
@@ -707,7 +705,6 @@ class Lookahead(EMA):
     def decay_at(self, step: int) -> float:
         return self.decay * (step / self.total_steps) ** 3
 
-    @torch.no_grad()
     def update(self, step: int) -> None:
         super().update(step)
         self.finish()
@@ -726,7 +723,6 @@ class LateLookahead(Lookahead):
     def decay_at(self, step: int) -> float:
         return 0.0 if step == self.start else self.decay
 
-    @torch.no_grad()
     def finish(self) -> None:
         if self.updates:  # a run that ends before the start keeps its weights
             super().finish()
@@ -921,8 +917,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels).float().mean().item()
 
 def tta_unsure_count(cfg: Config, tta: str, n: int) -> int | None:
-    """How many of n images get every view of `tta` (see predict): ceil(tta_unsure_frac x n), or None
-    when all do (a fraction of 1, or a single view)."""
+    """How many of n images get every view of `tta` (see predict): ceil(tta_unsure_frac x n); None: all."""
     if len(TTA_MODES[tta]) == 1 or cfg.tta_unsure_frac >= 1:
         return None
     return math.ceil(cfg.tta_unsure_frac * n)
