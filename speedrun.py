@@ -90,7 +90,7 @@ class Config:
     brightness: float = _f(0.0, "after crop and flip, shift each image by a uniform draw from +-this (normalised units; 0 = off)")
     contrast: float = _f(0.0, "then scale each image by 1 + a uniform draw from +-this (0 = off)")
     resolution_schedule: str = _f("", "each epoch's image side in pixels, e.g. 24,28,32 (later epochs: the last; empty: 32)")
-    resolution_mode: str = _f("downsample", "how images reach a smaller side (the last augmentation): downsample (bilinear) or crop (a random window)")
+    resolution_mode: str = _f("downsample", "the last augmentation, to a smaller side: downsample (bilinear) or crop (a random window)")
     # -- model
     arch: str = _f("resnet9", "network: Page's ResNet-9, or airbench's three conv-pool-BN-act-conv-BN-act groups without residuals")
     width: float = _f(1.0, "multiplier of every layer's channel count (resnet9 64/128/256/512, airbench 64/256/256 at 1.0)")
