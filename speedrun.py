@@ -661,9 +661,8 @@ def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothin
     return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing, reduction="sum")
 
 class EMA:
-    """Page's exponential moving average of the weights and BN statistics, a copy that evaluation
-    uses, blended in after batches 0, every, 2 x every, ... of each epoch with decay momentum**every
-    from the initial weights on (ema_warmup: a decay of at most k/(k+1) at the k-th blend)."""
+    """Page's EMA: a copy of the weights and BN statistics, which evaluation uses, blended in after batches
+    0, every, 2 x every, ... of each epoch at decay momentum**every (ema_warmup: at most k/(k+1) at blend k)."""
 
     def __init__(self, model: nn.Module, cfg: Config, total_steps: int, start: int = 0):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -691,9 +690,8 @@ class EMA:
         """Nothing to do at the end: the average is already what evaluation uses."""
 
 class Lookahead(EMA):
-    """airbench's lookahead: every `every` steps of the run, blend the average towards the weights
-    with decay momentum**every x (step / total)**3, then copy the average back into the weights.
-    finish() leaves the weights at the average; evaluation uses the trained model itself."""
+    """airbench's lookahead: every `every` steps, blend the average towards the weights at decay momentum**every
+    x (step / total)**3 and copy it back into them, as finish() does at the end; evaluation uses the model."""
 
     def __init__(self, model: nn.Module, cfg: Config, total_steps: int, start: int = 0):
         super().__init__(model, cfg, total_steps, start)
